@@ -1,0 +1,65 @@
+//! `kvgate bench`: workloads that measure what users feel.
+//!
+//! `engine` times the inference core alone: prefill tokens per second at given prompt
+//! lengths and decode tokens per second, on the real model, in this process.
+
+use std::time::Instant;
+
+use crate::engine::{LoadedModel, LogitsFor, sampling};
+
+/// Throughput figures of one engine benchmark run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineFigures {
+    /// (prompt tokens, tokens per second), best of the repetitions.
+    pub prefill: Vec<(usize, f64)>,
+    /// Decode tokens per second after a prompt of `decode_context` tokens.
+    pub decode_tok_s: f64,
+    pub decode_context: usize,
+    pub decode_tokens: usize,
+}
+
+/// A deterministic prompt of `n` ordinary tokens (no specials).
+fn prompt(m: &LoadedModel, n: usize) -> Vec<u32> {
+    let text = "The quick brown fox jumps over the lazy dog while the cache keeps every chunk it has seen. ";
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        ids.extend(m.tokenizer.encode(text).map(|e| e.ids).unwrap_or_default());
+    }
+    ids.truncate(n);
+    ids
+}
+
+/// Times prefill at each length in `lengths` (best of `reps`) and `decode_tokens` decode
+/// steps after a 16-token prompt (best of `reps`).
+pub fn engine(m: &LoadedModel, lengths: &[usize], reps: usize, decode_tokens: usize) -> anyhow::Result<EngineFigures> {
+    let mut prefill = Vec::new();
+    for &n in lengths {
+        let ids = prompt(m, n);
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let mut best = f64::INFINITY;
+        for _ in 0..reps.max(1) {
+            let mut cache = m.model.new_cache();
+            let t = Instant::now();
+            m.model.forward(&ids, &pos, &mut cache, &LogitsFor::Last, false)?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        prefill.push((n, n as f64 / best));
+    }
+    // Decode as llama-bench's `tg` test: a short prompt, then `decode_tokens` greedy steps;
+    // best of `reps`, since a shared machine only ever adds time.
+    let ctx = 16;
+    let ids = prompt(m, ctx);
+    let pos: Vec<u32> = (0..ctx as u32).collect();
+    let mut decode_tok_s = 0f64;
+    for _ in 0..reps.max(1) {
+        let mut cache = m.model.new_cache();
+        let mut logits = m.model.forward(&ids, &pos, &mut cache, &LogitsFor::Last, false)?.logits;
+        let t = Instant::now();
+        for i in 0..decode_tokens {
+            let id = sampling::argmax(&logits);
+            logits = m.model.forward(&[id], &[(ctx + i) as u32], &mut cache, &LogitsFor::Last, false)?.logits;
+        }
+        decode_tok_s = decode_tok_s.max(decode_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(EngineFigures { prefill, decode_tok_s, decode_context: ctx, decode_tokens })
+}

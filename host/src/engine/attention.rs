@@ -1,0 +1,501 @@
+//! Rotary embeddings and causal attention over explicit positions.
+//!
+//! Owns the two kernels that candle's stock llama gets wrong for compositional reuse:
+//! RoPE at arbitrary (not necessarily contiguous) positions, in either direction, and
+//! attention whose mask is position-based — a query at position `p` sees exactly the keys
+//! at positions `≤ p`, wherever they sit in the cache.
+//!
+//! Attention never materialises the full score matrix: queries are processed in blocks of
+//! [`QUERY_BLOCK`] rows per head, each block a `gemm` for `QKᵀ`, a fused masked softmax and
+//! a `gemm` for `PV`, and a block only reads the keys up to the last position it can see
+//! (when cache positions are sorted, as they are after an in-order prefill). Blocks run in
+//! parallel on rayon with single-threaded `gemm`s.
+
+use rayon::prelude::*;
+
+/// Query rows per attention block: large enough for gemm to reach its peak, small enough
+/// that a block's scores (rows × keys) stay in L2.
+const QUERY_BLOCK: usize = 128;
+
+/// Below this many (query, key) pairs per head, waking the thread pool costs more than the
+/// work: decode steps run on the calling thread.
+const SEQUENTIAL_MAX_WORK: usize = 32 * 1024;
+
+/// Up to this many query rows, attention uses dot products instead of gemm.
+const VECTOR_MAX_ROWS: usize = 4;
+
+/// Precomputed RoPE tables for positions `0..max_positions`.
+pub struct Rope {
+    /// `cos[p * half + i]` = cos(p · θᵢ).
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    max_positions: usize,
+}
+
+impl Rope {
+    /// Tables for `head_dim`-wide heads, frequency base `base`, covering `max_positions`.
+    pub fn new(head_dim: usize, base: f32, max_positions: usize) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> =
+            (0..half).map(|i| 1.0 / (base as f64).powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Self { cos, sin, half, max_positions }
+    }
+
+    /// Positions this table covers.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Rotates `x` (one row per position, each row `heads × head_dim`) in place by its
+    /// position, using interleaved pairs (`rope_i`, as GGUF llama weights expect).
+    /// `sign = -1.0` rotates back (un-RoPE).
+    ///
+    /// Panics if a position is beyond the table: callers check the context length first.
+    pub fn rotate(&self, x: &mut [f32], positions: &[u32], sign: f32) {
+        let row = x.len() / positions.len().max(1);
+        let hd = self.half * 2;
+        for (r, &p) in x.chunks_exact_mut(row).zip(positions) {
+            let p = p as usize;
+            assert!(p < self.max_positions, "position {p} beyond the RoPE table");
+            let cos = &self.cos[p * self.half..(p + 1) * self.half];
+            let sin = &self.sin[p * self.half..(p + 1) * self.half];
+            for head in r.chunks_exact_mut(hd) {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    let (a, b) = (pair[0], pair[1]);
+                    let (c, s) = (cos[i], sign * sin[i]);
+                    pair[0] = a * c - b * s;
+                    pair[1] = a * s + b * c;
+                }
+            }
+        }
+    }
+
+    /// Moves rows already rotated to `from` so that they are rotated to `to` instead.
+    pub fn rerotate(&self, x: &mut [f32], from: &[u32], to: &[u32]) {
+        self.rotate(x, from, -1.0);
+        self.rotate(x, to, 1.0);
+    }
+}
+
+/// Head layout of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Keys and values one attention call reads: `t` rows of `kv_heads × head_dim` each.
+pub struct Keys<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub positions: &'a [u32],
+    /// Whether `positions` is non-decreasing: lets a query block stop at its last visible key.
+    pub sorted: bool,
+}
+
+/// Raw output pointer shared by the parallel blocks; each block writes a disjoint
+/// (rows × one head) region of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: blocks write disjoint regions (their own rows of their own head) only.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Causal attention of `q` (n rows of `q_heads × head_dim`, already rotated, at `q_pos`)
+/// over `keys`, written to `out` (n rows of `q_heads × head_dim`).
+pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &mut [f32]) {
+    let Heads { q_heads, kv_heads, head_dim: hd } = heads;
+    let n = q_pos.len();
+    let q_stride = q_heads * hd;
+    let kv_stride = kv_heads * hd;
+    let t = keys.positions.len();
+    assert_eq!(q.len(), n * q_stride);
+    assert_eq!(out.len(), n * q_stride);
+    assert_eq!(keys.k.len(), t * kv_stride);
+    assert_eq!(keys.v.len(), t * kv_stride);
+    let group = q_heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let blocks = n.div_ceil(QUERY_BLOCK);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+
+    let block = |scores: &mut Vec<f32>, task: usize| {
+        let out_ptr = out_ptr;
+        let (h, b) = (task / blocks, task % blocks);
+        let g = h / group;
+        let r0 = b * QUERY_BLOCK;
+        let r1 = (r0 + QUERY_BLOCK).min(n);
+        let rows = r1 - r0;
+        let block_max = q_pos[r0..r1].iter().copied().max().unwrap_or(0);
+        let kend = if keys.sorted { keys.positions.partition_point(|&p| p <= block_max) } else { t };
+        if kend == 0 {
+            for r in r0..r1 {
+                // SAFETY: row r, head h belongs to this task only; in bounds by the asserts.
+                unsafe { std::ptr::write_bytes(out_ptr.0.add(r * q_stride + h * hd), 0, hd) };
+            }
+            return;
+        }
+        scores.resize(rows * kend, 0.0);
+        // SAFETY: all pointers and strides describe in-bounds views checked by the asserts
+        // above; `scores` is this task's own buffer of rows × kend.
+        unsafe {
+            gemm::gemm(
+                rows,
+                kend,
+                hd,
+                scores.as_mut_ptr(),
+                1,
+                kend as isize,
+                false,
+                q.as_ptr().add(r0 * q_stride + h * hd),
+                1,
+                q_stride as isize,
+                keys.k.as_ptr().add(g * hd),
+                kv_stride as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (i, row) in scores.chunks_exact_mut(kend).enumerate() {
+            let qp = q_pos[r0 + i];
+            if keys.sorted {
+                let lim = keys.positions[..kend].partition_point(|&p| p <= qp);
+                softmax_prefix(row, lim);
+            } else {
+                for (s, &p) in row.iter_mut().zip(keys.positions) {
+                    if p > qp {
+                        *s = f32::NEG_INFINITY;
+                    }
+                }
+                softmax_prefix(row, kend);
+            }
+        }
+        // SAFETY: as above; the destination is rows r0..r1 of head h, owned by this task.
+        unsafe {
+            gemm::gemm(
+                rows,
+                hd,
+                kend,
+                out_ptr.0.add(r0 * q_stride + h * hd),
+                1,
+                q_stride as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                kend as isize,
+                keys.v.as_ptr().add(g * hd),
+                1,
+                kv_stride as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    };
+    let tasks = q_heads * blocks;
+    if n <= VECTOR_MAX_ROWS {
+        // Decode: a handful of query rows. gemm pads such thin products to its tile size, so
+        // plain dot products are several times faster here.
+        let row_task = |scores: &mut Vec<f32>, task: usize| {
+            let out_ptr = out_ptr;
+            let (i, h) = (task / q_heads, task % q_heads);
+            let g = h / group;
+            let qp = q_pos[i];
+            let lim = if keys.sorted { keys.positions.partition_point(|&p| p <= qp) } else { t };
+            let qh = &q[i * q_stride + h * hd..][..hd];
+            let k = &keys.k[g * hd..];
+            let v = &keys.v[g * hd..];
+            // SAFETY: row i, head h belongs to this task only; in bounds by the asserts.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(i * q_stride + h * hd), hd) };
+            let visible = |j: usize| keys.sorted || keys.positions[j] <= qp;
+            match hd {
+                64 => attend_one::<64>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+                128 => attend_one::<128>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+                _ => attend_one_dyn(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+            }
+        };
+        // Decode runs between candle's quantized matmuls, whose barrier-pool workers are
+        // still spinning: handing them the heads costs nothing, waking rayon would.
+        candle_core::utils::barrier_pool().execute_chunked(n * q_heads, |tasks| {
+            let mut scores = Vec::new();
+            tasks.for_each(|task| row_task(&mut scores, task));
+        });
+    } else if n * t < SEQUENTIAL_MAX_WORK {
+        let mut scores = Vec::new();
+        (0..tasks).for_each(|task| block(&mut scores, task));
+    } else {
+        (0..tasks).into_par_iter().for_each_init(Vec::<f32>::new, block);
+    }
+}
+
+/// One query row of one head against keys `0..lim` (rows `stride` apart), head dim `HD`
+/// known at compile time so that the dot products and the weighted sum stay in registers.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_one<const HD: usize>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    lim: usize,
+    scale: f32,
+    visible: impl Fn(usize) -> bool,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let q: &[f32; HD] = q.try_into().expect("head dim");
+    scores.clear();
+    scores.extend((0..lim).map(|j| {
+        if !visible(j) {
+            return f32::NEG_INFINITY;
+        }
+        let kr: &[f32; HD] = k[j * stride..][..HD].try_into().expect("head dim");
+        let mut acc = [0f32; HD];
+        for d in 0..HD {
+            acc[d] = q[d] * kr[d];
+        }
+        // Pairwise halving: a serial sum would be one long chain of dependent adds.
+        let mut w = HD;
+        while w > 1 {
+            w /= 2;
+            for d in 0..w {
+                acc[d] += acc[d + w];
+            }
+        }
+        acc[0] * scale
+    }));
+    softmax_prefix(scores, lim);
+    let mut acc = [0f32; HD];
+    for (j, &p) in scores.iter().enumerate() {
+        let vr: &[f32; HD] = v[j * stride..][..HD].try_into().expect("head dim");
+        for d in 0..HD {
+            acc[d] += p * vr[d];
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+/// [`attend_one`] for head dims without a specialisation.
+#[allow(clippy::too_many_arguments)]
+fn attend_one_dyn(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    lim: usize,
+    scale: f32,
+    visible: impl Fn(usize) -> bool,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    scores.clear();
+    scores.extend((0..lim).map(|j| {
+        if !visible(j) {
+            return f32::NEG_INFINITY;
+        }
+        q.iter().zip(&k[j * stride..][..hd]).map(|(a, b)| a * b).sum::<f32>() * scale
+    }));
+    softmax_prefix(scores, lim);
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        for (o, x) in out.iter_mut().zip(&v[j * stride..][..hd]) {
+            *o += p * x;
+        }
+    }
+}
+
+/// Softmax over `row[..lim]` in place; `row[lim..]` becomes 0. `-inf` entries become 0.
+fn softmax_prefix(row: &mut [f32], lim: usize) {
+    let (live, dead) = row.split_at_mut(lim);
+    dead.fill(0.0);
+    if live.is_empty() {
+        return;
+    }
+    let max = max_of(live);
+    if max == f32::NEG_INFINITY {
+        live.fill(0.0);
+        return;
+    }
+    for x in live.iter_mut() {
+        *x = fast_exp(*x - max);
+    }
+    let inv = 1.0 / sum_of(live);
+    for x in live.iter_mut() {
+        *x *= inv;
+    }
+}
+
+const LANES: usize = 16;
+
+fn max_of(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = tail.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for a in acc {
+        m = m.max(a);
+    }
+    m
+}
+
+fn sum_of(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `exp(x)`, relative error < 1e-6, branch-free so that loops over it vectorise.
+/// Inputs are clamped to [-87, 88], where f32's exp under- or overflows anyway.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Below this exp underflows to 0 in f32 anyway.
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest with the 1.5·2²³ trick (no branches, no libm call).
+    const SHIFT: f32 = 12_582_912.0;
+    let n = (x * LOG2E + SHIFT) - SHIFT;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // exp(r) on [-ln2/2, ln2/2]: degree-6 Taylor/minimax polynomial.
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate_over_the_softmax_range() {
+        let mut worst = 0f32;
+        for i in 0..=80_000 {
+            let x = -(i as f32) / 1000.0;
+            let rel = (fast_exp(x) - x.exp()).abs() / x.exp();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        assert_eq!(fast_exp(-200.0), fast_exp(-87.0));
+        assert!(fast_exp(-200.0) < 1e-37);
+    }
+
+    #[test]
+    fn rope_round_trips_and_rerotates() {
+        let rope = Rope::new(8, 10_000.0, 64);
+        let orig: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut x = orig.clone();
+        rope.rotate(&mut x, &[3, 17], 1.0);
+        assert!(x.iter().zip(&orig).any(|(a, b)| (a - b).abs() > 1e-3));
+        let mut y = orig.clone();
+        rope.rotate(&mut y, &[40, 41], 1.0);
+        rope.rerotate(&mut y, &[40, 41], &[3, 17]);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        rope.rotate(&mut x, &[3, 17], -1.0);
+        for (a, b) in x.iter().zip(&orig) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    /// Plain attention with an explicit position mask, for comparison.
+    fn naive(heads: Heads, q: &[f32], q_pos: &[u32], k: &[f32], v: &[f32], k_pos: &[u32]) -> Vec<f32> {
+        let Heads { q_heads, kv_heads, head_dim: hd } = heads;
+        let mut out = vec![0.0; q.len()];
+        for (i, &qp) in q_pos.iter().enumerate() {
+            for h in 0..q_heads {
+                let g = h / (q_heads / kv_heads);
+                let qv = &q[i * q_heads * hd + h * hd..][..hd];
+                let mut w: Vec<f64> = k_pos
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &kp)| {
+                        if kp > qp {
+                            return f64::NEG_INFINITY;
+                        }
+                        let kv = &k[j * kv_heads * hd + g * hd..][..hd];
+                        qv.iter().zip(kv).map(|(a, b)| (a * b) as f64).sum::<f64>() / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                w.iter_mut().for_each(|x| *x = (*x - m).exp());
+                let s: f64 = w.iter().sum();
+                for d in 0..hd {
+                    out[i * q_heads * hd + h * hd + d] = w
+                        .iter()
+                        .enumerate()
+                        .map(|(j, wj)| wj / s * v[j * kv_heads * hd + g * hd + d] as f64)
+                        .sum::<f64>() as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn blocked_attention_matches_naive_with_sorted_and_scattered_positions() {
+        let heads = Heads { q_heads: 6, kv_heads: 2, head_dim: 8 };
+        let t = 300;
+        let k = pseudo(t * 16, 1);
+        let v = pseudo(t * 16, 2);
+        let sorted_pos: Vec<u32> = (0..t as u32).map(|p| p * 2).collect();
+        // Queries: the last 200 keys' positions, i.e. a prefill that spans two query blocks.
+        let q_pos: Vec<u32> = sorted_pos[100..].to_vec();
+        let q = pseudo(q_pos.len() * 48, 3);
+        for sorted in [true, false] {
+            let mut k_pos = sorted_pos.clone();
+            let (mut k2, mut v2) = (k.clone(), v.clone());
+            if !sorted {
+                // Reverse the cache order: the mask must follow positions, not indices.
+                k_pos.reverse();
+                k2 = k.chunks(16).rev().flatten().copied().collect();
+                v2 = v.chunks(16).rev().flatten().copied().collect();
+            }
+            let keys = Keys { k: &k2, v: &v2, positions: &k_pos, sorted };
+            let mut out = vec![0.0; q.len()];
+            attention(heads, &q, &q_pos, &keys, &mut out);
+            let want = naive(heads, &q, &q_pos, &k2, &v2, &k_pos);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "sorted={sorted}: {a} vs {b}");
+            }
+        }
+    }
+}

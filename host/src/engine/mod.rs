@@ -1,0 +1,99 @@
+//! The inference core: model, tokenizer, chat template, sampling and the request worker.
+//!
+//! Owns everything between "a request was accepted" and "tokens come out": tokenizing,
+//! the forward pass, generation, stop conditions. Runs on its own threads, fed by a
+//! bounded queue; it never awaits and never sees hyper. Results go back over a tokio
+//! channel whose sender never blocks.
+//!
+//! Layout:
+//! - [`model`]: GGUF loading and our llama forward (explicit positions, caller-owned KV).
+//! - [`attention`]: RoPE at any position and blocked, position-masked attention.
+//! - [`tokenizer`]: byte-level BPE from GGUF metadata, streaming detokenizer.
+//! - [`template`]: the GGUF chat template.
+//! - [`sampling`]: greedy / temperature / top-k / top-p, log-probabilities.
+//! - [`worker`]: the queue and the generation loop.
+
+pub mod attention;
+pub mod model;
+pub mod sampling;
+pub mod template;
+pub mod tokenizer;
+pub mod worker;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use model::{ForwardOutput, KvCache, LogitsFor, Model, ModelConfig};
+pub use sampling::{SamplingParams, TokenLogprob};
+pub use template::{ChatMessage, ChatTemplate};
+pub use tokenizer::Tokenizer;
+pub use worker::{Engine, EngineOptions, Event, FinishReason, GenerateRequest, Prompt, TokenEvent, Usage};
+
+/// What can go wrong inside the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The model file is unusable (the server does not start).
+    #[error("model: {0}")]
+    Model(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template refused the conversation (a client error).
+    #[error("chat template: {0}")]
+    Template(String),
+    /// The prompt plus the tokens asked for do not fit in the context.
+    #[error(
+        "this model's maximum context length is {limit} tokens, but {} tokens were requested \
+         ({prompt} in the prompt, {completion} for the completion)",
+        prompt + completion
+    )]
+    ContextOverflow { prompt: usize, completion: usize, limit: usize },
+    /// Nothing to generate from.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// The request queue is full.
+    #[error("the server is busy: the request queue is full")]
+    QueueFull,
+    /// The engine has stopped (shutdown).
+    #[error("the engine is shutting down")]
+    Stopped,
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Internal(e.to_string())
+    }
+}
+
+/// A model with its tokenizer and chat template: everything needed to turn a request
+/// into tokens and back.
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    /// The name clients use for it (`model` in requests).
+    pub name: String,
+}
+
+impl LoadedModel {
+    /// Loads the GGUF at `path`; `name` defaults to the file stem.
+    pub fn load(path: &Path, name: Option<&str>) -> Result<Arc<Self>, EngineError> {
+        let (model, ct) = Model::load(path)?;
+        let tokenizer = Tokenizer::from_gguf(&ct)?;
+        if tokenizer.vocab_size() != model.config().vocab {
+            return Err(EngineError::Model(format!(
+                "tokenizer has {} tokens but the embedding has {} rows",
+                tokenizer.vocab_size(),
+                model.config().vocab
+            )));
+        }
+        let source = ct.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok());
+        let template = ChatTemplate::new(source.map(String::as_str), tokenizer.bos_text(), tokenizer.eos_text())?;
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+        };
+        Ok(Arc::new(Self { model, tokenizer, template, name }))
+    }
+}

@@ -1,0 +1,431 @@
+//! A llama-architecture model loaded from GGUF, with our own forward.
+//!
+//! Owns the weights and the forward pass. Unlike candle's `quantized_llama::ModelWeights`,
+//! the forward takes explicit absolute positions (any, not necessarily contiguous), reads
+//! and extends a [`KvCache`] the caller owns, masks attention by position, computes logits
+//! only for the rows asked for, and can hand back the new tokens' K before RoPE — the
+//! position-independent form compositional reuse stores.
+//!
+//! Weights are held twice, in the form each phase runs fastest in (see `kvgate bench
+//! engine`): f32 for prefill, which is compute-bound and where candle's f32 `gemm` is
+//! several times faster than its quantized kernels; Q8_0 (re-quantized at load) for
+//! decode, which is memory-bound and reads a quarter of the bytes.
+
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{Device, Module, Storage, Tensor};
+use sha2::{Digest, Sha256};
+
+use super::EngineError;
+use super::attention::{self, Heads, Keys, Rope};
+
+/// Batches of at most this many rows use the Q8_0 weights; larger ones the f32 weights.
+/// Measured: Q8_0 wins while a matmul is a handful of matrix-vector products.
+const QUANTIZED_MAX_ROWS: usize = 8;
+
+/// Shape and constants of a llama model, read from GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub layers: usize,
+    pub hidden: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub context_length: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+}
+
+impl ModelConfig {
+    fn from_gguf(ct: &gguf_file::Content) -> Result<Self, EngineError> {
+        let arch = get(ct, "general.architecture")?
+            .to_string()
+            .map_err(|e| EngineError::Model(e.to_string()))?
+            .clone();
+        if arch != "llama" {
+            return Err(EngineError::Model(format!(
+                "architecture `{arch}` is not supported (only `llama`)"
+            )));
+        }
+        let u = |k: &str| -> Result<usize, EngineError> {
+            get(ct, &format!("llama.{k}"))?
+                .to_u32()
+                .map(|v| v as usize)
+                .map_err(|e| EngineError::Model(format!("llama.{k}: {e}")))
+        };
+        let f = |k: &str, default: f32| -> Result<f32, EngineError> {
+            match ct.metadata.get(&format!("llama.{k}")) {
+                Some(v) => v.to_f32().map_err(|e| EngineError::Model(format!("llama.{k}: {e}"))),
+                None => Ok(default),
+            }
+        };
+        let hidden = u("embedding_length")?;
+        let q_heads = u("attention.head_count")?;
+        let kv_heads = u("attention.head_count_kv").unwrap_or(q_heads);
+        if q_heads == 0 || kv_heads == 0 || hidden % q_heads != 0 || q_heads % kv_heads != 0 {
+            return Err(EngineError::Model(format!(
+                "inconsistent heads: hidden {hidden}, heads {q_heads}, kv heads {kv_heads}"
+            )));
+        }
+        let head_dim = hidden / q_heads;
+        if let Ok(d) = u("rope.dimension_count") {
+            if d != head_dim {
+                return Err(EngineError::Model(format!(
+                    "partial RoPE (rope.dimension_count {d} < head dim {head_dim}) is not supported"
+                )));
+            }
+        }
+        Ok(Self {
+            layers: u("block_count")?,
+            hidden,
+            q_heads,
+            kv_heads,
+            head_dim,
+            ffn: u("feed_forward_length")?,
+            vocab: 0, // filled in from the embedding
+            context_length: u("context_length").unwrap_or(4096),
+            rope_base: f("rope.freq_base", 10_000.0)?,
+            rms_eps: f("attention.layer_norm_rms_epsilon", 1e-5)?,
+        })
+    }
+
+    /// Width of one token's K (or V) in one layer.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    fn heads(&self) -> Heads {
+        Heads { q_heads: self.q_heads, kv_heads: self.kv_heads, head_dim: self.head_dim }
+    }
+}
+
+fn get<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, EngineError> {
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| EngineError::Model(format!("GGUF metadata has no `{key}`")))
+}
+
+/// A weight matrix (out × in) in both of the forms the forward uses.
+struct Linear {
+    /// For prefill-sized batches.
+    f32: Tensor,
+    /// For decode-sized batches.
+    q8: QMatMul,
+}
+
+impl Linear {
+    fn new(w: Tensor) -> Result<Self, EngineError> {
+        let q8 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+        Ok(Self { f32: w, q8 })
+    }
+
+    /// `x · Wᵀ` for `rows` rows of `x`; `f` sees the result (rows × out) in place.
+    fn forward<R>(&self, x: &[f32], rows: usize, f: impl FnOnce(&[f32]) -> R) -> Result<R, EngineError> {
+        let x = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
+        let y = if rows <= QUANTIZED_MAX_ROWS { self.q8.forward(&x)? } else { x.matmul(&self.f32.t()?)? };
+        with_slice(&y, f)
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    /// Q, K and V stacked: one matmul instead of three.
+    qkv: Linear,
+    out: Linear,
+    ffn_norm: Tensor,
+    /// Gate and up stacked.
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// The K and V of one layer for every token in a sequence, rows in cache order.
+#[derive(Clone, Default)]
+pub struct LayerKv {
+    /// Rotated K, `tokens × kv_dim`.
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// A sequence's KV cache: per layer K (rotated) and V, and each row's position.
+#[derive(Clone)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+    pub positions: Vec<u32>,
+    kv_dim: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        Self { layers: vec![LayerKv::default(); cfg.layers], positions: Vec::new(), kv_dim: cfg.kv_dim() }
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Width of one row of one layer.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    /// Drops every row from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.positions.truncate(len);
+        for l in &mut self.layers {
+            l.k.truncate(len * self.kv_dim);
+            l.v.truncate(len * self.kv_dim);
+        }
+    }
+
+    fn sorted(&self) -> bool {
+        self.positions.windows(2).all(|w| w[0] <= w[1])
+    }
+}
+
+/// Which rows of a forward produce logits.
+#[derive(Debug, Clone)]
+pub enum LogitsFor {
+    /// Only the last row (prefill, decode).
+    Last,
+    /// Every row.
+    All,
+    /// These rows.
+    Rows(Vec<usize>),
+}
+
+/// What one forward returns.
+pub struct ForwardOutput {
+    /// `rows × vocab` logits for the rows asked for, in that order.
+    pub logits: Vec<f32>,
+    /// Per layer, the new tokens' K before RoPE (`n × kv_dim`), when asked for.
+    pub pre_rope_k: Option<Vec<Vec<f32>>>,
+}
+
+/// A loaded model.
+pub struct Model {
+    cfg: ModelConfig,
+    /// `vocab × hidden`, looked up by token id.
+    embed: Tensor,
+    layers: Vec<Layer>,
+    out_norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+    /// sha256 of the GGUF file: identifies the weights in cache keys.
+    fingerprint: String,
+}
+
+impl Model {
+    /// Loads a llama GGUF; returns the model and the parsed GGUF header (for the tokenizer).
+    pub fn load(path: &Path) -> Result<(Self, gguf_file::Content), EngineError> {
+        let fingerprint = sha256_file(path)?;
+        let mut file = File::open(path)
+            .map_err(|e| EngineError::Model(format!("cannot open {}: {e}", path.display())))?;
+        let ct = gguf_file::Content::read(&mut file)
+            .map_err(|e| EngineError::Model(format!("{} is not a GGUF file: {e}", path.display())))?;
+        let mut cfg = ModelConfig::from_gguf(&ct)?;
+        let device = Device::Cpu;
+        let mut tensor = |name: &str| -> Result<Tensor, EngineError> {
+            let qt = ct
+                .tensor(&mut file, name, &device)
+                .map_err(|e| EngineError::Model(format!("tensor `{name}`: {e}")))?;
+            Ok(qt.dequantize(&device)?)
+        };
+        let embed = tensor("token_embd.weight")?;
+        cfg.vocab = embed.dim(0)?;
+        if embed.dim(1)? != cfg.hidden {
+            return Err(EngineError::Model("token_embd.weight does not match embedding_length".into()));
+        }
+        let out_norm = tensor("output_norm.weight")?;
+        let lm_head = match ct.tensor_infos.contains_key("output.weight") {
+            true => Linear::new(tensor("output.weight")?)?,
+            false => Linear::new(embed.clone())?,
+        };
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let p = format!("blk.{i}");
+            let qkv = Tensor::cat(
+                &[
+                    tensor(&format!("{p}.attn_q.weight"))?,
+                    tensor(&format!("{p}.attn_k.weight"))?,
+                    tensor(&format!("{p}.attn_v.weight"))?,
+                ],
+                0,
+            )?;
+            let gate_up = Tensor::cat(
+                &[tensor(&format!("{p}.ffn_gate.weight"))?, tensor(&format!("{p}.ffn_up.weight"))?],
+                0,
+            )?;
+            layers.push(Layer {
+                attn_norm: tensor(&format!("{p}.attn_norm.weight"))?,
+                qkv: Linear::new(qkv)?,
+                out: Linear::new(tensor(&format!("{p}.attn_output.weight"))?)?,
+                ffn_norm: tensor(&format!("{p}.ffn_norm.weight"))?,
+                gate_up: Linear::new(gate_up)?,
+                down: Linear::new(tensor(&format!("{p}.ffn_down.weight"))?)?,
+            });
+        }
+        let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.context_length);
+        let model = Self { cfg, embed, layers, out_norm, lm_head, rope, fingerprint };
+        Ok((model, ct))
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// sha256 of the weights file.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// An empty cache shaped for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.cfg)
+    }
+
+    /// Runs `tokens` at `positions` against `cache`, appending their K/V to it.
+    ///
+    /// Each new token attends to every cached or new key whose position is `≤` its own.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache,
+        logits_for: &LogitsFor,
+        want_pre_rope_k: bool,
+    ) -> Result<ForwardOutput, EngineError> {
+        let n = tokens.len();
+        if n == 0 || positions.len() != n {
+            return Err(EngineError::Internal(format!(
+                "forward: {n} tokens with {} positions",
+                positions.len()
+            )));
+        }
+        if let Some(&p) = positions.iter().max() {
+            if p as usize >= self.rope.max_positions() {
+                return Err(EngineError::Internal(format!("position {p} beyond the context of {}", self.rope.max_positions())));
+            }
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            return Err(EngineError::Internal(format!("token id {bad} beyond the vocabulary")));
+        }
+        let cfg = &self.cfg;
+        let (hidden, kv_dim, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
+        let mut x = Vec::with_capacity(n * hidden);
+        with_slice(&self.embed, |e| {
+            for &t in tokens {
+                x.extend_from_slice(&e[t as usize * hidden..][..hidden]);
+            }
+        })?;
+        cache.positions.extend_from_slice(positions);
+        let sorted = cache.sorted();
+        let mut pre_rope_k = want_pre_rope_k.then(|| Vec::with_capacity(cfg.layers));
+        let mut h = vec![0f32; n * hidden];
+        let mut q = vec![0f32; n * hidden];
+        let mut attn = vec![0f32; n * hidden];
+        let mut act = vec![0f32; n * ffn];
+        let row = hidden + 2 * kv_dim;
+
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            rms_norm(&x, &layer.attn_norm, cfg.rms_eps, &mut h);
+            let k_start = kv.k.len();
+            layer.qkv.forward(&h, n, |qkv| {
+                for (r, qr) in qkv.chunks_exact(row).zip(q.chunks_exact_mut(hidden)) {
+                    qr.copy_from_slice(&r[..hidden]);
+                    kv.k.extend_from_slice(&r[hidden..hidden + kv_dim]);
+                    kv.v.extend_from_slice(&r[hidden + kv_dim..]);
+                }
+            })?;
+            if let Some(pre) = pre_rope_k.as_mut() {
+                pre.push(kv.k[k_start..].to_vec());
+            }
+            self.rope.rotate(&mut q, positions, 1.0);
+            self.rope.rotate(&mut kv.k[k_start..], positions, 1.0);
+            let keys = Keys { k: &kv.k, v: &kv.v, positions: &cache.positions, sorted };
+            attention::attention(cfg.heads(), &q, positions, &keys, &mut attn);
+            layer.out.forward(&attn, n, |o| add_assign(&mut x, o))?;
+            rms_norm(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
+            layer.gate_up.forward(&h, n, |gu| {
+                for (r, a) in gu.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
+                    let (gate, up) = r.split_at(ffn);
+                    for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+                        *a = g / (1.0 + attention::fast_exp(-g)) * u;
+                    }
+                }
+            })?;
+            layer.down.forward(&act, n, |d| add_assign(&mut x, d))?;
+        }
+
+        let rows: Vec<usize> = match logits_for {
+            LogitsFor::Last => vec![n - 1],
+            LogitsFor::All => (0..n).collect(),
+            LogitsFor::Rows(r) => r.clone(),
+        };
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+            return Err(EngineError::Internal(format!("logits row {bad} of {n}")));
+        }
+        let mut logits = Vec::with_capacity(rows.len() * cfg.vocab);
+        if !rows.is_empty() {
+            let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
+            let mut normed = vec![0f32; picked.len()];
+            rms_norm(&picked, &self.out_norm, cfg.rms_eps, &mut normed);
+            self.lm_head.forward(&normed, rows.len(), |l| logits.extend_from_slice(l))?;
+        }
+        Ok(ForwardOutput { logits, pre_rope_k })
+    }
+}
+
+/// Calls `f` with the contents of a contiguous f32 CPU tensor, without copying.
+fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, EngineError> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(EngineError::Internal("tensor is not on the CPU".into()));
+    };
+    let all = cpu.as_slice::<f32>()?;
+    if !layout.is_contiguous() {
+        return Err(EngineError::Internal("tensor is not contiguous".into()));
+    }
+    let start = layout.start_offset();
+    Ok(f(&all[start..start + layout.shape().elem_count()]))
+}
+
+/// `out = x / rms(x) * w`, row by row.
+fn rms_norm(x: &[f32], w: &Tensor, eps: f32, out: &mut [f32]) {
+    let _ = with_slice(w, |w| {
+        let d = w.len();
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let scale = 1.0 / (ms + eps).sqrt();
+            for ((o, &v), &wi) in or.iter_mut().zip(xr).zip(w) {
+                *o = v * scale * wi;
+            }
+        }
+    });
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String, EngineError> {
+    let mut f = File::open(path)
+        .map_err(|e| EngineError::Model(format!("cannot open {}: {e}", path.display())))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| EngineError::Model(format!("reading {}: {e}", path.display())))?;
+    Ok(format!("{:x}", h.finalize()))
+}

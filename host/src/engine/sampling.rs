@@ -1,0 +1,148 @@
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded.
+//!
+//! Also computes the log-probabilities the API reports. They are those of the model's own
+//! distribution (log-softmax of the raw logits, before temperature), as vLLM reports them,
+//! so that quality comparisons see the model and not the sampler.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How to pick tokens. `temperature == 0` is greedy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None }
+    }
+}
+
+/// A token and its log-probability under the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+}
+
+/// Draws tokens for one request.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        Self { params, rng }
+    }
+
+    /// Picks a token from one row of logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature <= 0.0 || self.params.top_k == 1 {
+            return argmax(logits);
+        }
+        let t = self.params.temperature;
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if self.params.top_k > 0 {
+            cand.truncate(self.params.top_k);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if self.params.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|p| {
+                    acc += p;
+                    acc >= self.params.top_p
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+        }
+        let total: f32 = probs.iter().sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for (i, p) in probs.iter().enumerate() {
+            r -= p;
+            if r <= 0.0 {
+                return cand[i].0;
+            }
+        }
+        cand[probs.len() - 1].0
+    }
+}
+
+/// Index of the largest logit (the first one on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The log-probability of `id` and the `top` most likely tokens, from one row of logits.
+pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (TokenLogprob, Vec<TokenLogprob>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let chosen = TokenLogprob { id, logprob: logits[id as usize] - lse };
+    let mut best: Vec<TokenLogprob> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() < top || l > best[best.len() - 1].logprob {
+                let pos = best.partition_point(|b| b.logprob >= l);
+                best.insert(pos, TokenLogprob { id: i as u32, logprob: l });
+                best.truncate(top);
+            }
+        }
+    }
+    best.iter_mut().for_each(|b| b.logprob -= lse);
+    (chosen, best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_top_p_cuts_the_tail() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let p = SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 0, seed: Some(7) };
+        let a: Vec<u32> = { let mut s = Sampler::new(p.clone()); (0..20).map(|_| s.sample(&logits)).collect() };
+        let b: Vec<u32> = { let mut s = Sampler::new(p.clone()); (0..20).map(|_| s.sample(&logits)).collect() };
+        assert_eq!(a, b);
+        let mut s = Sampler::new(SamplingParams { top_p: 0.01, ..p });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&logits), argmax(&logits));
+        }
+    }
+
+    #[test]
+    fn logprobs_are_normalised_and_sorted() {
+        let logits = [1.0f32, 2.0, 3.0, 0.5];
+        let (chosen, top) = logprobs(&logits, 2, 3);
+        assert_eq!(top.iter().map(|t| t.id).collect::<Vec<_>>(), vec![2, 1, 0]);
+        assert_eq!(chosen, top[0]);
+        let total: f32 = logits.iter().enumerate().map(|(i, _)| logprobs(&logits, i as u32, 0).0.logprob.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+    }
+}

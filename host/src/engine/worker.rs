@@ -1,0 +1,320 @@
+//! The request queue and the generation loop.
+//!
+//! One worker thread takes prepared requests from a bounded queue (full → the API answers
+//! 429), prefills, then decodes token by token, sending each token's text over an unbounded
+//! tokio channel so that the engine never waits on a client. A request whose receiver is
+//! gone (the client disconnected) is abandoned at the next token.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use super::sampling::{self, Sampler, SamplingParams, TokenLogprob};
+use super::template::ChatMessage;
+use super::tokenizer::TextStream;
+use super::{EngineError, LoadedModel, LogitsFor};
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// A raw completion prompt (`/v1/completions`).
+    Text(String),
+    /// A conversation, rendered with the chat template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// One generation request, as the API hands it over.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    /// `None`: up to the end of the context.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// `Some(n)`: report each token's log-probability and the `n` most likely tokens.
+    pub logprobs: Option<usize>,
+    /// Keep generating past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+/// A request that has been tokenized and checked against the context.
+pub struct Prepared {
+    request: GenerateRequest,
+    ids: Vec<u32>,
+    max_tokens: usize,
+}
+
+impl Prepared {
+    pub fn prompt_tokens(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Why generation ended (OpenAI's `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens served from cache.
+    pub cached_tokens: usize,
+    /// Time spent in prefill, seconds.
+    pub prefill_seconds: f64,
+    /// Time spent decoding after the first token, seconds.
+    pub decode_seconds: f64,
+}
+
+/// One generated token.
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// Text that became final with this token (may be empty while a stop string or a
+    /// UTF-8 character is incomplete).
+    pub text: String,
+    /// The token's log-probability and the most likely alternatives, when asked for.
+    pub logprob: Option<(TokenLogprob, Vec<TokenLogprob>)>,
+}
+
+/// What the engine sends back for a request.
+#[derive(Debug)]
+pub enum Event {
+    Token(TokenEvent),
+    /// Text left over at the end, then the reason and the counts. Always the last event.
+    Done { text: String, finish_reason: FinishReason, usage: Usage },
+    Error(EngineError),
+}
+
+/// Tuning of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Requests that may wait for the worker; one more is refused with 429.
+    pub queue_capacity: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { queue_capacity: 64 }
+    }
+}
+
+struct Job {
+    prepared: Prepared,
+    events: UnboundedSender<Event>,
+}
+
+/// Handle to the running engine. Dropping every handle stops the worker after the
+/// requests already queued.
+pub struct Engine {
+    model: Arc<LoadedModel>,
+    queue: Option<SyncSender<Job>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts the worker thread.
+    pub fn start(model: Arc<LoadedModel>, options: EngineOptions) -> Self {
+        let (tx, rx) = sync_channel(options.queue_capacity);
+        let m = model.clone();
+        let worker = std::thread::Builder::new()
+            .name("kvgate-engine".into())
+            .spawn(move || run(m, rx))
+            .expect("spawn the engine thread");
+        Self { model, queue: Some(tx), worker: Some(worker) }
+    }
+
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        &self.model
+    }
+
+    /// Renders and tokenizes a request and checks that it fits in the context.
+    pub fn prepare(&self, request: GenerateRequest) -> Result<Prepared, EngineError> {
+        let m = &self.model;
+        let ids = match &request.prompt {
+            Prompt::Text(t) => m.tokenizer.encode_prompt(t)?.ids,
+            Prompt::Chat(msgs) => m.tokenizer.encode(&m.template.render(msgs)?)?.ids,
+        };
+        if ids.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let limit = m.model.config().context_length;
+        let max_tokens = match request.max_tokens {
+            Some(n) => n,
+            None => limit.saturating_sub(ids.len()),
+        };
+        if ids.len() + max_tokens > limit || ids.len() >= limit {
+            return Err(EngineError::ContextOverflow { prompt: ids.len(), completion: max_tokens, limit });
+        }
+        Ok(Prepared { request, ids, max_tokens })
+    }
+
+    /// Queues a prepared request; its events arrive on the returned channel.
+    pub fn submit(&self, prepared: Prepared) -> Result<UnboundedReceiver<Event>, EngineError> {
+        let (tx, rx) = unbounded_channel();
+        let queue = self.queue.as_ref().ok_or(EngineError::Stopped)?;
+        match queue.try_send(Job { prepared, events: tx }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(EngineError::QueueFull),
+            Err(TrySendError::Disconnected(_)) => Err(EngineError::Stopped),
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Closing the queue ends the worker's loop once it has drained what was queued.
+        self.queue.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn run(model: Arc<LoadedModel>, jobs: Receiver<Job>) {
+    while let Ok(job) = jobs.recv() {
+        if job.events.is_closed() {
+            continue;
+        }
+        if let Err(e) = generate(&model, job.prepared, &job.events) {
+            tracing::error!(error = %e, "generation failed");
+            let _ = job.events.send(Event::Error(e));
+        }
+    }
+}
+
+/// Prefills the prompt and decodes until a stop condition, streaming events.
+fn generate(m: &LoadedModel, p: Prepared, events: &UnboundedSender<Event>) -> Result<(), EngineError> {
+    let Prepared { request, ids, max_tokens } = p;
+    let mut usage = Usage { prompt_tokens: ids.len(), ..Usage::default() };
+    let started = Instant::now();
+    let mut cache = m.model.new_cache();
+    let positions: Vec<u32> = (0..ids.len() as u32).collect();
+    let mut logits = m.model.forward(&ids, &positions, &mut cache, &LogitsFor::Last, false)?.logits;
+    usage.prefill_seconds = started.elapsed().as_secs_f64();
+    let decode_started = Instant::now();
+
+    let mut sampler = Sampler::new(request.sampling.clone());
+    let mut stops = StopStrings::new(&request.stop);
+    let mut text = TextStream::default();
+    let mut finish = FinishReason::Length;
+    let mut pos = ids.len() as u32;
+    for step in 0..max_tokens {
+        let id = sampler.sample(&logits);
+        let logprob = request.logprobs.map(|n| sampling::logprobs(&logits, id, n));
+        usage.completion_tokens += 1;
+        if !request.ignore_eos && m.tokenizer.is_end_of_generation(id) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        let (out, stopped) = stops.push(&text.push(m.tokenizer.token_bytes(id)));
+        if events.send(Event::Token(TokenEvent { id, text: out, logprob })).is_err() {
+            return Ok(()); // the client is gone
+        }
+        if stopped {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if step + 1 == max_tokens {
+            break;
+        }
+        logits = m.model.forward(&[id], &[pos], &mut cache, &LogitsFor::Last, false)?.logits;
+        pos += 1;
+    }
+    usage.decode_seconds = decode_started.elapsed().as_secs_f64();
+    let rest = if finish == FinishReason::Stop && stops.stopped { String::new() } else { stops.finish(&text.finish()) };
+    let _ = events.send(Event::Done { text: rest, finish_reason: finish, usage });
+    Ok(())
+}
+
+/// Holds back generated text that might be the start of a stop string.
+struct StopStrings {
+    stops: Vec<String>,
+    held: String,
+    stopped: bool,
+}
+
+impl StopStrings {
+    fn new(stops: &[String]) -> Self {
+        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new(), stopped: false }
+    }
+
+    /// Adds text; returns what is safe to emit and whether a stop string was hit
+    /// (the stop string itself is never emitted).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.held.push_str(text);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+            self.stopped = true;
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // The longest suffix of `held` that is a proper prefix of some stop string stays held.
+        let keep_from = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| self.stops.iter().any(|s| s.starts_with(&self.held[i..])))
+            .unwrap_or(self.held.len());
+        let out = self.held[..keep_from].to_string();
+        self.held.drain(..keep_from);
+        (out, false)
+    }
+
+    /// Flushes what was held (generation ended without completing a stop string).
+    fn finish(&mut self, tail: &str) -> String {
+        let (mut out, stopped) = self.push(tail);
+        if !stopped {
+            out.push_str(&std::mem::take(&mut self.held));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_hold_back_prefixes_and_cut_at_the_match() {
+        let mut s = StopStrings::new(&["\n\nUser:".to_string()]);
+        assert_eq!(s.push("Hello"), ("Hello".into(), false));
+        assert_eq!(s.push(" world\n"), (" world".into(), false));
+        assert_eq!(s.push("\nUs"), ("".into(), false));
+        assert_eq!(s.push("er: hi"), ("".into(), true));
+    }
+
+    #[test]
+    fn held_text_is_released_when_the_stop_string_does_not_complete() {
+        let mut s = StopStrings::new(&["END".to_string()]);
+        assert_eq!(s.push("the EN"), ("the ".into(), false));
+        assert_eq!(s.push("D"), ("".into(), true));
+        let mut s = StopStrings::new(&["END".to_string()]);
+        assert_eq!(s.push("the EN"), ("the ".into(), false));
+        assert_eq!(s.finish(""), "EN");
+    }
+
+    #[test]
+    fn no_stop_strings_pass_everything_through() {
+        let mut s = StopStrings::new(&[]);
+        assert_eq!(s.push("é and more"), ("é and more".into(), false));
+    }
+}
