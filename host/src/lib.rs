@@ -1,3 +1,16 @@
-//! kvgate (temporary while the API is written)
+//! kvgate: an LLM cache gateway that reuses KV cache beyond the prefix.
+//!
+//! # Layout
+//! - [`engine`]: the candle inference core — GGUF model, our llama forward with explicit
+//!   positions, tokenizer, chat template, sampling, the request worker. Never async.
+//! - [`api`]: the hyper server — OpenAI-compatible endpoints, SSE, health, metrics. The
+//!   only module that knows hyper.
+//! - [`config`]: the `kvgate.toml` / env / flag configuration.
+//! - [`metrics`]: counters and histograms in Prometheus text format.
+//! - [`bench`]: `kvgate bench` workloads.
+
+pub mod api;
 pub mod bench;
+pub mod config;
 pub mod engine;
+pub mod metrics;

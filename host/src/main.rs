@@ -1,9 +1,187 @@
+//! The `kvgate` binary: argument parsing and wiring only; the work is in the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use kvgate::api::{self, AppState};
+use kvgate::config::{Config, Overrides};
+use kvgate::engine::{Engine, EngineOptions, LoadedModel};
+
+#[derive(Parser)]
+#[command(name = "kvgate", version, about = "LLM cache gateway with compositional KV reuse")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible API.
+    Serve(ServeArgs),
+    /// Run a benchmark.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    /// TOML configuration file (flags and environment override it).
+    #[arg(long, env = "KVGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, env = "KVGATE_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// GGUF model (llama architecture). Default: the embedded SmolLM2-135M-Instruct.
+    #[arg(long, env = "KVGATE_MODEL")]
+    model: Option<PathBuf>,
+    /// Name clients use for the model. Default: the file stem.
+    #[arg(long, env = "KVGATE_MODEL_NAME")]
+    model_name: Option<String>,
+    /// Inference threads (0: one per core).
+    #[arg(long, env = "KVGATE_THREADS")]
+    threads: Option<usize>,
+    /// Requests that may wait for the engine before new ones get 429.
+    #[arg(long, env = "KVGATE_QUEUE_CAPACITY")]
+    queue_capacity: Option<usize>,
+    /// Largest request body in bytes (413 above).
+    #[arg(long, env = "KVGATE_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Log filter, e.g. `info` or `kvgate=debug` (`RUST_LOG` wins).
+    #[arg(long, env = "KVGATE_LOG")]
+    log: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode throughput of the inference core, in this process.
+    Engine(BenchEngineArgs),
+}
+
+#[derive(Parser)]
+struct BenchEngineArgs {
+    /// GGUF model. Default: the embedded SmolLM2-135M-Instruct.
+    #[arg(long, env = "KVGATE_MODEL")]
+    model: Option<PathBuf>,
+    /// Inference threads (0: one per core).
+    #[arg(long, env = "KVGATE_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// Prompt lengths to time prefill at.
+    #[arg(long, value_delimiter = ',', default_values_t = [512, 2048])]
+    lengths: Vec<usize>,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Repetitions; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> anyhow::Result<()> {
-    let path = std::env::args().nth(1).unwrap();
-    let t = std::time::Instant::now();
-    let m = kvgate::engine::LoadedModel::load(std::path::Path::new(&path), None)?;
-    eprintln!("load {:?}", t.elapsed());
-    let f = if std::env::var("DECODE_ONLY").is_ok() { kvgate::bench::engine(&m, &[], 3, 128)? } else { kvgate::bench::engine(&m, &[512, 2048], 3, 128)? };
-    println!("{f:?}");
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Bench(BenchCommand::Engine(args)) => bench_engine(args),
+    }
+}
+
+/// Inference pools (candle's and ours) size themselves from `RAYON_NUM_THREADS` when first
+/// used, so it must be set before anything touches them.
+fn set_threads(threads: usize) {
+    if threads > 0 {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn check_model(path: &std::path::Path) -> anyhow::Result<()> {
+    if !path.is_file() {
+        bail!("model file {} not found: run `make model`, or pass --model PATH to a llama GGUF", path.display());
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref())?.apply(Overrides {
+        listen: args.listen,
+        model: args.model,
+        model_name: args.model_name,
+        threads: args.threads,
+        queue_capacity: args.queue_capacity,
+        max_body_bytes: args.max_body_bytes,
+        log: args.log,
+    })?;
+    set_threads(config.threads);
+    init_logging(&config.log);
+    check_model(&config.model)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        // A plain line on stdout, for scripts and tests that start us on port 0.
+        println!("kvgate listening on http://{addr}");
+        let state = Arc::new(AppState::new(config.max_body_bytes));
+        let server = tokio::spawn(api::serve(listener, state.clone(), shutdown_signal()));
+        let (path, name) = (config.model.clone(), config.model_name.clone());
+        tracing::info!(model = %path.display(), "loading model");
+        let model = tokio::task::spawn_blocking(move || LoadedModel::load(&path, name.as_deref())).await??;
+        let cfg = model.model.config();
+        tracing::info!(name = %model.name, layers = cfg.layers, context = cfg.context_length, "model ready");
+        let engine = Engine::start(model, EngineOptions { queue_capacity: config.queue_capacity });
+        if state.engine.set(engine).is_err() {
+            bail!("engine started twice");
+        }
+        server.await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+}
+
+fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
+    set_threads(args.threads);
+    init_logging("warn");
+    let path = args.model.unwrap_or_else(kvgate::config::default_model_path);
+    check_model(&path)?;
+    let model = LoadedModel::load(&path, None)?;
+    let f = kvgate::bench::engine(&model, &args.lengths, args.reps, args.decode_tokens)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&f)?);
+    } else {
+        println!("model: {} (weights: f32 for prefill, Q8_0 for decode)", path.display());
+        for (n, tps) in &f.prefill {
+            println!("prefill {n:>5} tokens: {tps:>7.1} tok/s");
+        }
+        println!(
+            "decode  {:>5} tokens: {:>7.1} tok/s (after a {}-token prompt)",
+            f.decode_tokens, f.decode_tok_s, f.decode_context
+        );
+    }
     Ok(())
 }

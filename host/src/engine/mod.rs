@@ -27,7 +27,7 @@ pub use model::{ForwardOutput, KvCache, LogitsFor, Model, ModelConfig};
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::Tokenizer;
-pub use worker::{Engine, EngineOptions, Event, FinishReason, GenerateRequest, Prompt, TokenEvent, Usage};
+pub use worker::{Engine, EngineOptions, EngineStats, Event, FinishReason, GenerateRequest, Prompt, TokenEvent, Usage};
 
 /// What can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,9 @@ pub enum EngineError {
         prompt + completion
     )]
     ContextOverflow { prompt: usize, completion: usize, limit: usize },
+    /// A prompt token id outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    InvalidToken { id: u32, vocab: usize },
     /// Nothing to generate from.
     #[error("the prompt is empty")]
     EmptyPrompt,

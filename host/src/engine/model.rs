@@ -42,14 +42,9 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     fn from_gguf(ct: &gguf_file::Content) -> Result<Self, EngineError> {
-        let arch = get(ct, "general.architecture")?
-            .to_string()
-            .map_err(|e| EngineError::Model(e.to_string()))?
-            .clone();
+        let arch = get(ct, "general.architecture")?.to_string().map_err(|e| EngineError::Model(e.to_string()))?.clone();
         if arch != "llama" {
-            return Err(EngineError::Model(format!(
-                "architecture `{arch}` is not supported (only `llama`)"
-            )));
+            return Err(EngineError::Model(format!("architecture `{arch}` is not supported (only `llama`)")));
         }
         let u = |k: &str| -> Result<usize, EngineError> {
             get(ct, &format!("llama.{k}"))?
@@ -104,9 +99,7 @@ impl ModelConfig {
 }
 
 fn get<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, EngineError> {
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| EngineError::Model(format!("GGUF metadata has no `{key}`")))
+    ct.metadata.get(key).ok_or_else(|| EngineError::Model(format!("GGUF metadata has no `{key}`")))
 }
 
 /// A weight matrix (out × in) in both of the forms the forward uses.
@@ -227,16 +220,15 @@ impl Model {
     /// Loads a llama GGUF; returns the model and the parsed GGUF header (for the tokenizer).
     pub fn load(path: &Path) -> Result<(Self, gguf_file::Content), EngineError> {
         let fingerprint = sha256_file(path)?;
-        let mut file = File::open(path)
-            .map_err(|e| EngineError::Model(format!("cannot open {}: {e}", path.display())))?;
+        let mut file =
+            File::open(path).map_err(|e| EngineError::Model(format!("cannot open {}: {e}", path.display())))?;
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| EngineError::Model(format!("{} is not a GGUF file: {e}", path.display())))?;
         let mut cfg = ModelConfig::from_gguf(&ct)?;
         let device = Device::Cpu;
         let mut tensor = |name: &str| -> Result<Tensor, EngineError> {
-            let qt = ct
-                .tensor(&mut file, name, &device)
-                .map_err(|e| EngineError::Model(format!("tensor `{name}`: {e}")))?;
+            let qt =
+                ct.tensor(&mut file, name, &device).map_err(|e| EngineError::Model(format!("tensor `{name}`: {e}")))?;
             Ok(qt.dequantize(&device)?)
         };
         let embed = tensor("token_embd.weight")?;
@@ -260,10 +252,8 @@ impl Model {
                 ],
                 0,
             )?;
-            let gate_up = Tensor::cat(
-                &[tensor(&format!("{p}.ffn_gate.weight"))?, tensor(&format!("{p}.ffn_up.weight"))?],
-                0,
-            )?;
+            let gate_up =
+                Tensor::cat(&[tensor(&format!("{p}.ffn_gate.weight"))?, tensor(&format!("{p}.ffn_up.weight"))?], 0)?;
             layers.push(Layer {
                 attn_norm: tensor(&format!("{p}.attn_norm.weight"))?,
                 qkv: Linear::new(qkv)?,
@@ -309,14 +299,14 @@ impl Model {
     ) -> Result<ForwardOutput, EngineError> {
         let n = tokens.len();
         if n == 0 || positions.len() != n {
-            return Err(EngineError::Internal(format!(
-                "forward: {n} tokens with {} positions",
-                positions.len()
-            )));
+            return Err(EngineError::Internal(format!("forward: {n} tokens with {} positions", positions.len())));
         }
         if let Some(&p) = positions.iter().max() {
             if p as usize >= self.rope.max_positions() {
-                return Err(EngineError::Internal(format!("position {p} beyond the context of {}", self.rope.max_positions())));
+                return Err(EngineError::Internal(format!(
+                    "position {p} beyond the context of {}",
+                    self.rope.max_positions()
+                )));
             }
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
@@ -423,8 +413,7 @@ fn add_assign(x: &mut [f32], y: &[f32]) {
 }
 
 fn sha256_file(path: &Path) -> Result<String, EngineError> {
-    let mut f = File::open(path)
-        .map_err(|e| EngineError::Model(format!("cannot open {}: {e}", path.display())))?;
+    let mut f = File::open(path).map_err(|e| EngineError::Model(format!("cannot open {}: {e}", path.display())))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).map_err(|e| EngineError::Model(format!("reading {}: {e}", path.display())))?;
     Ok(format!("{:x}", h.finalize()))

@@ -15,11 +15,15 @@ pub struct SamplingParams {
     /// 0 = off.
     pub top_k: usize,
     pub seed: Option<u64>,
+    /// Subtracted once from the logit of every token already generated (OpenAI semantics).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None }
+        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None, presence_penalty: 0.0, frequency_penalty: 0.0 }
     }
 }
 
@@ -34,6 +38,8 @@ pub struct TokenLogprob {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// How often each token was generated, for the penalties.
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -42,11 +48,29 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Self { params, rng }
+        Self { params, rng, counts: Default::default() }
     }
 
-    /// Picks a token from one row of logits.
+    /// Picks a token from one row of logits and remembers it for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let id = if self.counts.is_empty()
+            || (self.params.presence_penalty == 0.0 && self.params.frequency_penalty == 0.0)
+        {
+            self.pick(logits)
+        } else {
+            let mut penalised = logits.to_vec();
+            for (&t, &c) in &self.counts {
+                if let Some(l) = penalised.get_mut(t as usize) {
+                    *l -= self.params.presence_penalty + self.params.frequency_penalty * c as f32;
+                }
+            }
+            self.pick(&penalised)
+        };
+        *self.counts.entry(id).or_default() += 1;
+        id
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 || self.params.top_k == 1 {
             return argmax(logits);
         }
@@ -126,14 +150,28 @@ mod tests {
     #[test]
     fn same_seed_same_tokens_and_top_p_cuts_the_tail() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-        let p = SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 0, seed: Some(7) };
-        let a: Vec<u32> = { let mut s = Sampler::new(p.clone()); (0..20).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(p.clone()); (0..20).map(|_| s.sample(&logits)).collect() };
+        let p = SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(7), ..Default::default() };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p.clone());
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p.clone());
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
         let mut s = Sampler::new(SamplingParams { top_p: 0.01, ..p });
         for _ in 0..20 {
             assert_eq!(s.sample(&logits), argmax(&logits));
         }
+    }
+
+    #[test]
+    fn frequency_penalty_moves_greedy_off_a_repeated_token() {
+        let logits = [1.0f32, 1.5, 0.0];
+        let mut s = Sampler::new(SamplingParams { temperature: 0.0, frequency_penalty: 1.0, ..Default::default() });
+        assert_eq!(s.sample(&logits), 1);
+        assert_eq!(s.sample(&logits), 0);
     }
 
     #[test]

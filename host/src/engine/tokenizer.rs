@@ -26,14 +26,8 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
 /// Token texts that end a turn for chat models whose GGUF `eos` is something else
 /// (SmolLM2's `eos_token_id` is `<|im_start|>`, yet its turns end with `<|im_end|>`).
-const END_OF_GENERATION_TEXTS: &[&str] = &[
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "</s>",
-];
+const END_OF_GENERATION_TEXTS: &[&str] =
+    &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"];
 
 /// Text ⇄ ids for one model.
 pub struct Tokenizer {
@@ -59,9 +53,7 @@ pub struct Encoded {
 }
 
 fn metadata<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, EngineError> {
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| EngineError::Model(format!("GGUF metadata has no `{key}`")))
+    ct.metadata.get(key).ok_or_else(|| EngineError::Model(format!("GGUF metadata has no `{key}`")))
 }
 
 fn bad(key: &str, e: impl std::fmt::Display) -> EngineError {
@@ -71,20 +63,13 @@ fn bad(key: &str, e: impl std::fmt::Display) -> EngineError {
 impl Tokenizer {
     /// Builds the tokenizer from a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self, EngineError> {
-        let model = metadata(ct, "tokenizer.ggml.model")?
-            .to_string()
-            .map_err(|e| bad("tokenizer.ggml.model", e))?;
+        let model = metadata(ct, "tokenizer.ggml.model")?.to_string().map_err(|e| bad("tokenizer.ggml.model", e))?;
         if model != "gpt2" {
             return Err(EngineError::Model(format!(
                 "tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)"
             )));
         }
-        let pre = ct
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
+        let pre = ct.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         let tokens: Vec<String> = metadata(ct, "tokenizer.ggml.tokens")?
             .to_vec()
             .map_err(|e| bad("tokenizer.ggml.tokens", e))?
@@ -117,11 +102,7 @@ impl Tokenizer {
         let bos = id_of("tokenizer.ggml.bos_token_id");
         let eos = id_of("tokenizer.ggml.eos_token_id");
         let eot = id_of("tokenizer.ggml.eot_token_id");
-        let add_bos = ct
-            .metadata
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+        let add_bos = ct.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
         Self::new(&tokens, &types, merges, &pre, bos, eos, eot, add_bos)
     }
 
@@ -189,9 +170,7 @@ impl Tokenizer {
         }
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
-        let text_of = |id: Option<u32>| {
-            id.and_then(|i| tokens.get(i as usize)).cloned().unwrap_or_default()
-        };
+        let text_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).cloned().unwrap_or_default();
         Ok(Self {
             inner,
             token_bytes,
@@ -206,10 +185,7 @@ impl Tokenizer {
 
     /// Encodes `text`, parsing special tokens; no BOS is added.
     pub fn encode(&self, text: &str) -> Result<Encoded, EngineError> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = self.inner.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(Encoded { ids: enc.get_ids().to_vec(), offsets: enc.get_offsets().to_vec() })
     }
 
@@ -292,10 +268,7 @@ impl TextStream {
 
 /// GPT-2's byte-level alphabet, reversed: the printable character → the byte it encodes.
 fn byte_level_decoder() -> HashMap<char, u8> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut chars = printable.clone();
     let mut n = 0;
     for b in 0..=255u32 {
@@ -305,11 +278,7 @@ fn byte_level_decoder() -> HashMap<char, u8> {
             n += 1;
         }
     }
-    printable
-        .into_iter()
-        .zip(chars)
-        .map(|(b, c)| (char::from_u32(c).expect("valid char"), b as u8))
-        .collect()
+    printable.into_iter().zip(chars).map(|(b, c)| (char::from_u32(c).expect("valid char"), b as u8)).collect()
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! gone (the client disconnected) is abandoned at the next token.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -24,6 +25,8 @@ pub enum Prompt {
     Text(String),
     /// A conversation, rendered with the chat template.
     Chat(Vec<ChatMessage>),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
 }
 
 /// One generation request, as the API hands it over.
@@ -100,7 +103,11 @@ pub struct TokenEvent {
 pub enum Event {
     Token(TokenEvent),
     /// Text left over at the end, then the reason and the counts. Always the last event.
-    Done { text: String, finish_reason: FinishReason, usage: Usage },
+    Done {
+        text: String,
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
     Error(EngineError),
 }
 
@@ -117,6 +124,15 @@ impl Default for EngineOptions {
     }
 }
 
+/// What the engine itself counts (the API counts what it answers).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Tokens generated, including those of requests abandoned by their client.
+    pub generated_tokens: AtomicU64,
+    /// Requests dropped because their client went away.
+    pub cancelled: AtomicU64,
+}
+
 struct Job {
     prepared: Prepared,
     events: UnboundedSender<Event>,
@@ -126,6 +142,7 @@ struct Job {
 /// requests already queued.
 pub struct Engine {
     model: Arc<LoadedModel>,
+    stats: Arc<EngineStats>,
     queue: Option<SyncSender<Job>>,
     worker: Option<JoinHandle<()>>,
 }
@@ -134,16 +151,21 @@ impl Engine {
     /// Starts the worker thread.
     pub fn start(model: Arc<LoadedModel>, options: EngineOptions) -> Self {
         let (tx, rx) = sync_channel(options.queue_capacity);
-        let m = model.clone();
+        let (m, stats) = (model.clone(), Arc::new(EngineStats::default()));
+        let st = stats.clone();
         let worker = std::thread::Builder::new()
             .name("kvgate-engine".into())
-            .spawn(move || run(m, rx))
+            .spawn(move || run(m, rx, st))
             .expect("spawn the engine thread");
-        Self { model, queue: Some(tx), worker: Some(worker) }
+        Self { model, stats, queue: Some(tx), worker: Some(worker) }
     }
 
     pub fn model(&self) -> &Arc<LoadedModel> {
         &self.model
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     /// Renders and tokenizes a request and checks that it fits in the context.
@@ -152,6 +174,13 @@ impl Engine {
         let ids = match &request.prompt {
             Prompt::Text(t) => m.tokenizer.encode_prompt(t)?.ids,
             Prompt::Chat(msgs) => m.tokenizer.encode(&m.template.render(msgs)?)?.ids,
+            Prompt::Tokens(ids) => {
+                let vocab = m.tokenizer.vocab_size();
+                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(EngineError::InvalidToken { id: bad, vocab });
+                }
+                ids.clone()
+            }
         };
         if ids.is_empty() {
             return Err(EngineError::EmptyPrompt);
@@ -189,12 +218,13 @@ impl Drop for Engine {
     }
 }
 
-fn run(model: Arc<LoadedModel>, jobs: Receiver<Job>) {
+fn run(model: Arc<LoadedModel>, jobs: Receiver<Job>, stats: Arc<EngineStats>) {
     while let Ok(job) = jobs.recv() {
         if job.events.is_closed() {
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        if let Err(e) = generate(&model, job.prepared, &job.events) {
+        if let Err(e) = generate(&model, job.prepared, &job.events, &stats) {
             tracing::error!(error = %e, "generation failed");
             let _ = job.events.send(Event::Error(e));
         }
@@ -202,7 +232,12 @@ fn run(model: Arc<LoadedModel>, jobs: Receiver<Job>) {
 }
 
 /// Prefills the prompt and decodes until a stop condition, streaming events.
-fn generate(m: &LoadedModel, p: Prepared, events: &UnboundedSender<Event>) -> Result<(), EngineError> {
+fn generate(
+    m: &LoadedModel,
+    p: Prepared,
+    events: &UnboundedSender<Event>,
+    stats: &EngineStats,
+) -> Result<(), EngineError> {
     let Prepared { request, ids, max_tokens } = p;
     let mut usage = Usage { prompt_tokens: ids.len(), ..Usage::default() };
     let started = Instant::now();
@@ -221,12 +256,14 @@ fn generate(m: &LoadedModel, p: Prepared, events: &UnboundedSender<Event>) -> Re
         let id = sampler.sample(&logits);
         let logprob = request.logprobs.map(|n| sampling::logprobs(&logits, id, n));
         usage.completion_tokens += 1;
+        stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         if !request.ignore_eos && m.tokenizer.is_end_of_generation(id) {
             finish = FinishReason::Stop;
             break;
         }
         let (out, stopped) = stops.push(&text.push(m.tokenizer.token_bytes(id)));
         if events.send(Event::Token(TokenEvent { id, text: out, logprob })).is_err() {
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
             return Ok(()); // the client is gone
         }
         if stopped {

@@ -27,7 +27,10 @@ fn messages(v: &serde_json::Value) -> Vec<ChatMessage> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|m| ChatMessage { role: m["role"].as_str().unwrap().into(), content: m["content"].as_str().unwrap().into() })
+        .map(|m| ChatMessage {
+            role: m["role"].as_str().unwrap().into(),
+            content: m["content"].as_str().unwrap().into(),
+        })
         .collect()
 }
 
@@ -66,7 +69,12 @@ fn teacher_forced_logprobs_match_llama_cpp() {
             let (want, want_lp) = (top[0][0].as_u64().unwrap() as u32, top[0][1].as_f64().unwrap());
             let margin = want_lp - top[1][1].as_f64().unwrap();
             let (lp, _) = sampling::logprobs(row, want, 0);
-            assert!((lp.logprob as f64 - want_lp).abs() < 0.35, "{:?} step {i}: logprob {} vs llama.cpp {want_lp}", case["messages"], lp.logprob);
+            assert!(
+                (lp.logprob as f64 - want_lp).abs() < 0.35,
+                "{:?} step {i}: logprob {} vs llama.cpp {want_lp}",
+                case["messages"],
+                lp.logprob
+            );
             if margin >= NOISE_MARGIN {
                 assert_eq!(sampling::argmax(row), want, "{:?} step {i}", case["messages"]);
             }
@@ -94,7 +102,11 @@ fn greedy_generation_agrees_with_llama_cpp() {
             let want = step["id"].as_u64().unwrap() as u32;
             assert_eq!(sampling::argmax(&logits), want, "{:?} step {i}", case["messages"]);
             agreed += 1;
-            logits = m.model.forward(&[want], &[(prompt.len() + i) as u32], &mut cache, &LogitsFor::Last, false).unwrap().logits;
+            logits = m
+                .model
+                .forward(&[want], &[(prompt.len() + i) as u32], &mut cache, &LogitsFor::Last, false)
+                .unwrap()
+                .logits;
         }
     }
     assert!(agreed >= 20, "only {agreed} confident steps compared");
@@ -161,7 +173,11 @@ fn prefill_in_pieces_equals_one_shot() {
     let cuts = [0, 13, 30, n];
     let mut last = Vec::new();
     for w in cuts.windows(2) {
-        last = m.model.forward(&ids[w[0]..w[1]], &positions[w[0]..w[1]], &mut pieces, &LogitsFor::Last, false).unwrap().logits;
+        last = m
+            .model
+            .forward(&ids[w[0]..w[1]], &positions[w[0]..w[1]], &mut pieces, &LogitsFor::Last, false)
+            .unwrap()
+            .logits;
     }
     let worst = one.iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(worst < 1e-3, "logits differ by {worst}");
@@ -176,7 +192,8 @@ fn prefill_in_pieces_equals_one_shot() {
 #[test]
 fn chunk_k_rotated_to_a_new_position_equals_computing_it_there() {
     let m = model();
-    let chunk = m.tokenizer.encode("Retrieved passage: the cache keys chunks by content, not by position.").unwrap().ids;
+    let chunk =
+        m.tokenizer.encode("Retrieved passage: the cache keys chunks by content, not by position.").unwrap().ids;
     let len = chunk.len() as u32;
     let p = 1000u32;
     let at0: Vec<u32> = (0..len).collect();

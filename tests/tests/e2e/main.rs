@@ -1,7 +1,10 @@
 //! End-to-end tests: the real model, the real server, real HTTP.
 //!
-//! One test binary (shared helpers in `util`). Tests that run the model share it
-//! through `util::model()`.
+//! One test binary (shared helpers in `util`). Tests that run the model in-process share it
+//! through `util::model()`; tests over HTTP each start
+//! their own server (`util::test_server()`).
 
+mod api;
 mod engine;
+mod openai_python;
 mod util;

@@ -33,3 +33,107 @@ pub fn reference() -> serde_json::Value {
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
+
+/// A `kvgate serve` process on a free port, stopped (SIGTERM) when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+/// The `kvgate` binary: `$KVGATE_BIN`, else the one cargo built beside this test.
+pub fn kvgate_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe.parent().and_then(|deps| deps.parent()).expect("target dir").join("kvgate");
+    assert!(bin.exists(), "{} is missing: build it with `cargo build --release` (or run `make test`)", bin.display());
+    bin
+}
+
+impl Server {
+    /// Starts the server with extra `args` and waits until `/ready` answers 200.
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(kvgate_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--threads", "2", "--log", "warn", "--model"])
+            .arg(model_path())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start kvgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+        let base = line.trim().strip_prefix("kvgate listening on ").expect("listening line").to_string();
+        let server = Self { child, base };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match ureq::get(&server.url("/ready")).call() {
+                Ok(r) if r.status() == 200 => break,
+                _ if std::time::Instant::now() > deadline => panic!("server never became ready"),
+                _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs JSON; returns the status and the parsed body (for errors too).
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        self.post_raw(path, &body.to_string())
+    }
+
+    pub fn post_raw(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let r = match ureq::post(&self.url(path)).set("content-type", "application/json").send_string(body) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("request failed: {e}"),
+        };
+        let status = r.status();
+        let text = r.into_string().expect("body");
+        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+    }
+
+    /// POSTs a streaming request and returns the raw SSE text.
+    pub fn stream(&self, path: &str, body: &serde_json::Value) -> String {
+        let r = ureq::post(&self.url(path)).send_string(&body.to_string()).expect("stream request");
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        r.into_string().expect("stream body")
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// A server with the default flags and the model named `smollm2-test`. Each test starts its
+/// own: a process held in a static would outlive the test binary.
+pub fn test_server() -> Server {
+    Server::start(&["--model-name", "smollm2-test"])
+}
+
+/// The `data:` payloads of an SSE body, checking the framing on the way.
+pub fn sse_events(body: &str) -> Vec<String> {
+    assert!(body.ends_with("data: [DONE]\n\n"), "stream does not end with [DONE]: {body:?}");
+    let events: Vec<String> = body
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("event without `data: `: {e:?}")).to_string())
+        .collect();
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
+    events
+}

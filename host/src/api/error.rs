@@ -1,0 +1,130 @@
+//! Errors as clients see them: OpenAI's `{"error": {...}}` with the right status.
+
+use hyper::StatusCode;
+use serde_json::json;
+
+use crate::engine::EngineError;
+
+/// An error answered to a client. `Client` errors are the client's to fix; the others are
+/// ours (or a passing state of the server).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI's `type`: `invalid_request_error`, `not_found_error`, `rate_limit_error`, …
+    pub kind: &'static str,
+    /// The request field at fault, when there is one.
+    pub param: Option<String>,
+    /// A stable machine-readable code.
+    pub code: &'static str,
+}
+
+impl ApiError {
+    /// 400 for a field the client got wrong.
+    pub fn invalid(param: impl Into<Option<&'static str>>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.into().map(str::to_string),
+            code: "invalid_value",
+        }
+    }
+
+    pub fn malformed_json(detail: impl std::fmt::Display) -> Self {
+        Self { code: "invalid_json", ..Self::invalid(None, format!("the request body is not valid JSON: {detail}")) }
+    }
+
+    pub fn model_not_found(model: &str, served: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("the model `{model}` does not exist; this server serves `{served}`"),
+            kind: "not_found_error",
+            param: Some("model".into()),
+            code: "model_not_found",
+        }
+    }
+
+    pub fn route_not_found(path: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no route for {path}"),
+            kind: "not_found_error",
+            param: None,
+            code: "not_found",
+        }
+    }
+
+    pub fn method_not_allowed(method: &hyper::Method, path: &str, allowed: &str) -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("{method} is not allowed on {path}; use {allowed}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: "method_not_allowed",
+        }
+    }
+
+    pub fn body_too_large(limit: usize) -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("the request body is larger than the limit of {limit} bytes"),
+            kind: "invalid_request_error",
+            param: None,
+            code: "request_too_large",
+        }
+    }
+
+    pub fn not_ready() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the model is still loading; retry shortly".into(),
+            kind: "server_error",
+            param: None,
+            code: "not_ready",
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: "internal_error",
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::ContextOverflow { .. } => {
+                Self { code: "context_length_exceeded", ..Self::invalid("max_tokens", e.to_string()) }
+            }
+            EngineError::EmptyPrompt | EngineError::InvalidToken { .. } => Self::invalid("prompt", e.to_string()),
+            EngineError::Template(_) => Self::invalid("messages", e.to_string()),
+            EngineError::Tokenizer(_) => Self::invalid(None, e.to_string()),
+            EngineError::QueueFull => Self {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: e.to_string(),
+                kind: "rate_limit_error",
+                param: None,
+                code: "queue_full",
+            },
+            EngineError::Stopped => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: e.to_string(),
+                kind: "server_error",
+                param: None,
+                code: "shutting_down",
+            },
+            EngineError::Model(_) | EngineError::Internal(_) => Self::internal(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The HTTP front: an OpenAI-compatible API on hyper, plus health, readiness and metrics.
+//!
+//! Owns sockets, routing, request bodies, JSON and SSE framing. The only module that knows
+//! hyper. It never runs model work: requests are validated here, handed to the engine's
+//! queue, and answered from the engine's event channel.
+//!
+//! - [`openai`]: request validation and response shapes.
+//! - [`error`]: OpenAI-shaped errors and their status codes.
+
+pub mod error;
+pub mod openai;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::engine::{Engine, Event, FinishReason, LoadedModel, Usage};
+use crate::metrics::Metrics;
+use error::ApiError;
+use openai::{Endpoint, Logprobs, ParsedRequest};
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// How long shutdown waits for requests in flight before closing their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// What every request handler shares.
+pub struct AppState {
+    /// Set once the model is loaded; until then `/ready` and the API answer 503.
+    pub engine: OnceLock<Engine>,
+    pub metrics: Metrics,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+}
+
+impl AppState {
+    pub fn new(max_body_bytes: usize) -> Self {
+        Self { engine: OnceLock::new(), metrics: Metrics::default(), max_body_bytes }
+    }
+}
+
+/// Serves HTTP on `listener` until `shutdown` resolves, then lets requests in flight finish
+/// (up to [`SHUTDOWN_GRACE`]).
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let st = state.clone();
+                let conn = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service_fn(move |req| handle(st.clone(), req)));
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: waiting for requests in flight");
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("grace period over: closing remaining connections"),
+    }
+}
+
+async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let response = match route(&state, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&state, &e),
+    };
+    Ok(response)
+}
+
+async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let allowed = match path.as_str() {
+        "/v1/chat/completions" | "/v1/completions" => "POST",
+        "/v1/models" | "/health" | "/ready" | "/metrics" => "GET",
+        _ => return Err(ApiError::route_not_found(&path)),
+    };
+    if method != allowed && !(method == Method::HEAD && allowed == "GET") {
+        return Err(ApiError::method_not_allowed(&method, &path, allowed));
+    }
+    match path.as_str() {
+        "/health" => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        "/ready" => match state.engine.get() {
+            Some(_) => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
+            None => Err(ApiError::not_ready()),
+        },
+        "/metrics" => Ok(Response::builder()
+            .header(CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(full(state.metrics.render(state.engine.get().map(Engine::stats))))
+            .expect("valid response")),
+        "/v1/models" => {
+            let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+            let m = engine.model();
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"object": "list", "data": [{
+                    "id": m.name, "object": "model", "created": unix_now(), "owned_by": "kvgate",
+                    "max_model_len": m.model.config().context_length,
+                }]}),
+            ))
+        }
+        "/v1/chat/completions" => generate(state, req, Endpoint::Chat).await,
+        _ => generate(state, req, Endpoint::Completion).await,
+    }
+}
+
+/// Reads the body, refusing anything over the limit without reading it all.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::body_too_large(limit));
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ApiError::body_too_large(limit))
+        }
+        Err(e) => Err(ApiError::invalid(None, format!("could not read the request body: {e}"))),
+    }
+}
+
+async fn generate(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    endpoint: Endpoint,
+) -> Result<Response<Body>, ApiError> {
+    let started = Instant::now();
+    let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+    let body = read_body(req, state.max_body_bytes).await?;
+    let parsed = openai::parse(endpoint, &body, &engine.model().name)?;
+    let ParsedRequest { generate, stream, include_usage, .. } = parsed;
+    let prepared = engine.prepare(generate)?;
+    let events = engine.submit(prepared).inspect_err(|e| {
+        if matches!(e, crate::engine::EngineError::QueueFull) {
+            state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+    })?;
+    let reply = Reply::new(endpoint, engine.model().clone(), include_usage);
+    let tracker = InFlight::new(state.clone(), started);
+    if stream {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(stream_events(reply, events, tx, tracker));
+        Ok(Response::builder()
+            .header(CONTENT_TYPE, "text/event-stream")
+            .header(CACHE_CONTROL, "no-cache")
+            .body(UnsyncBoxBody::new(SseBody { rx }))
+            .expect("valid response"))
+    } else {
+        collect_events(reply, events, tracker).await
+    }
+}
+
+/// Keeps `in_flight` and the latency/token metrics right however a request ends.
+struct InFlight {
+    state: Arc<AppState>,
+    started: Instant,
+    first_token: bool,
+}
+
+impl InFlight {
+    fn new(state: Arc<AppState>, started: Instant) -> Self {
+        state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self { state, started, first_token: false }
+    }
+
+    fn token(&mut self) {
+        if !self.first_token {
+            self.first_token = true;
+            self.state.metrics.ttft.observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    fn done(&self, finish: FinishReason, usage: &Usage) {
+        let m = &self.state.metrics;
+        m.prompt_tokens.fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
+        m.generation_tokens.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
+        m.cached_prompt_tokens.fetch_add(usage.cached_tokens as u64, Ordering::Relaxed);
+        match finish {
+            FinishReason::Stop => m.success_stop.fetch_add(1, Ordering::Relaxed),
+            FinishReason::Length => m.success_length.fetch_add(1, Ordering::Relaxed),
+        };
+        m.e2e_latency.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Builds the JSON of one response or chunk.
+struct Reply {
+    endpoint: Endpoint,
+    model: Arc<LoadedModel>,
+    id: String,
+    created: u64,
+    include_usage: bool,
+    /// Text already sent (completions' `text_offset`).
+    offset: usize,
+}
+
+impl Reply {
+    fn new(endpoint: Endpoint, model: Arc<LoadedModel>, include_usage: bool) -> Self {
+        let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
+        let id = format!("{prefix}-{:032x}", rand::random::<u128>());
+        Self { endpoint, model, id, created: unix_now(), include_usage, offset: 0 }
+    }
+
+    fn logprobs_json(&mut self, lp: &Logprobs) -> Value {
+        if lp.is_empty() {
+            return Value::Null;
+        }
+        match self.endpoint {
+            Endpoint::Chat => lp.chat_json(&self.model.tokenizer),
+            Endpoint::Completion => lp.completion_json(&self.model.tokenizer, self.offset),
+        }
+    }
+
+    /// One streamed chunk: `text` and its tokens' logprobs, `finish` on the last.
+    fn chunk(&mut self, text: &str, lp: &Logprobs, finish: Option<FinishReason>, first: bool) -> Value {
+        let logprobs = self.logprobs_json(lp);
+        self.offset += text.len();
+        let finish = finish.map(FinishReason::as_str);
+        let mut v = match self.endpoint {
+            Endpoint::Chat => {
+                let delta = match (first, text.is_empty() && finish.is_some()) {
+                    (true, _) => json!({"role": "assistant", "content": text}),
+                    (false, true) => json!({}),
+                    (false, false) => json!({"content": text}),
+                };
+                json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model.name,
+                       "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+            }
+            Endpoint::Completion => json!({"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model.name,
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}),
+        };
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    /// The chunk that carries only `usage` (`stream_options.include_usage`).
+    fn usage_chunk(&self, usage: &Usage) -> Value {
+        let object = if self.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model.name,
+               "choices": [], "usage": openai::usage_json(usage)})
+    }
+
+    /// A whole (non-streamed) response.
+    fn whole(&mut self, text: &str, lp: &Logprobs, finish: FinishReason, usage: &Usage) -> Value {
+        let logprobs = self.logprobs_json(lp);
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                                     "logprobs": logprobs, "finish_reason": finish.as_str()}),
+            Endpoint::Completion => {
+                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str()})
+            }
+        };
+        let object = if self.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model.name,
+               "choices": [choice], "usage": openai::usage_json(usage)})
+    }
+}
+
+async fn collect_events(
+    mut reply: Reply,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    mut tracker: InFlight,
+) -> Result<Response<Body>, ApiError> {
+    let mut text = String::new();
+    let mut lp = Logprobs::default();
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Token(t) => {
+                tracker.token();
+                text.push_str(&t.text);
+                if let Some(l) = t.logprob {
+                    lp.push(l);
+                }
+            }
+            Event::Done { text: rest, finish_reason, usage } => {
+                text.push_str(&rest);
+                tracker.done(finish_reason, &usage);
+                return Ok(json_response(StatusCode::OK, &reply.whole(&text, &lp, finish_reason, &usage)));
+            }
+            Event::Error(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::internal("the engine dropped the request"))
+}
+
+async fn stream_events(
+    mut reply: Reply,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    tx: mpsc::Sender<Bytes>,
+    mut tracker: InFlight,
+) {
+    let send = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
+    let mut first = true;
+    while let Some(event) = events.recv().await {
+        let frames = match event {
+            Event::Token(t) => {
+                tracker.token();
+                let mut lp = Logprobs::default();
+                if let Some(l) = t.logprob {
+                    lp.push(l);
+                }
+                if t.text.is_empty() && lp.is_empty() && !first {
+                    continue;
+                }
+                let chunk = reply.chunk(&t.text, &lp, None, first);
+                first = false;
+                vec![send(&chunk)]
+            }
+            Event::Done { text, finish_reason, usage } => {
+                tracker.done(finish_reason, &usage);
+                let mut frames = vec![send(&reply.chunk(&text, &Logprobs::default(), Some(finish_reason), first))];
+                if reply.include_usage {
+                    frames.push(send(&reply.usage_chunk(&usage)));
+                }
+                frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                frames
+            }
+            Event::Error(e) => {
+                let e = ApiError::from(e);
+                vec![send(&e.body()), Bytes::from_static(b"data: [DONE]\n\n")]
+            }
+        };
+        for f in frames {
+            if tx.send(f).await.is_err() {
+                return; // client gone: dropping `events` tells the engine to stop
+            }
+        }
+    }
+}
+
+/// An SSE response body fed by a channel.
+struct SseBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    UnsyncBoxBody::new(Full::new(body.into()))
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(full(v.to_string()))
+        .expect("valid response")
+}
+
+fn error_response(state: &AppState, e: &ApiError) -> Response<Body> {
+    if e.status.is_server_error() && e.code != "not_ready" {
+        state.metrics.errors_5xx.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(status = %e.status, message = %e.message, "request failed");
+    } else {
+        state.metrics.errors_4xx.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(status = %e.status, message = %e.message, "request refused");
+    }
+    let mut r = json_response(e.status, &e.body());
+    if e.status == StatusCode::METHOD_NOT_ALLOWED {
+        let allow = if e.message.ends_with("POST") { "POST" } else { "GET, HEAD" };
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    r
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

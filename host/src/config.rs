@@ -1,0 +1,160 @@
+//! Configuration: `kvgate.toml`, overridden by environment variables, overridden by flags.
+//!
+//! Precedence, lowest first: built-in defaults < the TOML file (`--config`, `KVGATE_CONFIG`)
+//! < `KVGATE_*` environment variables < command-line flags. clap merges the last two (a flag
+//! beats its variable); [`Config::apply`] lays the result over the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors reading the configuration: each says which file and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Everything `kvgate serve` can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    pub listen: SocketAddr,
+    /// The GGUF model to serve.
+    pub model: PathBuf,
+    /// The name clients use in `model`; defaults to the file stem.
+    pub model_name: Option<String>,
+    /// Inference threads; 0 = one per core.
+    pub threads: usize,
+    /// Requests that may wait for the engine; beyond it requests get 429.
+    pub queue_capacity: usize,
+    /// Largest request body, bytes; beyond it requests get 413.
+    pub max_body_bytes: usize,
+    /// Log filter (`tracing` syntax), unless `RUST_LOG` is set.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            model: default_model_path(),
+            model_name: None,
+            threads: 0,
+            queue_capacity: 64,
+            max_body_bytes: 8 << 20,
+            log: "info".into(),
+        }
+    }
+}
+
+/// Where `make model` puts the embedded default model: `$KVGATE_HOME/models/…`, with
+/// `KVGATE_HOME` defaulting to `~/.cache/kvgate`.
+pub fn default_model_path() -> PathBuf {
+    kvgate_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// kvgate's cache directory (models, build output): `$KVGATE_HOME` or `~/.cache/kvgate`.
+pub fn kvgate_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("KVGATE_HOME") {
+        return PathBuf::from(h);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    cache.join("kvgate")
+}
+
+/// Settings given on the command line or in the environment; `None` = not given.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub model: Option<PathBuf>,
+    pub model_name: Option<String>,
+    pub threads: Option<usize>,
+    pub queue_capacity: Option<usize>,
+    pub max_body_bytes: Option<usize>,
+    pub log: Option<String>,
+}
+
+impl Config {
+    /// Reads `path`, or the defaults when `None`.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else { return Ok(Self::default()) };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    /// Lays flags and environment over the file's settings, then checks the result.
+    pub fn apply(mut self, o: Overrides) -> Result<Self, ConfigError> {
+        if let Some(v) = o.listen {
+            self.listen = v;
+        }
+        if let Some(v) = o.model {
+            self.model = v;
+        }
+        if o.model_name.is_some() {
+            self.model_name = o.model_name;
+        }
+        if let Some(v) = o.threads {
+            self.threads = v;
+        }
+        if let Some(v) = o.queue_capacity {
+            self.queue_capacity = v;
+        }
+        if let Some(v) = o.max_body_bytes {
+            self.max_body_bytes = v;
+        }
+        if let Some(v) = o.log {
+            self.log = v;
+        }
+        if self.queue_capacity == 0 {
+            return Err(ConfigError::Invalid { key: "queue_capacity", message: "must be at least 1".into() });
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid { key: "max_body_bytes", message: "must be at least 1024".into() });
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_overrides() {
+        let dir = std::env::temp_dir().join(format!("kvgate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kvgate.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\nqueue_capacity = 3\n").unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.queue_capacity, 3);
+        assert_eq!(c.max_body_bytes, Config::default().max_body_bytes);
+        let c = c.apply(Overrides { queue_capacity: Some(5), ..Default::default() }).unwrap();
+        assert_eq!((c.listen.port(), c.queue_capacity), (9000, 5));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let dir = std::env::temp_dir().join(format!("kvgate-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kvgate.toml");
+        std::fs::write(&path, "lisen = \"127.0.0.1:9000\"\n").unwrap();
+        let e = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains("lisen") && e.contains("kvgate.toml"), "{e}");
+        let e = Config::default().apply(Overrides { queue_capacity: Some(0), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("queue_capacity"));
+        assert!(
+            Config::load(Some(Path::new("/nonexistent/kvgate.toml"))).unwrap_err().to_string().contains("cannot read")
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! Counters and histograms, rendered in Prometheus' text format at `GET /metrics`.
+//!
+//! Names follow vLLM's (`kvgate:` prefix, `_total` counters, `_seconds` histograms) so that
+//! dashboards built for it carry over. Lock-free on the request path: atomics only.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A histogram with fixed upper bounds (seconds).
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// One count per bound, plus `+Inf`.
+    counts: Vec<AtomicU64>,
+    /// Sum of observations, in nanoseconds (integer so that it can be atomic).
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_nanos: AtomicU64::new(0) }
+    }
+
+    /// Records one observation of `seconds`.
+    pub fn observe(&self, seconds: f64) {
+        let i = self.bounds.iter().position(|&b| seconds <= b).unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add((seconds.max(0.0) * 1e9) as u64, Ordering::Relaxed);
+    }
+
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut acc = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            acc += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {acc}");
+        }
+        acc += self.counts[self.bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {acc}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {acc}");
+    }
+}
+
+const LATENCY_BOUNDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// The gateway's metrics.
+pub struct Metrics {
+    /// Finished generations, by finish reason.
+    pub success_stop: AtomicU64,
+    pub success_length: AtomicU64,
+    /// Requests answered with an error, by status class.
+    pub errors_4xx: AtomicU64,
+    pub errors_5xx: AtomicU64,
+    /// Requests refused because the queue was full (also counted in `errors_4xx`).
+    pub rejected_queue_full: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+    /// Prompt tokens served from cache.
+    pub cached_prompt_tokens: AtomicU64,
+    /// Generations queued or running.
+    pub in_flight: AtomicU64,
+    pub ttft: Histogram,
+    pub e2e_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            success_stop: AtomicU64::new(0),
+            success_length: AtomicU64::new(0),
+            errors_4xx: AtomicU64::new(0),
+            errors_5xx: AtomicU64::new(0),
+            rejected_queue_full: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            generation_tokens: AtomicU64::new(0),
+            cached_prompt_tokens: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            ttft: Histogram::new(LATENCY_BOUNDS),
+            e2e_latency: Histogram::new(LATENCY_BOUNDS),
+        }
+    }
+}
+
+impl Metrics {
+    /// Prometheus text exposition, with the engine's own counters when it is running.
+    pub fn render(&self, engine: Option<&crate::engine::EngineStats>) -> String {
+        let mut out = String::new();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        counter(
+            "kvgate:request_success_total",
+            "Generations finished, by finish reason.",
+            &[
+                ("{finished_reason=\"stop\"}", get(&self.success_stop)),
+                ("{finished_reason=\"length\"}", get(&self.success_length)),
+            ],
+        );
+        counter(
+            "kvgate:request_errors_total",
+            "Requests answered with an error, by status class.",
+            &[("{status=\"4xx\"}", get(&self.errors_4xx)), ("{status=\"5xx\"}", get(&self.errors_5xx))],
+        );
+        counter(
+            "kvgate:request_rejected_queue_full_total",
+            "Requests refused with 429 because the queue was full.",
+            &[("", get(&self.rejected_queue_full))],
+        );
+        counter("kvgate:prompt_tokens_total", "Prompt tokens processed.", &[("", get(&self.prompt_tokens))]);
+        counter("kvgate:generation_tokens_total", "Tokens generated.", &[("", get(&self.generation_tokens))]);
+        counter(
+            "kvgate:prompt_tokens_cached_total",
+            "Prompt tokens served from cache.",
+            &[("", get(&self.cached_prompt_tokens))],
+        );
+        if let Some(e) = engine {
+            counter(
+                "kvgate:engine_generated_tokens_total",
+                "Tokens the engine generated, including for clients that left.",
+                &[("", get(&e.generated_tokens))],
+            );
+            counter(
+                "kvgate:requests_cancelled_total",
+                "Requests dropped because the client went away.",
+                &[("", get(&e.cancelled))],
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP kvgate:num_requests_in_flight Generations queued or running.\n# TYPE kvgate:num_requests_in_flight gauge\nkvgate:num_requests_in_flight {}",
+            get(&self.in_flight)
+        );
+        self.ttft.render(&mut out, "kvgate:time_to_first_token_seconds", "Time from request to first generated token.");
+        self.e2e_latency.render(
+            &mut out,
+            "kvgate:e2e_request_latency_seconds",
+            "Time from request to last generated token.",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.ttft.observe(0.003);
+        m.ttft.observe(0.3);
+        m.ttft.observe(500.0);
+        let text = m.render(None);
+        assert!(text.contains("kvgate:time_to_first_token_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("kvgate:time_to_first_token_seconds_bucket{le=\"0.5\"} 2"));
+        assert!(text.contains("kvgate:time_to_first_token_seconds_bucket{le=\"+Inf\"} 3"));
+        assert!(text.contains("kvgate:time_to_first_token_seconds_count 3"));
+    }
+}

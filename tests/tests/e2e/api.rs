@@ -1,0 +1,279 @@
+//! The OpenAI-compatible API over real HTTP, against a real `kvgate serve`.
+
+use serde_json::{Value, json};
+
+use crate::util::{Server, sse_events, test_server};
+
+fn question(q: &str) -> Value {
+    json!({"model": "smollm2-test", "messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 24})
+}
+
+#[test]
+fn answers_a_chat_question_correctly_with_greedy_decoding() {
+    let s = test_server();
+    let mut body = question("What is 17 times 3?");
+    body.as_object_mut().unwrap().remove("model");
+    let (status, r) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("51"), "{text:?}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert_eq!(r["object"], "chat.completion");
+    let u = &r["usage"];
+    assert_eq!(u["prompt_tokens"], 39);
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+    );
+    assert_eq!(u["prompt_tokens_details"]["cached_tokens"], 0);
+}
+
+#[test]
+fn chat_stream_frames_like_openai_and_matches_the_whole_response() {
+    let s = test_server();
+    let mut body = question("Explain what a hash map is in one sentence.");
+    body["model"] = json!(null);
+    body.as_object_mut().unwrap().remove("model");
+    let (_, whole) = s.post("/v1/chat/completions", &body);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = sse_events(&s.stream("/v1/chat/completions", &body));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let id = &chunks[0]["id"];
+    let mut text = String::new();
+    for c in &chunks[..chunks.len() - 1] {
+        assert_eq!(&c["id"], id);
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert!(c["usage"].is_null());
+        text.push_str(c["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    let finals: Vec<&Value> = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).collect();
+    assert_eq!(finals.len(), 1);
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], whole["usage"]);
+}
+
+#[test]
+fn completion_stream_and_logprobs() {
+    let s = test_server();
+    let body = json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 6, "logprobs": 3});
+    let (status, r) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    let lp = &r["choices"][0]["logprobs"];
+    let n = r["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n);
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n);
+    assert_eq!(
+        lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect::<String>(),
+        r["choices"][0]["text"].as_str().unwrap()
+    );
+    for (top, chosen) in lp["top_logprobs"].as_array().unwrap().iter().zip(lp["token_logprobs"].as_array().unwrap()) {
+        let top = top.as_object().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::NEG_INFINITY, f64::max);
+        assert!((best - chosen.as_f64().unwrap()).abs() < 1e-6);
+    }
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let events = sse_events(&s.stream("/v1/completions", &sbody));
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text, r["choices"][0]["text"].as_str().unwrap());
+}
+
+#[test]
+fn chat_logprobs_report_top_alternatives() {
+    let s = test_server();
+    let mut body = question("What is 17 times 3?");
+    body.as_object_mut().unwrap().remove("model");
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(2);
+    let (_, r) = s.post("/v1/chat/completions", &body);
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len() as u64, r["usage"]["completion_tokens"].as_u64().unwrap() - 1, "all but <|im_end|>");
+    for c in content {
+        assert_eq!(c["top_logprobs"].as_array().unwrap().len(), 2);
+        assert!(c["logprob"].as_f64().unwrap() <= 0.0);
+    }
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_not_returned() {
+    let s = test_server();
+    let body = json!({"prompt": "Count: 1, 2, 3, 4,", "temperature": 0, "max_tokens": 30, "stop": [" 7"]});
+    let (_, r) = s.post("/v1/completions", &body);
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{text:?}");
+    assert!(text.contains("6") && !text.contains(" 7"), "{text:?}");
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let s = test_server();
+    let body = json!({"prompt": "Once upon a time", "temperature": 0.9, "top_p": 0.95, "seed": 42, "max_tokens": 16});
+    let (_, a) = s.post("/v1/completions", &body);
+    let (_, b) = s.post("/v1/completions", &body);
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    let e = &body["error"];
+    assert_eq!(e["code"], want_code, "{body}");
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(e["type"].is_string());
+    assert!(e.as_object().unwrap().contains_key("param"));
+}
+
+#[test]
+fn client_errors_get_openai_shaped_json_with_the_right_status() {
+    let s = test_server();
+    let (st, b) = s.post_raw("/v1/chat/completions", "{\"messages\": [");
+    assert_error(st, &b, 400, "invalid_json");
+    let mut wrong_model = question("hi");
+    wrong_model["model"] = json!("gpt-4");
+    let (st, b) = s.post("/v1/chat/completions", &wrong_model);
+    assert_error(st, &b, 404, "model_not_found");
+    let (st, b) =
+        s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8190}));
+    assert_error(st, &b, 400, "context_length_exceeded");
+    let msg = b["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("8192") && msg.contains("8190"), "{msg}");
+    let (st, b) = s.post("/v1/completions", &json!({"prompt": "hi", "temperature": -1}));
+    assert_error(st, &b, 400, "invalid_value");
+    assert_eq!(b["error"]["param"], "temperature");
+    let (st, b) = s.post("/v1/completions", &json!({"prompt": [1, 2, 999999]}));
+    assert_error(st, &b, 400, "invalid_value");
+    let big = "x".repeat(9 << 20);
+    let (st, b) = s.post("/v1/completions", &json!({"prompt": big}));
+    assert_error(st, &b, 413, "request_too_large");
+    let r = ureq::get(&s.url("/v1/chat/completions")).call();
+    let Err(ureq::Error::Status(405, r)) = r else { panic!("GET on a POST route must be 405") };
+    assert_eq!(r.header("allow"), Some("POST"));
+    let b: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    assert_error(405, &b, 405, "method_not_allowed");
+    let Err(ureq::Error::Status(404, r)) = ureq::get(&s.url("/v2/nothing")).call() else {
+        panic!("unknown route must be 404")
+    };
+    let b: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    assert_error(404, &b, 404, "not_found");
+    // Nothing above wedged the server.
+    let (st, _) = s.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 2}));
+    assert_eq!(st, 200);
+}
+
+#[test]
+fn health_ready_models_and_metrics() {
+    let s = test_server();
+    let (st, _) = s.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 2}));
+    assert_eq!(st, 200);
+    let get = |p: &str| ureq::get(&s.url(p)).call().unwrap();
+    assert_eq!(get("/health").status(), 200);
+    assert_eq!(get("/ready").status(), 200);
+    let models: Value = serde_json::from_str(&get("/v1/models").into_string().unwrap()).unwrap();
+    assert_eq!(models["data"][0]["id"], "smollm2-test");
+    assert_eq!(models["data"][0]["max_model_len"], 8192);
+    let metrics = get("/metrics").into_string().unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert!(value("kvgate:prompt_tokens_total") >= 2.0);
+    assert!(value("kvgate:generation_tokens_total") >= 2.0);
+    assert!(value("kvgate:time_to_first_token_seconds_count") >= 1.0);
+    assert!(value("kvgate:e2e_request_latency_seconds_count") >= 1.0);
+}
+
+/// With a queue of one, a third concurrent request is refused with 429 while the first runs
+/// and the second waits; both accepted requests still finish.
+#[test]
+fn a_full_queue_answers_429_and_loses_nothing() {
+    let s = Server::start(&["--queue-capacity", "1", "--model-name", "smollm2-test"]);
+    let long = json!({"prompt": "Tell me a long story.", "max_tokens": 200, "ignore_eos": true, "temperature": 0});
+    let running = {
+        let url = s.url("/v1/completions");
+        let body = long.to_string();
+        std::thread::spawn(move || ureq::post(&url).send_string(&body).map(|r| r.status()).unwrap_or(0))
+    };
+    // Wait until the first request is running (it is no longer in the queue).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let m = ureq::get(&s.url("/metrics")).call().unwrap().into_string().unwrap();
+        if m.contains("kvgate:num_requests_in_flight 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "first request never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let others: Vec<_> = (0..2)
+        .map(|_| {
+            let url = s.url("/v1/completions");
+            let body = json!({"prompt": "hi", "max_tokens": 4}).to_string();
+            std::thread::spawn(move || match ureq::post(&url).send_string(&body) {
+                Ok(r) => (r.status(), String::new()),
+                Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+                Err(e) => panic!("{e}"),
+            })
+        })
+        .collect();
+    let mut statuses: Vec<(u16, String)> = others.into_iter().map(|t| t.join().unwrap()).collect();
+    statuses.sort();
+    assert_eq!(statuses[0].0, 200, "{statuses:?}");
+    assert_eq!(statuses[1].0, 429, "{statuses:?}");
+    assert!(statuses[1].1.contains("queue_full"), "{}", statuses[1].1);
+    assert_eq!(running.join().unwrap(), 200);
+}
+
+/// A client that hangs up mid-stream does not keep the engine busy: the abandoned request
+/// is dropped at its next token instead of running to its 4000 tokens.
+#[test]
+fn a_dropped_stream_frees_the_engine() {
+    use std::io::{BufRead, Write};
+    let s = test_server();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let body =
+        json!({"prompt": "Tell me a long story.", "max_tokens": 4000, "ignore_eos": true, "stream": true}).to_string();
+    {
+        let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+        write!(sock, "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut reader = std::io::BufReader::new(sock);
+        let mut line = String::new();
+        while !line.starts_with("data: ") {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+        }
+    } // hang up after the first token
+    // The single worker takes this request only after the abandoned one has ended.
+    let (st, _) = s.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 4, "ignore_eos": true}));
+    assert_eq!(st, 200);
+    let metrics = ureq::get(&s.url("/metrics")).call().unwrap().into_string().unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    assert_eq!(value("kvgate:requests_cancelled_total"), 1);
+    let generated = value("kvgate:engine_generated_tokens_total");
+    assert!(generated < 1000, "the engine generated {generated} tokens for a client that left after one");
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let mut s = Server::start(&[]);
+    assert!(s.stop(), "kvgate did not exit cleanly on SIGTERM");
+}
