@@ -117,10 +117,54 @@ impl Linear {
     }
 
     /// `x · Wᵀ` for `rows` rows of `x`; `f` sees the result (rows × out) in place.
+    ///
+    /// The f32 path calls gemm straight into `THREAD_OUT`, a buffer reused across calls:
+    /// prefill-sized outputs are tens of MB, and fresh ones cost page faults every layer.
     fn forward<R>(&self, x: &[f32], rows: usize, f: impl FnOnce(&[f32]) -> R) -> Result<R, EngineError> {
-        let x = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
-        let y = if rows <= QUANTIZED_MAX_ROWS { self.q8.forward(&x)? } else { x.matmul(&self.f32.t()?)? };
-        with_slice(&y, f)
+        if rows <= QUANTIZED_MAX_ROWS {
+            let x = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
+            return with_slice(&self.q8.forward(&x)?, f);
+        }
+        let (out_dim, in_dim) = self.f32.dims2()?;
+        if x.len() != rows * in_dim {
+            return Err(EngineError::Internal(format!("linear: {} inputs for {rows} × {in_dim}", x.len())));
+        }
+        thread_local! {
+            static THREAD_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let threads = candle_core::utils::get_num_threads();
+        with_slice(&self.f32, |w| {
+            THREAD_OUT.with(|cell| {
+                let mut out = cell.borrow_mut();
+                out.resize(rows * out_dim, 0.0);
+                // SAFETY: x is rows × in_dim, w is out_dim × in_dim (read as its transpose),
+                // out is rows × out_dim, all row-major and checked above.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        out_dim,
+                        in_dim,
+                        out.as_mut_ptr(),
+                        1,
+                        out_dim as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        in_dim as isize,
+                        w.as_ptr(),
+                        in_dim as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
+                    );
+                }
+                f(&out)
+            })
+        })
     }
 }
 
