@@ -223,7 +223,33 @@ impl KvCache {
         }
     }
 
-    fn sorted(&self) -> bool {
+    /// Appends rows at `positions` (K/V zero until a layer writes them); returns their indices.
+    pub fn push_rows(&mut self, positions: &[u32]) -> std::ops::Range<usize> {
+        let start = self.len();
+        self.positions.extend_from_slice(positions);
+        let len = self.len() * self.kv_dim;
+        for l in &mut self.layers {
+            l.k.resize(len, 0.0);
+            l.v.resize(len, 0.0);
+        }
+        start..self.len()
+    }
+
+    /// Per layer, K of rows `rows` turned back to before RoPE (position-independent).
+    pub fn pre_rope_k(&self, rows: std::ops::Range<usize>, rope: &Rope) -> Vec<Vec<f32>> {
+        let d = self.kv_dim;
+        self.layers
+            .iter()
+            .map(|l| {
+                let mut k = l.k[rows.start * d..rows.end * d].to_vec();
+                rope.rotate(&mut k, &self.positions[rows.clone()], -1.0);
+                k
+            })
+            .collect()
+    }
+
+    /// Whether positions never decrease along the rows (lets attention skip ahead).
+    pub fn sorted(&self) -> bool {
         self.positions.windows(2).all(|w| w[0] <= w[1])
     }
 }
@@ -341,6 +367,22 @@ impl Model {
         logits_for: &LogitsFor,
         want_pre_rope_k: bool,
     ) -> Result<ForwardOutput, EngineError> {
+        let mut x = self.embed(tokens, positions)?;
+        let rows: Vec<usize> = cache.push_rows(positions).collect();
+        self.run_layers(0..self.cfg.layers, &mut x, positions, &rows, cache)?;
+        let n = tokens.len();
+        let wanted: Vec<usize> = match logits_for {
+            LogitsFor::Last => vec![n - 1],
+            LogitsFor::All => (0..n).collect(),
+            LogitsFor::Rows(r) => r.clone(),
+        };
+        let logits = self.logits(&x, &wanted)?;
+        let pre_rope_k = want_pre_rope_k.then(|| cache.pre_rope_k(rows[0]..rows[n - 1] + 1, &self.rope));
+        Ok(ForwardOutput { logits, pre_rope_k })
+    }
+
+    /// The hidden states entering layer 0 for `tokens`, after checking tokens and positions.
+    pub fn embed(&self, tokens: &[u32], positions: &[u32]) -> Result<Vec<f32>, EngineError> {
         let n = tokens.len();
         if n == 0 || positions.len() != n {
             return Err(EngineError::Internal(format!("forward: {n} tokens with {} positions", positions.len())));
@@ -356,42 +398,62 @@ impl Model {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
             return Err(EngineError::Internal(format!("token id {bad} beyond the vocabulary")));
         }
-        let cfg = &self.cfg;
-        let (hidden, kv_dim, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
+        let hidden = self.cfg.hidden;
         let mut x = Vec::with_capacity(n * hidden);
         with_slice(&self.embed, |e| {
             for &t in tokens {
                 x.extend_from_slice(&e[t as usize * hidden..][..hidden]);
             }
         })?;
-        cache.positions.extend_from_slice(positions);
+        Ok(x)
+    }
+
+    /// Runs `layers` over hidden states `x` (one row per token at `positions`), writing each
+    /// token's rotated K and its V into cache row `rows[i]` before attending, so that the
+    /// tokens see each other and every other cache row at a position `≤` theirs.
+    ///
+    /// This is the primitive of selective recompute: `rows` may be any subset of the cache.
+    pub fn run_layers(
+        &self,
+        layers: std::ops::Range<usize>,
+        x: &mut [f32],
+        positions: &[u32],
+        rows: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<(), EngineError> {
+        let cfg = &self.cfg;
+        let (hidden, kv_dim, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
+        let n = positions.len();
+        if x.len() != n * hidden || rows.len() != n || rows.iter().any(|&r| r >= cache.len()) {
+            return Err(EngineError::Internal("run_layers: rows and hidden states do not match".into()));
+        }
         let sorted = cache.sorted();
-        let mut pre_rope_k = want_pre_rope_k.then(|| Vec::with_capacity(cfg.layers));
         let mut h = vec![0f32; n * hidden];
         let mut q = vec![0f32; n * hidden];
+        let mut k = vec![0f32; n * kv_dim];
         let mut attn = vec![0f32; n * hidden];
         let mut act = vec![0f32; n * ffn];
         let row = hidden + 2 * kv_dim;
-
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            rms_norm(&x, &layer.attn_norm, cfg.rms_eps, &mut h);
-            let k_start = kv.k.len();
+        for l in layers {
+            let layer = &self.layers[l];
+            let kv = &mut cache.layers[l];
+            rms_norm(x, &layer.attn_norm, cfg.rms_eps, &mut h);
             layer.qkv.forward(&h, n, |qkv| {
-                for (r, qr) in qkv.chunks_exact(row).zip(q.chunks_exact_mut(hidden)) {
-                    qr.copy_from_slice(&r[..hidden]);
-                    kv.k.extend_from_slice(&r[hidden..hidden + kv_dim]);
-                    kv.v.extend_from_slice(&r[hidden + kv_dim..]);
+                for (i, r) in qkv.chunks_exact(row).enumerate() {
+                    q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
+                    k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
+                    kv.v[rows[i] * kv_dim..(rows[i] + 1) * kv_dim].copy_from_slice(&r[hidden + kv_dim..]);
                 }
             })?;
-            if let Some(pre) = pre_rope_k.as_mut() {
-                pre.push(kv.k[k_start..].to_vec());
-            }
             self.rope.rotate(&mut q, positions, 1.0);
-            self.rope.rotate(&mut kv.k[k_start..], positions, 1.0);
+            self.rope.rotate(&mut k, positions, 1.0);
+            for (i, &r) in rows.iter().enumerate() {
+                kv.k[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
+            }
             let keys = Keys { k: &kv.k, v: &kv.v, positions: &cache.positions, sorted };
             attention::attention(cfg.heads(), &q, positions, &keys, &mut attn);
-            layer.out.forward(&attn, n, |o| add_assign(&mut x, o))?;
-            rms_norm(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
+            layer.out.forward(&attn, n, |o| add_assign(x, o))?;
+            rms_norm(x, &layer.ffn_norm, cfg.rms_eps, &mut h);
             layer.gate_up.forward(&h, n, |gu| {
                 for (r, a) in gu.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
                     let (gate, up) = r.split_at(ffn);
@@ -400,25 +462,26 @@ impl Model {
                     }
                 }
             })?;
-            layer.down.forward(&act, n, |d| add_assign(&mut x, d))?;
+            layer.down.forward(&act, n, |d| add_assign(x, d))?;
         }
+        Ok(())
+    }
 
-        let rows: Vec<usize> = match logits_for {
-            LogitsFor::Last => vec![n - 1],
-            LogitsFor::All => (0..n).collect(),
-            LogitsFor::Rows(r) => r.clone(),
-        };
+    /// Logits (`rows.len() × vocab`) of the hidden states `x` at `rows`.
+    pub fn logits(&self, x: &[f32], rows: &[usize]) -> Result<Vec<f32>, EngineError> {
+        let hidden = self.cfg.hidden;
+        let n = x.len() / hidden;
         if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
             return Err(EngineError::Internal(format!("logits row {bad} of {n}")));
         }
-        let mut logits = Vec::with_capacity(rows.len() * cfg.vocab);
+        let mut logits = Vec::with_capacity(rows.len() * self.cfg.vocab);
         if !rows.is_empty() {
             let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
             let mut normed = vec![0f32; picked.len()];
-            rms_norm(&picked, &self.out_norm, cfg.rms_eps, &mut normed);
+            rms_norm(&picked, &self.out_norm, self.cfg.rms_eps, &mut normed);
             self.lm_head.forward(&normed, rows.len(), |l| logits.extend_from_slice(l))?;
         }
-        Ok(ForwardOutput { logits, pre_rope_k })
+        Ok(logits)
     }
 }
 
