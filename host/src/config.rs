@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::blend::{BlendOptions, CacheMode};
+use crate::engine::EngineOptions;
+
 /// Errors reading the configuration: each says which file and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -38,6 +41,16 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Log filter (`tracing` syntax), unless `RUST_LOG` is set.
     pub log: String,
+    /// Cache mode of requests that do not choose one (`off`, `prefix`, `compose`).
+    pub cache_mode: CacheMode,
+    /// Share of reused tokens recomputed when stitching chunks, 0..=1.
+    pub recompute_budget: f32,
+    /// Tokens per chunk of the built-in chunker.
+    pub chunk_tokens: usize,
+    /// Layer at which KV deviation is measured for selective recompute.
+    pub check_layer: usize,
+    /// Byte budget of the RAM chunk store.
+    pub ram_budget_bytes: usize,
 }
 
 impl Default for Config {
@@ -50,6 +63,11 @@ impl Default for Config {
             queue_capacity: 64,
             max_body_bytes: 8 << 20,
             log: "info".into(),
+            cache_mode: CacheMode::Compose,
+            recompute_budget: BlendOptions::default().recompute_budget,
+            chunk_tokens: BlendOptions::default().chunk_tokens,
+            check_layer: BlendOptions::default().check_layer,
+            ram_budget_bytes: 2 << 30,
         }
     }
 }
@@ -82,9 +100,26 @@ pub struct Overrides {
     pub queue_capacity: Option<usize>,
     pub max_body_bytes: Option<usize>,
     pub log: Option<String>,
+    pub cache_mode: Option<CacheMode>,
+    pub recompute_budget: Option<f32>,
+    pub ram_budget_bytes: Option<usize>,
 }
 
 impl Config {
+    /// The engine's options from these settings.
+    pub fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            queue_capacity: self.queue_capacity,
+            cache_mode: self.cache_mode,
+            blend: BlendOptions {
+                chunk_tokens: self.chunk_tokens,
+                recompute_budget: self.recompute_budget,
+                check_layer: self.check_layer,
+            },
+            ram_budget_bytes: self.ram_budget_bytes,
+        }
+    }
+
     /// Reads `path`, or the defaults when `None`.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let Some(path) = path else { return Ok(Self::default()) };
@@ -114,6 +149,21 @@ impl Config {
         }
         if let Some(v) = o.log {
             self.log = v;
+        }
+        if let Some(v) = o.cache_mode {
+            self.cache_mode = v;
+        }
+        if let Some(v) = o.recompute_budget {
+            self.recompute_budget = v;
+        }
+        if let Some(v) = o.ram_budget_bytes {
+            self.ram_budget_bytes = v;
+        }
+        if !(0.0..=1.0).contains(&self.recompute_budget) {
+            return Err(ConfigError::Invalid { key: "recompute_budget", message: "must be between 0 and 1".into() });
+        }
+        if self.chunk_tokens == 0 {
+            return Err(ConfigError::Invalid { key: "chunk_tokens", message: "must be at least 1".into() });
         }
         if self.queue_capacity == 0 {
             return Err(ConfigError::Invalid { key: "queue_capacity", message: "must be at least 1".into() });

@@ -5,12 +5,15 @@
 //!   positions, tokenizer, chat template, sampling, the request worker. Never async.
 //! - [`api`]: the hyper server — OpenAI-compatible endpoints, SSE, health, metrics. The
 //!   only module that knows hyper.
+//! - [`blend`]: compositional reuse — chunking, splicing cached KV at new positions,
+//!   selective recompute, the chunk store seam and its RAM tier.
 //! - [`config`]: the `kvgate.toml` / env / flag configuration.
 //! - [`metrics`]: counters and histograms in Prometheus text format.
 //! - [`bench`]: `kvgate bench` workloads.
 
 pub mod api;
 pub mod bench;
+pub mod blend;
 pub mod config;
 pub mod engine;
 pub mod metrics;

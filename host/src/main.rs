@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use kvgate::api::{self, AppState};
 use kvgate::config::{Config, Overrides};
-use kvgate::engine::{Engine, EngineOptions, LoadedModel};
+use kvgate::engine::{Engine, LoadedModel};
 
 #[derive(Parser)]
 #[command(name = "kvgate", version, about = "LLM cache gateway with compositional KV reuse")]
@@ -51,6 +51,15 @@ struct ServeArgs {
     /// Log filter, e.g. `info` or `kvgate=debug` (`RUST_LOG` wins).
     #[arg(long, env = "KVGATE_LOG")]
     log: Option<String>,
+    /// Default cache mode: off, prefix or compose (per request: `x-kvgate-cache`).
+    #[arg(long, env = "KVGATE_CACHE_MODE")]
+    cache_mode: Option<kvgate::blend::CacheMode>,
+    /// Default share of reused tokens recomputed, 0..=1 (per request: `x-kvgate-recompute-budget`).
+    #[arg(long, env = "KVGATE_RECOMPUTE_BUDGET")]
+    recompute_budget: Option<f32>,
+    /// Byte budget of the RAM chunk store.
+    #[arg(long, env = "KVGATE_RAM_BUDGET_BYTES")]
+    ram_budget_bytes: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -120,6 +129,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         queue_capacity: args.queue_capacity,
         max_body_bytes: args.max_body_bytes,
         log: args.log,
+        cache_mode: args.cache_mode,
+        recompute_budget: args.recompute_budget,
+        ram_budget_bytes: args.ram_budget_bytes,
     })?;
     set_threads(config.threads);
     init_logging(&config.log);
@@ -139,7 +151,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let model = tokio::task::spawn_blocking(move || LoadedModel::load(&path, name.as_deref())).await??;
         let cfg = model.model.config();
         tracing::info!(name = %model.name, layers = cfg.layers, context = cfg.context_length, "model ready");
-        let engine = Engine::start(model, EngineOptions { queue_capacity: config.queue_capacity });
+        let engine = Engine::start(model, config.engine_options());
         if state.engine.set(engine).is_err() {
             bail!("engine started twice");
         }

@@ -133,6 +133,22 @@ impl Metrics {
                 "Requests dropped because the client went away.",
                 &[("", get(&e.cancelled))],
             );
+            counter(
+                "kvgate:prompt_tokens_recomputed_total",
+                "Reused prompt tokens recomputed to stitch chunks together.",
+                &[("", get(&e.prompt_tokens_recomputed))],
+            );
+            counter(
+                "kvgate:cache_queries_total",
+                "Chunks looked up in the chunk cache.",
+                &[("", get(&e.chunk_queries))],
+            );
+            counter("kvgate:cache_hits_total", "Chunks found in the chunk cache.", &[("", get(&e.chunk_hits))]);
+            let mut gauge = |name: &str, help: &str, v: u64| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            };
+            gauge("kvgate:chunk_store_entries", "Chunks held in the RAM store.", get(&e.store_entries));
+            gauge("kvgate:chunk_store_bytes", "KV bytes held in the RAM store.", get(&e.store_bytes));
         }
         let _ = writeln!(
             out,

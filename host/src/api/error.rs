@@ -108,6 +108,7 @@ impl From<EngineError> for ApiError {
                 Self { code: "context_length_exceeded", ..Self::invalid("max_tokens", e.to_string()) }
             }
             EngineError::EmptyPrompt | EngineError::InvalidToken { .. } => Self::invalid("prompt", e.to_string()),
+            EngineError::InvalidOption(_) => Self::invalid("kvgate", e.to_string()),
             EngineError::Template(_) => Self::invalid("messages", e.to_string()),
             EngineError::Tokenizer(_) => Self::invalid(None, e.to_string()),
             EngineError::QueueFull => Self {

@@ -163,9 +163,21 @@ async fn generate(
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+    let headers = req.headers().clone();
     let body = read_body(req, state.max_body_bytes).await?;
     let parsed = openai::parse(endpoint, &body, &engine.model().name)?;
-    let ParsedRequest { generate, stream, include_usage, .. } = parsed;
+    let ParsedRequest { mut generate, stream, include_usage, .. } = parsed;
+    // Headers win over the body's `kvgate` object.
+    if let Some(mode) = headers.get("x-kvgate-cache") {
+        let mode = mode.to_str().map_err(|_| ApiError::invalid("kvgate.cache", "x-kvgate-cache is not text"))?;
+        generate.cache_mode = Some(openai::parse_cache_mode(mode)?);
+    }
+    if let Some(b) = headers.get("x-kvgate-recompute-budget") {
+        let b = b.to_str().ok().and_then(|b| b.trim().parse::<f64>().ok()).ok_or_else(|| {
+            ApiError::invalid("kvgate.recompute_budget", "x-kvgate-recompute-budget must be a number between 0 and 1")
+        })?;
+        generate.recompute_budget = Some(openai::parse_budget(b)?);
+    }
     let prepared = engine.prepare(generate)?;
     let events = engine.submit(prepared).inspect_err(|e| {
         if matches!(e, crate::engine::EngineError::QueueFull) {
@@ -283,7 +295,7 @@ impl Reply {
     fn usage_chunk(&self, usage: &Usage) -> Value {
         let object = if self.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model.name,
-               "choices": [], "usage": openai::usage_json(usage)})
+               "choices": [], "usage": openai::usage_json(usage), "kvgate": openai::kvgate_json(usage)})
     }
 
     /// A whole (non-streamed) response.
@@ -298,7 +310,7 @@ impl Reply {
         };
         let object = if self.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model.name,
-               "choices": [choice], "usage": openai::usage_json(usage)})
+               "choices": [choice], "usage": openai::usage_json(usage), "kvgate": openai::kvgate_json(usage)})
     }
 }
 
@@ -354,7 +366,9 @@ async fn stream_events(
             }
             Event::Done { text, finish_reason, usage } => {
                 tracker.done(finish_reason, &usage);
-                let mut frames = vec![send(&reply.chunk(&text, &Logprobs::default(), Some(finish_reason), first))];
+                let mut last = reply.chunk(&text, &Logprobs::default(), Some(finish_reason), first);
+                last["kvgate"] = openai::kvgate_json(&usage);
+                let mut frames = vec![send(&last)];
                 if reply.include_usage {
                     frames.push(send(&reply.usage_chunk(&usage)));
                 }

@@ -33,6 +33,15 @@ struct Common {
     frequency_penalty: Option<f64>,
     #[serde(default)]
     ignore_eos: bool,
+    /// kvgate's own options: `{"cache": "off|prefix|compose", "recompute_budget": 0.15}`.
+    kvgate: Option<KvgateOptions>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvgateOptions {
+    cache: Option<String>,
+    recompute_budget: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +152,9 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
     let presence_penalty = range("presence_penalty", common.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
     let frequency_penalty = range("frequency_penalty", common.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
     let stop = parse_stop(common.stop)?;
+    let kv = common.kvgate.unwrap_or_default();
+    let cache_mode = kv.cache.as_deref().map(parse_cache_mode).transpose()?;
+    let recompute_budget = kv.recompute_budget.map(parse_budget).transpose()?;
     let include_usage = match (&common.stream_options, common.stream) {
         (Some(_), false) => {
             return Err(ApiError::invalid("stream_options", "`stream_options` is only allowed with `stream: true`"));
@@ -166,9 +178,41 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
             stop,
             logprobs,
             ignore_eos: common.ignore_eos,
+            cache_mode,
+            recompute_budget,
         },
         stream: common.stream,
         include_usage,
+    })
+}
+
+/// `off`, `prefix` or `compose` (the `x-kvgate-cache` header or `kvgate.cache`).
+pub fn parse_cache_mode(s: &str) -> Result<crate::blend::CacheMode, ApiError> {
+    s.trim().parse().map_err(|e: String| ApiError::invalid("kvgate.cache", e))
+}
+
+/// A share of reused tokens to recompute, 0..=1 (`x-kvgate-recompute-budget` or
+/// `kvgate.recompute_budget`).
+pub fn parse_budget(b: f64) -> Result<f32, ApiError> {
+    if !(0.0..=1.0).contains(&b) {
+        return Err(ApiError::invalid(
+            "kvgate.recompute_budget",
+            format!("the recompute budget must be between 0 and 1, got {b}"),
+        ));
+    }
+    Ok(b as f32)
+}
+
+/// The `kvgate` object of responses: what the chunk cache did.
+pub fn kvgate_json(u: &Usage) -> Value {
+    let r = &u.reuse;
+    json!({
+        "mode": u.mode.map(|m| m.as_str()),
+        "reused_tokens": r.reused_tokens,
+        "recomputed_tokens": r.recomputed_tokens,
+        "computed_tokens": r.computed_tokens,
+        "chunks_hit": r.chunks_hit,
+        "chunks_total": r.chunks_total,
     })
 }
 

@@ -50,6 +50,9 @@ pub enum EngineError {
     /// A prompt token id outside the vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     InvalidToken { id: u32, vocab: usize },
+    /// A request option out of range.
+    #[error("{0}")]
+    InvalidOption(String),
     /// Nothing to generate from.
     #[error("the prompt is empty")]
     EmptyPrompt,

@@ -184,9 +184,22 @@ impl Tokenizer {
     }
 
     /// Encodes `text`, parsing special tokens; no BOS is added.
+    ///
+    /// Offsets are the running sum of each token's bytes: byte-level BPE has no normaliser,
+    /// so the tokens' bytes spell the text exactly (the tokenizer test checks the round trip).
     pub fn encode(&self, text: &str) -> Result<Encoded, EngineError> {
         let enc = self.inner.encode_fast(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(Encoded { ids: enc.get_ids().to_vec(), offsets: enc.get_offsets().to_vec() })
+        let ids = enc.get_ids().to_vec();
+        let mut at = 0;
+        let offsets = ids
+            .iter()
+            .map(|&id| {
+                let start = at;
+                at += self.token_bytes(id).len();
+                (start, at)
+            })
+            .collect();
+        Ok(Encoded { ids, offsets })
     }
 
     /// Encodes a raw completion prompt the way llama.cpp's server does: a BOS first when the

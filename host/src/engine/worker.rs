@@ -17,6 +17,8 @@ use super::sampling::{self, Sampler, SamplingParams, TokenLogprob};
 use super::template::ChatMessage;
 use super::tokenizer::TextStream;
 use super::{EngineError, LoadedModel, LogitsFor};
+use crate::blend::store::{ChunkStore, RamStore};
+use crate::blend::{self, BlendOptions, CacheMode, ReuseReport};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -41,12 +43,18 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// How this request may use the chunk cache (`None`: the server's defaults).
+    pub cache_mode: Option<CacheMode>,
+    /// Share of reused tokens to recompute, 0..=1 (`None`: the server's default).
+    pub recompute_budget: Option<f32>,
 }
 
 /// A request that has been tokenized and checked against the context.
 pub struct Prepared {
     request: GenerateRequest,
     ids: Vec<u32>,
+    /// Token indices where chat messages start: chunks never straddle them.
+    segment_starts: Vec<usize>,
     max_tokens: usize,
 }
 
@@ -85,6 +93,9 @@ pub struct Usage {
     pub prefill_seconds: f64,
     /// Time spent decoding after the first token, seconds.
     pub decode_seconds: f64,
+    /// What the chunk cache did for the prompt.
+    pub reuse: ReuseReport,
+    pub mode: Option<CacheMode>,
 }
 
 /// One generated token.
@@ -116,11 +127,22 @@ pub enum Event {
 pub struct EngineOptions {
     /// Requests that may wait for the worker; one more is refused with 429.
     pub queue_capacity: usize,
+    /// Cache mode of requests that do not choose one.
+    pub cache_mode: CacheMode,
+    /// Chunking and recompute defaults.
+    pub blend: BlendOptions,
+    /// Byte budget of the RAM chunk store.
+    pub ram_budget_bytes: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { queue_capacity: 64 }
+        Self {
+            queue_capacity: 64,
+            cache_mode: CacheMode::Compose,
+            blend: BlendOptions::default(),
+            ram_budget_bytes: 2 << 30,
+        }
     }
 }
 
@@ -131,6 +153,15 @@ pub struct EngineStats {
     pub generated_tokens: AtomicU64,
     /// Requests dropped because their client went away.
     pub cancelled: AtomicU64,
+    /// Chunks looked up in the cache, and found.
+    pub chunk_queries: AtomicU64,
+    pub chunk_hits: AtomicU64,
+    /// Prompt tokens whose KV came from the cache, and those of them recomputed.
+    pub prompt_tokens_cached: AtomicU64,
+    pub prompt_tokens_recomputed: AtomicU64,
+    /// Chunks and bytes in the RAM store.
+    pub store_entries: AtomicU64,
+    pub store_bytes: AtomicU64,
 }
 
 struct Job {
@@ -155,7 +186,10 @@ impl Engine {
         let st = stats.clone();
         let worker = std::thread::Builder::new()
             .name("kvgate-engine".into())
-            .spawn(move || run(m, rx, st))
+            .spawn(move || {
+                let store = RamStore::new(options.ram_budget_bytes);
+                Worker { model: m, stats: st, store: Box::new(store), options }.run(rx)
+            })
             .expect("spawn the engine thread");
         Self { model, stats, queue: Some(tx), worker: Some(worker) }
     }
@@ -171,9 +205,20 @@ impl Engine {
     /// Renders and tokenizes a request and checks that it fits in the context.
     pub fn prepare(&self, request: GenerateRequest) -> Result<Prepared, EngineError> {
         let m = &self.model;
+        let mut segment_starts = vec![0];
         let ids = match &request.prompt {
             Prompt::Text(t) => m.tokenizer.encode_prompt(t)?.ids,
-            Prompt::Chat(msgs) => m.tokenizer.encode(&m.template.render(msgs)?)?.ids,
+            Prompt::Chat(msgs) => {
+                let enc = m.tokenizer.encode(&m.template.render(msgs)?)?;
+                // Message starts in bytes → the first token at or after each.
+                for b in super::template::segment_starts(&m.template, msgs) {
+                    let t = enc.offsets.partition_point(|o| o.0 < b);
+                    if t < enc.ids.len() && segment_starts.last() != Some(&t) {
+                        segment_starts.push(t);
+                    }
+                }
+                enc.ids
+            }
             Prompt::Tokens(ids) => {
                 let vocab = m.tokenizer.vocab_size();
                 if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
@@ -193,7 +238,12 @@ impl Engine {
         if ids.len() + max_tokens > limit || ids.len() >= limit {
             return Err(EngineError::ContextOverflow { prompt: ids.len(), completion: max_tokens, limit });
         }
-        Ok(Prepared { request, ids, max_tokens })
+        if let Some(b) = request.recompute_budget {
+            if !(0.0..=1.0).contains(&b) {
+                return Err(EngineError::InvalidOption(format!("recompute budget must be between 0 and 1, got {b}")));
+            }
+        }
+        Ok(Prepared { request, ids, segment_starts, max_tokens })
     }
 
     /// Queues a prepared request; its events arrive on the returned channel.
@@ -218,68 +268,99 @@ impl Drop for Engine {
     }
 }
 
-fn run(model: Arc<LoadedModel>, jobs: Receiver<Job>, stats: Arc<EngineStats>) {
-    while let Ok(job) = jobs.recv() {
-        if job.events.is_closed() {
-            stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        if let Err(e) = generate(&model, job.prepared, &job.events, &stats) {
-            tracing::error!(error = %e, "generation failed");
-            let _ = job.events.send(Event::Error(e));
-        }
-    }
+/// The engine thread's state: the model and the chunk store it alone touches.
+struct Worker {
+    model: Arc<LoadedModel>,
+    stats: Arc<EngineStats>,
+    store: Box<dyn ChunkStore>,
+    options: EngineOptions,
 }
 
-/// Prefills the prompt and decodes until a stop condition, streaming events.
-fn generate(
-    m: &LoadedModel,
-    p: Prepared,
-    events: &UnboundedSender<Event>,
-    stats: &EngineStats,
-) -> Result<(), EngineError> {
-    let Prepared { request, ids, max_tokens } = p;
-    let mut usage = Usage { prompt_tokens: ids.len(), ..Usage::default() };
-    let started = Instant::now();
-    let mut cache = m.model.new_cache();
-    let positions: Vec<u32> = (0..ids.len() as u32).collect();
-    let mut logits = m.model.forward(&ids, &positions, &mut cache, &LogitsFor::Last, false)?.logits;
-    usage.prefill_seconds = started.elapsed().as_secs_f64();
-    let decode_started = Instant::now();
-
-    let mut sampler = Sampler::new(request.sampling.clone());
-    let mut stops = StopStrings::new(&request.stop);
-    let mut text = TextStream::default();
-    let mut finish = FinishReason::Length;
-    let mut pos = ids.len() as u32;
-    for step in 0..max_tokens {
-        let id = sampler.sample(&logits);
-        let logprob = request.logprobs.map(|n| sampling::logprobs(&logits, id, n));
-        usage.completion_tokens += 1;
-        stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        if !request.ignore_eos && m.tokenizer.is_end_of_generation(id) {
-            finish = FinishReason::Stop;
-            break;
+impl Worker {
+    fn run(mut self, jobs: Receiver<Job>) {
+        while let Ok(job) = jobs.recv() {
+            if job.events.is_closed() {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if let Err(e) = self.generate(job.prepared, &job.events) {
+                tracing::error!(error = %e, "generation failed");
+                let _ = job.events.send(Event::Error(e));
+            }
         }
-        let (out, stopped) = stops.push(&text.push(m.tokenizer.token_bytes(id)));
-        if events.send(Event::Token(TokenEvent { id, text: out, logprob })).is_err() {
-            stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            return Ok(()); // the client is gone
-        }
-        if stopped {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if step + 1 == max_tokens {
-            break;
-        }
-        logits = m.model.forward(&[id], &[pos], &mut cache, &LogitsFor::Last, false)?.logits;
-        pos += 1;
     }
-    usage.decode_seconds = decode_started.elapsed().as_secs_f64();
-    let rest = if finish == FinishReason::Stop && stops.stopped { String::new() } else { stops.finish(&text.finish()) };
-    let _ = events.send(Event::Done { text: rest, finish_reason: finish, usage });
-    Ok(())
+
+    /// Prefills the prompt (with whatever reuse its mode allows) and decodes until a stop
+    /// condition, streaming events.
+    fn generate(&mut self, p: Prepared, events: &UnboundedSender<Event>) -> Result<(), EngineError> {
+        let m = self.model.clone();
+        let stats = self.stats.clone();
+        let Prepared { request, ids, segment_starts, max_tokens } = p;
+        let mode = request.cache_mode.unwrap_or(self.options.cache_mode);
+        let mut opts = self.options.blend.clone();
+        if let Some(b) = request.recompute_budget {
+            opts.recompute_budget = b;
+        }
+        let started = Instant::now();
+        let prefill = blend::prefill(&m.model, &ids, &segment_starts, mode, &opts, self.store.as_mut())?;
+        let mut usage = Usage {
+            prompt_tokens: ids.len(),
+            cached_tokens: prefill.report.reused_tokens,
+            reuse: prefill.report,
+            mode: Some(mode),
+            prefill_seconds: started.elapsed().as_secs_f64(),
+            ..Usage::default()
+        };
+        self.record(&prefill.report);
+        let (mut cache, mut logits) = (prefill.cache, prefill.logits);
+        let decode_started = Instant::now();
+
+        let mut sampler = Sampler::new(request.sampling.clone());
+        let mut stops = StopStrings::new(&request.stop);
+        let mut text = TextStream::default();
+        let mut finish = FinishReason::Length;
+        let mut pos = ids.len() as u32;
+        for step in 0..max_tokens {
+            let id = sampler.sample(&logits);
+            let logprob = request.logprobs.map(|n| sampling::logprobs(&logits, id, n));
+            usage.completion_tokens += 1;
+            stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            if !request.ignore_eos && m.tokenizer.is_end_of_generation(id) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            let (out, stopped) = stops.push(&text.push(m.tokenizer.token_bytes(id)));
+            if events.send(Event::Token(TokenEvent { id, text: out, logprob })).is_err() {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                return Ok(()); // the client is gone
+            }
+            if stopped {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if step + 1 == max_tokens {
+                break;
+            }
+            logits = m.model.forward(&[id], &[pos], &mut cache, &LogitsFor::Last, false)?.logits;
+            pos += 1;
+        }
+        usage.decode_seconds = decode_started.elapsed().as_secs_f64();
+        let rest =
+            if finish == FinishReason::Stop && stops.stopped { String::new() } else { stops.finish(&text.finish()) };
+        let _ = events.send(Event::Done { text: rest, finish_reason: finish, usage });
+        Ok(())
+    }
+
+    fn record(&self, r: &ReuseReport) {
+        let s = &self.stats;
+        s.chunk_queries.fetch_add(r.chunks_total as u64, Ordering::Relaxed);
+        s.chunk_hits.fetch_add(r.chunks_hit as u64, Ordering::Relaxed);
+        s.prompt_tokens_cached.fetch_add(r.reused_tokens as u64, Ordering::Relaxed);
+        s.prompt_tokens_recomputed.fetch_add(r.recomputed_tokens as u64, Ordering::Relaxed);
+        let (entries, bytes) = self.store.usage();
+        s.store_entries.store(entries as u64, Ordering::Relaxed);
+        s.store_bytes.store(bytes as u64, Ordering::Relaxed);
+    }
 }
 
 /// Holds back generated text that might be the start of a stop string.

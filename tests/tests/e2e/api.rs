@@ -301,3 +301,56 @@ fn sigterm_shuts_down_cleanly() {
     let mut s = Server::start(&[]);
     assert!(s.stop(), "kvgate did not exit cleanly on SIGTERM");
 }
+
+/// The cache mode and recompute budget per request over HTTP, and what reuse did, reported
+/// in `usage` and the `kvgate` object of whole and streamed responses.
+#[test]
+fn cache_modes_per_request_and_reuse_reporting() {
+    let s = test_server();
+    let passages = [
+        "Cargo builds Rust code and fetches crates.",
+        "Traits define shared behaviour in Rust.",
+        "The borrow checker forbids dangling references.",
+    ];
+    let body = |order: [usize; 3]| {
+        let mut m = vec![json!({"role": "system", "content": "Answer from the passages."})];
+        m.extend(order.iter().map(|&i| json!({"role": "user", "content": passages[i]})));
+        m.push(json!({"role": "user", "content": "What does Cargo do?"}));
+        json!({"messages": m, "temperature": 0, "max_tokens": 8})
+    };
+    let post = |b: &Value, headers: &[(&str, &str)]| {
+        let mut r = ureq::post(&s.url("/v1/chat/completions"));
+        for (k, v) in headers {
+            r = r.set(k, v);
+        }
+        match r.send_string(&b.to_string()) {
+            Ok(r) => (r.status(), serde_json::from_str::<Value>(&r.into_string().unwrap()).unwrap()),
+            Err(ureq::Error::Status(c, r)) => (c, serde_json::from_str::<Value>(&r.into_string().unwrap()).unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (st, first) = post(&body([0, 1, 2]), &[]);
+    assert_eq!(st, 200);
+    assert_eq!(first["kvgate"]["mode"], "compose");
+    assert_eq!(first["kvgate"]["chunks_hit"], 0);
+    let (_, again) = post(&body([2, 0, 1]), &[("x-kvgate-recompute-budget", "0.3")]);
+    let k = &again["kvgate"];
+    assert_eq!(k["chunks_hit"], k["chunks_total"], "{k}");
+    assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], k["reused_tokens"]);
+    let reused = k["reused_tokens"].as_f64().unwrap();
+    assert_eq!(k["recomputed_tokens"].as_f64().unwrap(), (0.3 * reused).round());
+    let (_, off) = post(&body([2, 0, 1]), &[("x-kvgate-cache", "off")]);
+    assert_eq!(off["kvgate"]["mode"], "off");
+    assert_eq!(off["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let mut streamed = body([1, 2, 0]);
+    streamed["stream"] = json!(true);
+    let events = sse_events(&s.stream("/v1/chat/completions", &streamed));
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["kvgate"]["chunks_hit"], last["kvgate"]["chunks_total"]);
+    let (st, e) = post(&body([0, 1, 2]), &[("x-kvgate-cache", "sometimes")]);
+    assert_error(st, &e, 400, "invalid_value");
+    let (st, e) = post(&body([0, 1, 2]), &[("x-kvgate-recompute-budget", "-0.5")]);
+    assert_error(st, &e, 400, "invalid_value");
+    let metrics = ureq::get(&s.url("/metrics")).call().unwrap().into_string().unwrap();
+    assert!(metrics.lines().any(|l| l.starts_with("kvgate:cache_hits_total ") && !l.ends_with(" 0")), "{metrics}");
+}

@@ -16,8 +16,10 @@ fn tokenizer_matches_llama_cpp_on_tricky_strings() {
         if got != want {
             failures.push(format!("{text:?}\n  want {want:?}\n  got  {got:?}"));
         }
-        if !text.contains("<|") {
-            assert_eq!(m.tokenizer.decode(&got), text, "decode round trip");
+        assert_eq!(m.tokenizer.decode(&got), text, "decode round trip");
+        let enc = m.tokenizer.encode(text).unwrap();
+        for (&id, &(a, b)) in enc.ids.iter().zip(&enc.offsets) {
+            assert_eq!(&text.as_bytes()[a..b], m.tokenizer.token_bytes(id), "offsets of {text:?}");
         }
     }
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));

@@ -5,6 +5,7 @@
 //! their own server (`util::test_server()`).
 
 mod api;
+mod blend;
 mod engine;
 mod openai_python;
 mod util;

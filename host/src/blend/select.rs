@@ -1,0 +1,50 @@
+//! Choosing which reused tokens to recompute (the fallback of the future `selector` plugin).
+//!
+//! CacheBlend's observation: the tokens whose KV deviates most from what full recompute
+//! would give, measured at an early layer, are the ones that matter for cross-chunk
+//! attention. Recomputing those in the later layers recovers most of the quality.
+
+/// The `budget` tokens with the largest `deviations`, as indices into `deviations`, ascending.
+/// `chunk_starts` (indices where each reused chunk begins) is part of the signature for
+/// policies that want it (e.g. EPIC's first tokens of each chunk); this one does not.
+pub fn top_deviation(deviations: &[f32], _chunk_starts: &[u32], budget: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..deviations.len() as u32).collect();
+    let budget = budget.min(order.len());
+    if budget < order.len() {
+        order.select_nth_unstable_by(budget, |&a, &b| deviations[b as usize].total_cmp(&deviations[a as usize]));
+    }
+    order.truncate(budget);
+    order.sort_unstable();
+    order
+}
+
+/// Checks a selection against its input: in range, no duplicates, within the budget.
+pub fn validate(selection: &[u32], tokens: usize, budget: usize) -> Result<(), String> {
+    if selection.len() > budget {
+        return Err(format!("{} tokens selected, budget {budget}", selection.len()));
+    }
+    let mut seen = vec![false; tokens];
+    for &i in selection {
+        let slot = seen.get_mut(i as usize).ok_or_else(|| format!("index {i} out of {tokens}"))?;
+        if std::mem::replace(slot, true) {
+            return Err(format!("index {i} selected twice"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_largest_deviations() {
+        let d = [0.1, 5.0, 0.3, 9.0, 0.0];
+        assert_eq!(top_deviation(&d, &[0], 2), vec![1, 3]);
+        assert_eq!(top_deviation(&d, &[0], 0), Vec::<u32>::new());
+        assert_eq!(top_deviation(&d, &[0], 10), vec![0, 1, 2, 3, 4]);
+        assert!(validate(&[1, 3], 5, 2).is_ok());
+        assert!(validate(&[1, 1], 5, 2).is_err());
+        assert!(validate(&[7], 5, 2).is_err());
+    }
+}
