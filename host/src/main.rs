@@ -66,6 +66,47 @@ struct ServeArgs {
 enum BenchCommand {
     /// Prefill and decode throughput of the inference core, in this process.
     Engine(BenchEngineArgs),
+    /// A RAG workload against a running server: TTFT and quality per cache mode.
+    Rag(BenchRagArgs),
+}
+
+#[derive(Parser)]
+struct BenchRagArgs {
+    /// Base URL of a running `kvgate serve`.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Directory of .txt/.md/.html files to draw passages from.
+    #[arg(long)]
+    corpus: PathBuf,
+    /// Passages per request.
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    /// Words per passage (~1.3 tokens per word).
+    #[arg(long, default_value_t = 200)]
+    passage_words: usize,
+    /// Passages in the popularity pool.
+    #[arg(long, default_value_t = 40)]
+    pool: usize,
+    /// Zipf exponent of passage popularity.
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    /// Warm-up requests per configuration (after a flush).
+    #[arg(long, default_value_t = 12)]
+    warmup: usize,
+    /// Measured requests per configuration.
+    #[arg(long, default_value_t = 16)]
+    requests: usize,
+    /// Generated tokens per request (the "first N tokens identical" figure).
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Recompute budgets of compose mode.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.05, 0.15, 0.3, 1.0])]
+    budgets: Vec<f32>,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -95,6 +136,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine(args),
+        Command::Bench(BenchCommand::Rag(args)) => bench_rag(args),
     }
 }
 
@@ -194,6 +236,31 @@ fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
             "decode  {:>5} tokens: {:>7.1} tok/s (after a {}-token prompt)",
             f.decode_tokens, f.decode_tok_s, f.decode_context
         );
+    }
+    Ok(())
+}
+
+fn bench_rag(args: BenchRagArgs) -> anyhow::Result<()> {
+    init_logging("warn");
+    let opts = kvgate::bench::rag::RagOptions {
+        url: args.url.trim_end_matches('/').to_string(),
+        corpus: args.corpus,
+        k: args.k,
+        passage_words: args.passage_words,
+        pool: args.pool,
+        zipf_s: args.zipf,
+        warmup: args.warmup,
+        requests: args.requests,
+        max_tokens: args.max_tokens,
+        budgets: args.budgets,
+        seed: args.seed,
+    };
+    let report = kvgate::bench::rag::run(&opts, |stage| eprintln!("bench rag: {stage}"))?;
+    print!("{}", kvgate::bench::rag::table(&report));
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("bench rag: report written to {}", path.display());
     }
     Ok(())
 }

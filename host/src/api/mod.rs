@@ -110,6 +110,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
     let allowed = match path.as_str() {
         "/v1/chat/completions" | "/v1/completions" => "POST",
         "/v1/models" | "/health" | "/ready" | "/metrics" => "GET",
+        "/admin/chunks" => "DELETE",
         _ => return Err(ApiError::route_not_found(&path)),
     };
     if method != allowed && !(method == Method::HEAD && allowed == "GET") {
@@ -135,6 +136,11 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
                     "max_model_len": m.model.config().context_length,
                 }]}),
             ))
+        }
+        "/admin/chunks" => {
+            let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+            let (entries, bytes) = engine.flush_chunks().await?;
+            Ok(json_response(StatusCode::OK, &json!({"flushed_entries": entries, "flushed_bytes": bytes})))
         }
         "/v1/chat/completions" => generate(state, req, Endpoint::Chat).await,
         _ => generate(state, req, Endpoint::Completion).await,
@@ -424,7 +430,11 @@ fn error_response(state: &AppState, e: &ApiError) -> Response<Body> {
     }
     let mut r = json_response(e.status, &e.body());
     if e.status == StatusCode::METHOD_NOT_ALLOWED {
-        let allow = if e.message.ends_with("POST") { "POST" } else { "GET, HEAD" };
+        let allow = match e.message.rsplit(' ').next() {
+            Some("POST") => "POST",
+            Some("DELETE") => "DELETE",
+            _ => "GET, HEAD",
+        };
         r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
     }
     r

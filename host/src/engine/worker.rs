@@ -164,9 +164,14 @@ pub struct EngineStats {
     pub store_bytes: AtomicU64,
 }
 
-struct Job {
-    prepared: Prepared,
-    events: UnboundedSender<Event>,
+/// Work for the engine thread, in queue order.
+enum Job {
+    Generate {
+        prepared: Prepared,
+        events: UnboundedSender<Event>,
+    },
+    /// Empty the chunk store; answers (entries, bytes) dropped.
+    FlushChunks(tokio::sync::oneshot::Sender<(usize, usize)>),
 }
 
 /// Handle to the running engine. Dropping every handle stops the worker after the
@@ -249,9 +254,22 @@ impl Engine {
     /// Queues a prepared request; its events arrive on the returned channel.
     pub fn submit(&self, prepared: Prepared) -> Result<UnboundedReceiver<Event>, EngineError> {
         let (tx, rx) = unbounded_channel();
+        self.enqueue(Job::Generate { prepared, events: tx })?;
+        Ok(rx)
+    }
+
+    /// Empties the chunk store once the requests queued before have run; returns the
+    /// entries and bytes dropped.
+    pub async fn flush_chunks(&self) -> Result<(usize, usize), EngineError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.enqueue(Job::FlushChunks(tx))?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    fn enqueue(&self, job: Job) -> Result<(), EngineError> {
         let queue = self.queue.as_ref().ok_or(EngineError::Stopped)?;
-        match queue.try_send(Job { prepared, events: tx }) {
-            Ok(()) => Ok(rx),
+        match queue.try_send(job) {
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(EngineError::QueueFull),
             Err(TrySendError::Disconnected(_)) => Err(EngineError::Stopped),
         }
@@ -279,13 +297,22 @@ struct Worker {
 impl Worker {
     fn run(mut self, jobs: Receiver<Job>) {
         while let Ok(job) = jobs.recv() {
-            if job.events.is_closed() {
-                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if let Err(e) = self.generate(job.prepared, &job.events) {
-                tracing::error!(error = %e, "generation failed");
-                let _ = job.events.send(Event::Error(e));
+            match job {
+                Job::Generate { events, .. } if events.is_closed() => {
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+                Job::Generate { prepared, events } => {
+                    if let Err(e) = self.generate(prepared, &events) {
+                        tracing::error!(error = %e, "generation failed");
+                        let _ = events.send(Event::Error(e));
+                    }
+                }
+                Job::FlushChunks(reply) => {
+                    let dropped = self.store.usage();
+                    self.store.clear();
+                    self.record(&ReuseReport::default());
+                    let _ = reply.send(dropped);
+                }
             }
         }
     }

@@ -1,7 +1,10 @@
 //! `kvgate bench`: workloads that measure what users feel.
 //!
-//! `engine` times the inference core alone: prefill tokens per second at given prompt
-//! lengths and decode tokens per second, on the real model, in this process.
+//! - `engine` (here) times the inference core alone: prefill tokens per second at given
+//!   prompt lengths and decode tokens per second, on the real model, in this process.
+//! - [`rag`] drives a running server over HTTP like a RAG client and compares cache modes.
+
+pub mod rag;
 
 use std::time::Instant;
 
