@@ -28,7 +28,7 @@ pub mod store;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::engine::{EngineError, KvCache, Model};
+use crate::engine::{EngineError, KvCache, Model, Weights};
 use chunk::ChunkKey;
 use store::{ChunkKv, ChunkStore};
 
@@ -121,10 +121,20 @@ pub fn prefill(
 
 fn full(model: &Model, ids: &[u32], positions: &[u32], chunks: usize) -> Result<Prefill, EngineError> {
     let mut cache = model.new_cache();
-    let out = model.forward(ids, positions, &mut cache, &crate::engine::LogitsFor::Last, false)?;
+    let logits = extend(model, ids, positions, &mut cache)?;
     let report =
         ReuseReport { computed_tokens: ids.len(), chunks_total: chunks.saturating_sub(1), ..Default::default() };
-    Ok(Prefill { cache, logits: out.logits, report })
+    Ok(Prefill { cache, logits, report })
+}
+
+/// Prefills `ids` at `positions` after what `cache` holds, with the f32 weights whatever the
+/// count (so a short remainder after a reused prefix computes exactly what a full prefill
+/// would); returns the last token's logits.
+fn extend(model: &Model, ids: &[u32], positions: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
+    let mut x = model.embed(ids, positions)?;
+    let rows: Vec<usize> = cache.push_rows(positions).collect();
+    model.run_layers(0..model.config().layers, &mut x, positions, &rows, cache, Weights::F32)?;
+    model.logits(&x, &[ids.len() - 1])
 }
 
 /// Writes a stored chunk into cache rows `rows` (which sit at `positions`).
@@ -171,8 +181,7 @@ fn prefix(
         hit_end = c.end;
         chunks_hit += 1;
     }
-    let out =
-        model.forward(&ids[hit_end..], &positions[hit_end..], &mut cache, &crate::engine::LogitsFor::Last, false)?;
+    let logits = extend(model, &ids[hit_end..], &positions[hit_end..], &mut cache)?;
     for c in looked_up.iter().filter(|c| c.start >= hit_end) {
         store.put(ChunkKey::prefix(fp, &ids[..c.end]), extract(model, &cache, ids, c.clone()));
     }
@@ -183,7 +192,7 @@ fn prefix(
         chunks_hit,
         chunks_total: looked_up.len(),
     };
-    Ok(Prefill { cache, logits: out.logits, report })
+    Ok(Prefill { cache, logits, report })
 }
 
 fn compose(
@@ -220,7 +229,7 @@ fn compose(
     if reused.is_empty() || check + 1 >= layers {
         // Nothing to reuse (or no layer left to skip): a plain prefill, storing every chunk.
         let mut x = model.embed(ids, positions)?;
-        model.run_layers(0..layers, &mut x, positions, &all_rows, &mut cache)?;
+        model.run_layers(0..layers, &mut x, positions, &all_rows, &mut cache, Weights::F32)?;
         let logits = model.logits(&x, &[n - 1])?;
         for c in &misses {
             store.put(ChunkKey::compose(fp, &ids[c.clone()]), extract(model, &cache, ids, c.clone()));
@@ -235,7 +244,7 @@ fn compose(
     let spliced_k: Vec<f32> = reused.iter().flat_map(|&r| cache.layers[check].k[r * d..(r + 1) * d].to_vec()).collect();
     let spliced_v: Vec<f32> = reused.iter().flat_map(|&r| cache.layers[check].v[r * d..(r + 1) * d].to_vec()).collect();
     let mut x = model.embed(ids, positions)?;
-    model.run_layers(0..check + 1, &mut x, positions, &all_rows, &mut cache)?;
+    model.run_layers(0..check + 1, &mut x, positions, &all_rows, &mut cache, Weights::F32)?;
     let deviations: Vec<f32> = reused
         .iter()
         .enumerate()
@@ -267,7 +276,7 @@ fn compose(
     let hidden = model.config().hidden;
     let mut xs: Vec<f32> = recompute.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
     let sub_positions: Vec<u32> = recompute.iter().map(|&r| positions[r]).collect();
-    model.run_layers(check + 1..layers, &mut xs, &sub_positions, &recompute, &mut cache)?;
+    model.run_layers(check + 1..layers, &mut xs, &sub_positions, &recompute, &mut cache, Weights::F32)?;
     let logits = model.logits(&xs, &[recompute.len() - 1])?;
     let t_recompute = t0.elapsed();
 

@@ -13,9 +13,12 @@
 
 use rayon::prelude::*;
 
-/// Query rows per attention block: large enough for gemm to reach its peak, small enough
-/// that a block's scores (rows × keys) stay in L2.
-const QUERY_BLOCK: usize = 128;
+/// Query rows per attention block. At most 64 on purpose: gemm picks its k-blocking for the
+/// `PV` product (k = keys) from the shape, and with ≤ 64 rows and a 64-wide head it always
+/// takes the same one (512-key blocks from key 0). A row's output therefore does not depend on
+/// which other rows share its block, so reusing a prefix gives bit-for-bit the same result
+/// as computing it (batch invariance), and quality comparisons see only real differences.
+const QUERY_BLOCK: usize = 64;
 
 /// Below this many (query, key) pairs per head, waking the thread pool costs more than the
 /// work: decode steps run on the calling thread.
@@ -112,9 +115,20 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// A block task's scratch space.
+#[derive(Default)]
+struct BlockBuffers {
+    scores: Vec<f32>,
+    q_pad: Vec<f32>,
+    out_pad: Vec<f32>,
+}
+
 /// Causal attention of `q` (n rows of `q_heads × head_dim`, already rotated, at `q_pos`)
 /// over `keys`, written to `out` (n rows of `q_heads × head_dim`).
-pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &mut [f32]) {
+///
+/// `decode` allows the dot-product path for a few rows, which sums in another order than
+/// the blocked path: prefill passes `false` so that its results never depend on batch size.
+pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &mut [f32], decode: bool) {
     let Heads { q_heads, kv_heads, head_dim: hd } = heads;
     let n = q_pos.len();
     let q_stride = q_heads * hd;
@@ -129,7 +143,10 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
     let blocks = n.div_ceil(QUERY_BLOCK);
     let out_ptr = OutPtr(out.as_mut_ptr());
 
-    let block = |scores: &mut Vec<f32>, task: usize| {
+    // Every block is computed as a full QUERY_BLOCK-row block (short ones padded with zero
+    // rows), so gemm sees the same shapes, picks the same kernels and sums in the same order
+    // for a row whatever else is in the batch: see QUERY_BLOCK.
+    let block = |bufs: &mut BlockBuffers, task: usize| {
         let out_ptr = out_ptr;
         let (h, b) = (task / blocks, task % blocks);
         let g = h / group;
@@ -145,21 +162,29 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
             }
             return;
         }
-        scores.resize(rows * kend, 0.0);
+        let BlockBuffers { scores, q_pad, out_pad } = bufs;
+        q_pad.clear();
+        q_pad.resize(QUERY_BLOCK * hd, 0.0);
+        for i in 0..rows {
+            q_pad[i * hd..(i + 1) * hd].copy_from_slice(&q[(r0 + i) * q_stride + h * hd..][..hd]);
+        }
+        scores.resize(QUERY_BLOCK * kend, 0.0);
+        out_pad.resize(QUERY_BLOCK * hd, 0.0);
         // SAFETY: all pointers and strides describe in-bounds views checked by the asserts
-        // above; `scores` is this task's own buffer of rows × kend.
+        // above; the buffers are this task's own: q_pad and out_pad QUERY_BLOCK × hd, scores
+        // QUERY_BLOCK × kend.
         unsafe {
             gemm::gemm(
-                rows,
+                QUERY_BLOCK,
                 kend,
                 hd,
                 scores.as_mut_ptr(),
                 1,
                 kend as isize,
                 false,
-                q.as_ptr().add(r0 * q_stride + h * hd),
+                q_pad.as_ptr(),
                 1,
-                q_stride as isize,
+                hd as isize,
                 keys.k.as_ptr().add(g * hd),
                 kv_stride as isize,
                 1,
@@ -172,6 +197,10 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
             );
         }
         for (i, row) in scores.chunks_exact_mut(kend).enumerate() {
+            if i >= rows {
+                row.fill(0.0);
+                continue;
+            }
             let qp = q_pos[r0 + i];
             if keys.sorted {
                 let lim = keys.positions[..kend].partition_point(|&p| p <= qp);
@@ -185,15 +214,15 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
                 softmax_prefix(row, kend);
             }
         }
-        // SAFETY: as above; the destination is rows r0..r1 of head h, owned by this task.
+        // SAFETY: as above.
         unsafe {
             gemm::gemm(
-                rows,
+                QUERY_BLOCK,
                 hd,
                 kend,
-                out_ptr.0.add(r0 * q_stride + h * hd),
+                out_pad.as_mut_ptr(),
                 1,
-                q_stride as isize,
+                hd as isize,
                 false,
                 scores.as_ptr(),
                 1,
@@ -209,9 +238,14 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
                 gemm::Parallelism::None,
             );
         }
+        for i in 0..rows {
+            // SAFETY: row r0 + i, head h belongs to this task only; in bounds by the asserts.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add((r0 + i) * q_stride + h * hd), hd) };
+            o.copy_from_slice(&out_pad[i * hd..(i + 1) * hd]);
+        }
     };
     let tasks = q_heads * blocks;
-    if n <= VECTOR_MAX_ROWS {
+    if decode && n <= VECTOR_MAX_ROWS {
         // Decode: a handful of query rows. gemm pads such thin products to its tile size, so
         // plain dot products are several times faster here.
         let row_task = |scores: &mut Vec<f32>, task: usize| {
@@ -239,10 +273,10 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
             tasks.for_each(|task| row_task(&mut scores, task));
         });
     } else if n * t < SEQUENTIAL_MAX_WORK {
-        let mut scores = Vec::new();
-        (0..tasks).for_each(|task| block(&mut scores, task));
+        let mut bufs = BlockBuffers::default();
+        (0..tasks).for_each(|task| block(&mut bufs, task));
     } else {
-        (0..tasks).into_par_iter().for_each_init(Vec::<f32>::new, block);
+        (0..tasks).into_par_iter().for_each_init(BlockBuffers::default, block);
     }
 }
 
@@ -491,7 +525,7 @@ mod tests {
             }
             let keys = Keys { k: &k2, v: &v2, positions: &k_pos, sorted };
             let mut out = vec![0.0; q.len()];
-            attention(heads, &q, &q_pos, &keys, &mut out);
+            attention(heads, &q, &q_pos, &keys, &mut out, false);
             let want = naive(heads, &q, &q_pos, &k2, &v2, &k_pos);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "sorted={sorted}: {a} vs {b}");

@@ -23,7 +23,7 @@ pub mod worker;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use model::{ForwardOutput, KvCache, LogitsFor, Model, ModelConfig};
+pub use model::{ForwardOutput, KvCache, LogitsFor, Model, ModelConfig, Weights};
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::Tokenizer;

@@ -21,9 +21,20 @@ use sha2::{Digest, Sha256};
 use super::EngineError;
 use super::attention::{self, Heads, Keys, Rope};
 
-/// Batches of at most this many rows use the Q8_0 weights; larger ones the f32 weights.
-/// Measured: Q8_0 wins while a matmul is a handful of matrix-vector products.
+/// `Model::forward` batches of at most this many rows (decode steps) use the Q8_0 weights;
+/// larger ones the f32 weights. Measured: Q8_0 wins while a matmul is a handful of
+/// matrix-vector products. Prefill paths that must match a full prefill exactly (reuse) ask
+/// for f32 whatever their size.
 const QUANTIZED_MAX_ROWS: usize = 8;
+
+/// Which copy of the weights a pass multiplies with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// Exact dequantized weights, gemm: prefill.
+    F32,
+    /// Q8_0 re-quantization, quantized matmul: decode.
+    Q8,
+}
 
 /// Shape and constants of a llama model, read from GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,8 +131,8 @@ impl Linear {
     ///
     /// The f32 path calls gemm straight into `THREAD_OUT`, a buffer reused across calls:
     /// prefill-sized outputs are tens of MB, and fresh ones cost page faults every layer.
-    fn forward<R>(&self, x: &[f32], rows: usize, f: impl FnOnce(&[f32]) -> R) -> Result<R, EngineError> {
-        if rows <= QUANTIZED_MAX_ROWS {
+    fn forward<R>(&self, x: &[f32], rows: usize, w: Weights, f: impl FnOnce(&[f32]) -> R) -> Result<R, EngineError> {
+        if w == Weights::Q8 {
             let x = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
             return with_slice(&self.q8.forward(&x)?, f);
         }
@@ -369,7 +380,8 @@ impl Model {
     ) -> Result<ForwardOutput, EngineError> {
         let mut x = self.embed(tokens, positions)?;
         let rows: Vec<usize> = cache.push_rows(positions).collect();
-        self.run_layers(0..self.cfg.layers, &mut x, positions, &rows, cache)?;
+        let w = if tokens.len() <= QUANTIZED_MAX_ROWS { Weights::Q8 } else { Weights::F32 };
+        self.run_layers(0..self.cfg.layers, &mut x, positions, &rows, cache, w)?;
         let n = tokens.len();
         let wanted: Vec<usize> = match logits_for {
             LogitsFor::Last => vec![n - 1],
@@ -420,6 +432,7 @@ impl Model {
         positions: &[u32],
         rows: &[usize],
         cache: &mut KvCache,
+        w: Weights,
     ) -> Result<(), EngineError> {
         let cfg = &self.cfg;
         let (hidden, kv_dim, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
@@ -438,7 +451,7 @@ impl Model {
             let layer = &self.layers[l];
             let kv = &mut cache.layers[l];
             rms_norm(x, &layer.attn_norm, cfg.rms_eps, &mut h);
-            layer.qkv.forward(&h, n, |qkv| {
+            layer.qkv.forward(&h, n, w, |qkv| {
                 for (i, r) in qkv.chunks_exact(row).enumerate() {
                     q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
                     k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
@@ -451,10 +464,10 @@ impl Model {
                 kv.k[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
             }
             let keys = Keys { k: &kv.k, v: &kv.v, positions: &cache.positions, sorted };
-            attention::attention(cfg.heads(), &q, positions, &keys, &mut attn);
-            layer.out.forward(&attn, n, |o| add_assign(x, o))?;
+            attention::attention(cfg.heads(), &q, positions, &keys, &mut attn, w == Weights::Q8);
+            layer.out.forward(&attn, n, w, |o| add_assign(x, o))?;
             rms_norm(x, &layer.ffn_norm, cfg.rms_eps, &mut h);
-            layer.gate_up.forward(&h, n, |gu| {
+            layer.gate_up.forward(&h, n, w, |gu| {
                 for (r, a) in gu.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
                     let (gate, up) = r.split_at(ffn);
                     for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
@@ -462,7 +475,7 @@ impl Model {
                     }
                 }
             })?;
-            layer.down.forward(&act, n, |d| add_assign(x, d))?;
+            layer.down.forward(&act, n, w, |d| add_assign(x, d))?;
         }
         Ok(())
     }
@@ -479,7 +492,9 @@ impl Model {
             let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
             let mut normed = vec![0f32; picked.len()];
             rms_norm(&picked, &self.out_norm, self.cfg.rms_eps, &mut normed);
-            self.lm_head.forward(&normed, rows.len(), |l| logits.extend_from_slice(l))?;
+            // One row of logits is a matrix-vector product: Q8_0, whatever produced the row.
+            let w = if rows.len() <= QUANTIZED_MAX_ROWS { Weights::Q8 } else { Weights::F32 };
+            self.lm_head.forward(&normed, rows.len(), w, |l| logits.extend_from_slice(l))?;
         }
         Ok(logits)
     }

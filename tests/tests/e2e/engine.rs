@@ -162,7 +162,7 @@ fn forward_matches_candle_quantized_llama() {
     }
 }
 
-/// Prefill in pieces, carrying the cache, gives what one prefill gives.
+/// Prefill in pieces, carrying the cache, gives bit for bit what one prefill gives.
 #[test]
 fn prefill_in_pieces_equals_one_shot() {
     let m = model();
@@ -181,11 +181,10 @@ fn prefill_in_pieces_equals_one_shot() {
             .unwrap()
             .logits;
     }
-    let worst = one.iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(worst < 1e-3, "logits differ by {worst}");
+    // The kernels are batch-invariant: a row's result does not depend on the rows beside it.
+    assert_eq!(one, last, "logits differ");
     for (a, b) in whole.layers.iter().zip(&pieces.layers) {
-        let d = a.k.iter().zip(&b.k).chain(a.v.iter().zip(&b.v)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(d < 1e-3, "cached K/V differ by {d}");
+        assert!(a.k == b.k && a.v == b.v, "cached K/V differ");
     }
 }
 
