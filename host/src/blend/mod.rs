@@ -141,20 +141,31 @@ fn extend(model: &Model, ids: &[u32], positions: &[u32], cache: &mut KvCache) ->
 fn splice(model: &Model, cache: &mut KvCache, kv: &ChunkKv, rows: Range<usize>) {
     let d = cache.kv_dim();
     let positions = cache.positions[rows.clone()].to_vec();
+    let stored_at: Option<Vec<u32>> = kv.rotated_at.map(|p| (p..p + rows.len() as u32).collect());
     for (l, layer) in cache.layers.iter_mut().enumerate() {
         let k = &mut layer.k[rows.start * d..rows.end * d];
         k.copy_from_slice(&kv.k[l]);
-        model.rope().rotate(k, &positions, 1.0);
+        match &stored_at {
+            None => model.rope().rotate(k, &positions, 1.0),
+            Some(from) if *from == positions => {} // exact: already rotated for these positions
+            Some(from) => model.rope().rerotate(k, from, &positions),
+        }
         layer.v[rows.start * d..rows.end * d].copy_from_slice(&kv.v[l]);
     }
 }
 
-/// The chunk at `rows` of `cache`, position-independent, for the store.
-fn extract(model: &Model, cache: &KvCache, ids: &[u32], rows: Range<usize>) -> Arc<ChunkKv> {
+/// The chunk at `rows` of `cache` for the store: K before RoPE (`rotated = false`) or as
+/// rotated in the cache.
+fn extract(model: &Model, cache: &KvCache, ids: &[u32], rows: Range<usize>, rotated: bool) -> Arc<ChunkKv> {
     let d = cache.kv_dim();
+    let k = match rotated {
+        true => cache.layers.iter().map(|l| l.k[rows.start * d..rows.end * d].to_vec()).collect(),
+        false => cache.pre_rope_k(rows.clone(), model.rope()),
+    };
     Arc::new(ChunkKv {
         tokens: ids[rows.clone()].to_vec(),
-        k: cache.pre_rope_k(rows.clone(), model.rope()),
+        rotated_at: rotated.then(|| cache.positions[rows.start]),
+        k,
         v: cache.layers.iter().map(|l| l.v[rows.start * d..rows.end * d].to_vec()).collect(),
     })
 }
@@ -183,7 +194,7 @@ fn prefix(
     }
     let logits = extend(model, &ids[hit_end..], &positions[hit_end..], &mut cache)?;
     for c in looked_up.iter().filter(|c| c.start >= hit_end) {
-        store.put(ChunkKey::prefix(fp, &ids[..c.end]), extract(model, &cache, ids, c.clone()));
+        store.put(ChunkKey::prefix(fp, &ids[..c.end]), extract(model, &cache, ids, c.clone(), true));
     }
     let report = ReuseReport {
         reused_tokens: hit_end,
@@ -232,7 +243,7 @@ fn compose(
         model.run_layers(0..layers, &mut x, positions, &all_rows, &mut cache, Weights::F32)?;
         let logits = model.logits(&x, &[n - 1])?;
         for c in &misses {
-            store.put(ChunkKey::compose(fp, &ids[c.clone()]), extract(model, &cache, ids, c.clone()));
+            store.put(ChunkKey::compose(fp, &ids[c.clone()]), extract(model, &cache, ids, c.clone(), false));
         }
         let report = ReuseReport { computed_tokens: n, chunks_total: looked_up.len(), ..Default::default() };
         return Ok(Prefill { cache, logits, report });
@@ -281,7 +292,7 @@ fn compose(
     let t_recompute = t0.elapsed();
 
     for c in &misses {
-        store.put(ChunkKey::compose(fp, &ids[c.clone()]), extract(model, &cache, ids, c.clone()));
+        store.put(ChunkKey::compose(fp, &ids[c.clone()]), extract(model, &cache, ids, c.clone(), false));
     }
     let report = ReuseReport {
         reused_tokens: reused.len(),

@@ -9,11 +9,16 @@ use std::sync::Arc;
 
 use super::chunk::ChunkKey;
 
-/// The KV of one chunk, position-independent.
+/// The KV of one chunk.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChunkKv {
     pub tokens: Vec<u32>,
-    /// Per layer, `tokens × kv_dim` K before RoPE.
+    /// `None`: `k` is before RoPE (compositional reuse rotates it to wherever the chunk goes).
+    /// `Some(p)`: `k` is rotated for positions `p..`, as computed — prefix-cache entries,
+    /// which only ever return to the same positions, keep K exact this way (a rotation and
+    /// its inverse are not bit-exact in f32).
+    pub rotated_at: Option<u32>,
+    /// Per layer, `tokens × kv_dim` K.
     pub k: Vec<Vec<f32>>,
     /// Per layer, `tokens × kv_dim` V.
     pub v: Vec<Vec<f32>>,
@@ -102,7 +107,7 @@ mod tests {
     use super::*;
 
     fn kv(n: usize) -> Arc<ChunkKv> {
-        Arc::new(ChunkKv { tokens: vec![0; n], k: vec![vec![0.0; n]], v: vec![vec![0.0; n]] })
+        Arc::new(ChunkKv { tokens: vec![0; n], rotated_at: None, k: vec![vec![0.0; n]], v: vec![vec![0.0; n]] })
     }
 
     #[test]
