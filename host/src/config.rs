@@ -49,6 +49,8 @@ pub struct Config {
     pub chunk_tokens: usize,
     /// Layer at which KV deviation is measured for selective recompute.
     pub check_layer: usize,
+    /// Tokens at the head of each reused chunk always recomputed (EPIC-style), within the budget.
+    pub chunk_head_tokens: usize,
     /// Byte budget of the RAM chunk store.
     pub ram_budget_bytes: usize,
 }
@@ -67,6 +69,7 @@ impl Default for Config {
             recompute_budget: BlendOptions::default().recompute_budget,
             chunk_tokens: BlendOptions::default().chunk_tokens,
             check_layer: BlendOptions::default().check_layer,
+            chunk_head_tokens: BlendOptions::default().chunk_head_tokens,
             ram_budget_bytes: 2 << 30,
         }
     }
@@ -115,6 +118,7 @@ impl Config {
                 chunk_tokens: self.chunk_tokens,
                 recompute_budget: self.recompute_budget,
                 check_layer: self.check_layer,
+                chunk_head_tokens: self.chunk_head_tokens,
             },
             ram_budget_bytes: self.ram_budget_bytes,
         }

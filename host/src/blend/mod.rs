@@ -72,11 +72,13 @@ pub struct BlendOptions {
     pub recompute_budget: f32,
     /// Layer at which deviations are measured; layers up to it run over every token.
     pub check_layer: usize,
+    /// Tokens at the head of every reused chunk recomputed first (EPIC), within the budget.
+    pub chunk_head_tokens: usize,
 }
 
 impl Default for BlendOptions {
     fn default() -> Self {
-        Self { chunk_tokens: 256, recompute_budget: 0.15, check_layer: 1 }
+        Self { chunk_tokens: 256, recompute_budget: 0.15, check_layer: 1, chunk_head_tokens: 0 }
     }
 }
 
@@ -275,7 +277,10 @@ fn compose(
         offset += c.len() as u32;
     }
     let budget = ((opts.recompute_budget.clamp(0.0, 1.0) * reused.len() as f32).round() as usize).min(reused.len());
-    let selected = select::top_deviation(&deviations, &chunk_starts, budget);
+    let selected = match opts.chunk_head_tokens {
+        0 => select::top_deviation(&deviations, &chunk_starts, budget),
+        head => select::chunk_heads_then_deviation(&deviations, &chunk_starts, budget, head),
+    };
     debug_assert!(select::validate(&selected, reused.len(), budget).is_ok());
 
     // The remaining layers over the selected reused tokens, every missed token and the final

@@ -18,6 +18,30 @@ pub fn top_deviation(deviations: &[f32], _chunk_starts: &[u32], budget: usize) -
     order
 }
 
+/// EPIC-style: the first `head` tokens of every chunk (where a chunk computed elsewhere put
+/// its attention sink), then the largest deviations for what is left of the budget.
+pub fn chunk_heads_then_deviation(deviations: &[f32], chunk_starts: &[u32], budget: usize, head: usize) -> Vec<u32> {
+    let n = deviations.len() as u32;
+    let mut chosen = vec![false; deviations.len()];
+    let mut picked = 0;
+    'heads: for (i, &s) in chunk_starts.iter().enumerate() {
+        let end = chunk_starts.get(i + 1).copied().unwrap_or(n);
+        for t in s..(s + head as u32).min(end) {
+            if picked == budget {
+                break 'heads;
+            }
+            chosen[t as usize] = true;
+            picked += 1;
+        }
+    }
+    let rest: Vec<u32> = (0..n).filter(|&t| !chosen[t as usize]).collect();
+    let rest_dev: Vec<f32> = rest.iter().map(|&t| deviations[t as usize]).collect();
+    for i in top_deviation(&rest_dev, &[], budget - picked) {
+        chosen[rest[i as usize] as usize] = true;
+    }
+    (0..n).filter(|&t| chosen[t as usize]).collect()
+}
+
 /// Checks a selection against its input: in range, no duplicates, within the budget.
 pub fn validate(selection: &[u32], tokens: usize, budget: usize) -> Result<(), String> {
     if selection.len() > budget {
@@ -46,5 +70,14 @@ mod tests {
         assert!(validate(&[1, 3], 5, 2).is_ok());
         assert!(validate(&[1, 1], 5, 2).is_err());
         assert!(validate(&[7], 5, 2).is_err());
+    }
+
+    #[test]
+    fn chunk_heads_come_first_then_deviations() {
+        let d = [0.0, 0.0, 9.0, 0.0, 0.0, 5.0, 1.0];
+        assert_eq!(chunk_heads_then_deviation(&d, &[0, 3], 3, 1), vec![0, 2, 3]);
+        assert_eq!(chunk_heads_then_deviation(&d, &[0, 3], 1, 2), vec![0]);
+        let all = chunk_heads_then_deviation(&d, &[0, 3], 7, 2);
+        assert_eq!(all, (0..7).collect::<Vec<u32>>());
     }
 }

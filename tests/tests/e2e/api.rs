@@ -204,15 +204,7 @@ fn health_ready_models_and_metrics() {
     let models: Value = serde_json::from_str(&get("/v1/models").into_string().unwrap()).unwrap();
     assert_eq!(models["data"][0]["id"], "smollm2-test");
     assert_eq!(models["data"][0]["max_model_len"], 8192);
-    let metrics = get("/metrics").into_string().unwrap();
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing"))
-    };
+    let value = |name: &str| s.metric(name);
     assert!(value("kvgate:prompt_tokens_total") >= 1.0);
     assert!(value("kvgate:generation_tokens_total") >= 2.0);
     assert!(value("kvgate:time_to_first_token_seconds_count") >= 1.0);
@@ -282,15 +274,7 @@ fn a_dropped_stream_frees_the_engine() {
     // The single worker takes this request only after the abandoned one has ended.
     let (st, _) = s.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 4, "ignore_eos": true}));
     assert_eq!(st, 200);
-    let metrics = ureq::get(&s.url("/metrics")).call().unwrap().into_string().unwrap();
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    };
+    let value = |name: &str| s.metric(name) as u64;
     assert_eq!(value("kvgate:requests_cancelled_total"), 1);
     let generated = value("kvgate:engine_generated_tokens_total");
     assert!(generated < 1000, "the engine generated {generated} tokens for a client that left after one");
@@ -351,6 +335,6 @@ fn cache_modes_per_request_and_reuse_reporting() {
     assert_error(st, &e, 400, "invalid_value");
     let (st, e) = post(&body([0, 1, 2]), &[("x-kvgate-recompute-budget", "-0.5")]);
     assert_error(st, &e, 400, "invalid_value");
-    let metrics = ureq::get(&s.url("/metrics")).call().unwrap().into_string().unwrap();
-    assert!(metrics.lines().any(|l| l.starts_with("kvgate:cache_hits_total ") && !l.ends_with(" 0")), "{metrics}");
+    assert!(s.metric("kvgate:cache_hits_total") >= 8.0, "two requests with four chunks each hit");
+    assert!(s.metric("kvgate:prompt_tokens_recomputed_total") > 0.0);
 }

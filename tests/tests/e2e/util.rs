@@ -105,6 +105,16 @@ impl Server {
         r.into_string().expect("stream body")
     }
 
+    /// The value of an unlabelled metric (or the first sample of a labelled one) on `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = ureq::get(&self.url("/metrics")).call().expect("GET /metrics").into_string().expect("metrics");
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+    }
+
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
         let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
