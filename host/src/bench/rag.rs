@@ -12,7 +12,6 @@
 //! steps where both runs still agree (from the top-20 log-probabilities; the mass outside the
 //! top 20 is one bucket).
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -272,8 +271,8 @@ fn bytes_of(v: &Value) -> Vec<u8> {
 
 /// KL(p || q) of one step from two top-k lists; the rest of the mass is one bucket.
 fn step_kl(p: &[(Vec<u8>, f64)], q: &[(Vec<u8>, f64)]) -> f64 {
-    let floor = |t: &[(Vec<u8>, f64)]| t.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
-    let (pf, qf) = (floor(p), floor(q));
+    // A token missing from q's top list has at most q's smallest listed logprob.
+    let qf = q.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
     let mut kl = 0.0;
     let (mut pm, mut qm) = (0.0, 0.0);
     for (tok, lp) in p {
@@ -283,7 +282,6 @@ fn step_kl(p: &[(Vec<u8>, f64)], q: &[(Vec<u8>, f64)]) -> f64 {
         pm += pp;
         qm += lq.exp();
     }
-    let _ = pf;
     let (pr, qr) = ((1.0 - pm).max(1e-9), (1.0 - qm).max(1e-9));
     (kl + pr * (pr / qr).ln()).max(0.0)
 }
@@ -396,11 +394,6 @@ pub fn table(r: &RagReport) -> String {
         ));
     }
     out
-}
-
-/// Label → figures, for the JSON output.
-pub fn by_label(r: &RagReport) -> BTreeMap<String, ModeFigures> {
-    r.results.iter().map(|f| (f.label.clone(), f.clone())).collect()
 }
 
 #[cfg(test)]
