@@ -17,6 +17,8 @@ pub struct ApiError {
     pub param: Option<String>,
     /// A stable machine-readable code.
     pub code: &'static str,
+    /// The methods the route accepts, for the `Allow` header of a 405.
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -28,6 +30,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: param.into().map(str::to_string),
             code: "invalid_value",
+            allow: None,
         }
     }
 
@@ -42,6 +45,7 @@ impl ApiError {
             kind: "not_found_error",
             param: Some("model".into()),
             code: "model_not_found",
+            allow: None,
         }
     }
 
@@ -52,16 +56,18 @@ impl ApiError {
             kind: "not_found_error",
             param: None,
             code: "not_found",
+            allow: None,
         }
     }
 
-    pub fn method_not_allowed(method: &hyper::Method, path: &str, allowed: &str) -> Self {
+    pub fn method_not_allowed(method: &hyper::Method, path: &str, allowed: &'static str) -> Self {
         Self {
             status: StatusCode::METHOD_NOT_ALLOWED,
             message: format!("{method} is not allowed on {path}; use {allowed}"),
             kind: "invalid_request_error",
             param: None,
             code: "method_not_allowed",
+            allow: Some(if allowed == "GET" { "GET, HEAD" } else { allowed }),
         }
     }
 
@@ -72,6 +78,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: "request_too_large",
+            allow: None,
         }
     }
 
@@ -82,6 +89,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: "not_ready",
+            allow: None,
         }
     }
 
@@ -92,6 +100,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: "internal_error",
+            allow: None,
         }
     }
 
@@ -117,6 +126,7 @@ impl From<EngineError> for ApiError {
                 kind: "rate_limit_error",
                 param: None,
                 code: "queue_full",
+                allow: None,
             },
             EngineError::Stopped => Self {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -124,6 +134,7 @@ impl From<EngineError> for ApiError {
                 kind: "server_error",
                 param: None,
                 code: "shutting_down",
+                allow: None,
             },
             EngineError::Model(_) | EngineError::Internal(_) => Self::internal(e.to_string()),
         }

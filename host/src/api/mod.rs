@@ -429,12 +429,7 @@ fn error_response(state: &AppState, e: &ApiError) -> Response<Body> {
         tracing::debug!(status = %e.status, message = %e.message, "request refused");
     }
     let mut r = json_response(e.status, &e.body());
-    if e.status == StatusCode::METHOD_NOT_ALLOWED {
-        let allow = match e.message.rsplit(' ').next() {
-            Some("POST") => "POST",
-            Some("DELETE") => "DELETE",
-            _ => "GET, HEAD",
-        };
+    if let Some(allow) = e.allow {
         r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
     }
     r

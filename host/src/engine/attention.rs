@@ -115,6 +115,52 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// `dst = scale · lhs · rhs` for row-major `dst` (m × n, rows `dst_rs` apart) and `lhs`
+/// (m × k, rows `lhs_rs` apart); `rhs` element (i, j) is at `rhs[i · rhs_rs + j · rhs_cs]`,
+/// so a transposed operand is just other strides. The one shape of gemm call kvgate makes.
+///
+/// # Safety
+/// Every view described by the sizes and strides must be in bounds, and `dst` must not
+/// overlap the inputs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    scale: f32,
+    threads: usize,
+) {
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// A block task's scratch space.
 #[derive(Default)]
 struct BlockBuffers {
@@ -174,26 +220,16 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
         // above; the buffers are this task's own: q_pad and out_pad QUERY_BLOCK × hd, scores
         // QUERY_BLOCK × kend.
         unsafe {
-            gemm::gemm(
-                QUERY_BLOCK,
-                kend,
-                hd,
+            gemm_rows(
+                (QUERY_BLOCK, kend, hd),
                 scores.as_mut_ptr(),
-                1,
-                kend as isize,
-                false,
+                kend,
                 q_pad.as_ptr(),
-                1,
-                hd as isize,
+                hd,
                 keys.k.as_ptr().add(g * hd),
-                kv_stride as isize,
-                1,
-                0.0,
+                (1, kv_stride),
                 scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                1,
             );
         }
         for (i, row) in scores.chunks_exact_mut(kend).enumerate() {
@@ -216,26 +252,16 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
         }
         // SAFETY: as above.
         unsafe {
-            gemm::gemm(
-                QUERY_BLOCK,
-                hd,
-                kend,
+            gemm_rows(
+                (QUERY_BLOCK, hd, kend),
                 out_pad.as_mut_ptr(),
-                1,
-                hd as isize,
-                false,
+                hd,
                 scores.as_ptr(),
-                1,
-                kend as isize,
+                kend,
                 keys.v.as_ptr().add(g * hd),
-                1,
-                kv_stride as isize,
-                0.0,
+                (kv_stride, 1),
                 1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                1,
             );
         }
         for i in 0..rows {

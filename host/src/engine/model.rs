@@ -151,26 +151,16 @@ impl Linear {
                 // SAFETY: x is rows × in_dim, w is out_dim × in_dim (read as its transpose),
                 // out is rows × out_dim, all row-major and checked above.
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        out_dim,
-                        in_dim,
+                    attention::gemm_rows(
+                        (rows, out_dim, in_dim),
                         out.as_mut_ptr(),
-                        1,
-                        out_dim as isize,
-                        false,
+                        out_dim,
                         x.as_ptr(),
-                        1,
-                        in_dim as isize,
+                        in_dim,
                         w.as_ptr(),
-                        in_dim as isize,
-                        1,
-                        0.0,
+                        (1, in_dim),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
+                        threads,
                     );
                 }
                 f(&out)
