@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blend::{BlendOptions, CacheMode};
 use crate::engine::EngineOptions;
+use crate::store::{KvDtype, StoreOptions};
 
 /// Errors reading the configuration: each says which file and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +52,18 @@ pub struct Config {
     pub check_layer: usize,
     /// Tokens at the head of each reused chunk always recomputed (EPIC-style), within the budget.
     pub chunk_head_tokens: usize,
-    /// Byte budget of the RAM chunk store.
-    pub ram_budget_bytes: usize,
+    /// Byte budget of the chunk store's RAM tier (a number, or `512MiB`, `2GiB`, …).
+    #[serde(deserialize_with = "bytes_setting")]
+    pub ram_budget_bytes: u64,
+    /// Directory of the chunk store's disk tier (sled index + segment files).
+    pub data_dir: PathBuf,
+    /// Byte budget of the disk tier; 0 turns the disk tier off.
+    #[serde(deserialize_with = "bytes_setting")]
+    pub disk_budget_bytes: u64,
+    /// Element type of stored K/V: `f32`, `f16` (half the bytes) or `bf16`.
+    pub kv_dtype: KvDtype,
+    /// When set, `/admin/` endpoints need `Authorization: Bearer <admin_token>`.
+    pub admin_token: Option<String>,
 }
 
 impl Default for Config {
@@ -71,7 +82,42 @@ impl Default for Config {
             check_layer: BlendOptions::default().check_layer,
             chunk_head_tokens: BlendOptions::default().chunk_head_tokens,
             ram_budget_bytes: 2 << 30,
+            data_dir: PathBuf::from("data"),
+            disk_budget_bytes: 16 << 30,
+            kv_dtype: KvDtype::F16,
+            admin_token: None,
         }
+    }
+}
+
+/// Reads a byte size: a whole number, or a number with a unit (`k`/`KiB`, `M`/`MiB`,
+/// `G`/`GiB`, `T`/`TiB`, binary either way; `B` optional).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().trim_end_matches('b').trim_end_matches('i') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(format!("`{text}` is not a byte size (e.g. 1048576, 512MiB, 2GiB)")),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("`{text}` is not a byte size (e.g. 1048576, 512MiB, 2GiB)"))?;
+    Ok((n * scale as f64) as u64)
+}
+
+fn bytes_setting<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Number(n) => Ok(n),
+        Size::Text(t) => parse_bytes(&t).map_err(serde::de::Error::custom),
     }
 }
 
@@ -105,7 +151,11 @@ pub struct Overrides {
     pub log: Option<String>,
     pub cache_mode: Option<CacheMode>,
     pub recompute_budget: Option<f32>,
-    pub ram_budget_bytes: Option<usize>,
+    pub ram_budget_bytes: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub disk_budget_bytes: Option<u64>,
+    pub kv_dtype: Option<KvDtype>,
+    pub admin_token: Option<String>,
 }
 
 impl Config {
@@ -120,7 +170,17 @@ impl Config {
                 check_layer: self.check_layer,
                 chunk_head_tokens: self.chunk_head_tokens,
             },
+        }
+    }
+
+    /// The chunk store's options from these settings.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
             ram_budget_bytes: self.ram_budget_bytes,
+            data_dir: (self.disk_budget_bytes > 0).then(|| self.data_dir.clone()),
+            disk_budget_bytes: self.disk_budget_bytes,
+            dtype: self.kv_dtype,
+            ..StoreOptions::default()
         }
     }
 
@@ -162,6 +222,21 @@ impl Config {
         }
         if let Some(v) = o.ram_budget_bytes {
             self.ram_budget_bytes = v;
+        }
+        if let Some(v) = o.data_dir {
+            self.data_dir = v;
+        }
+        if let Some(v) = o.disk_budget_bytes {
+            self.disk_budget_bytes = v;
+        }
+        if let Some(v) = o.kv_dtype {
+            self.kv_dtype = v;
+        }
+        if o.admin_token.is_some() {
+            self.admin_token = o.admin_token;
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(ConfigError::Invalid { key: "admin_token", message: "must not be empty".into() });
         }
         if !(0.0..=1.0).contains(&self.recompute_budget) {
             return Err(ConfigError::Invalid { key: "recompute_budget", message: "must be between 0 and 1".into() });
@@ -210,5 +285,17 @@ mod tests {
         assert!(
             Config::load(Some(Path::new("/nonexistent/kvgate.toml"))).unwrap_err().to_string().contains("cannot read")
         );
+    }
+
+    #[test]
+    fn byte_sizes_read_with_or_without_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1.5 GiB"), Ok(3 << 29));
+        assert!(parse_bytes("lots").unwrap_err().contains("lots"));
+        assert!(parse_bytes("5 parsecs").is_err());
+        let c: Config = toml::from_str("ram_budget_bytes = \"64MiB\"\ndisk_budget_bytes = 1000\n").unwrap();
+        assert_eq!((c.ram_budget_bytes, c.disk_budget_bytes), (64 << 20, 1000));
     }
 }

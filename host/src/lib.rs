@@ -6,7 +6,9 @@
 //! - [`api`]: the hyper server — OpenAI-compatible endpoints, SSE, health, metrics. The
 //!   only module that knows hyper.
 //! - [`blend`]: compositional reuse — chunking, splicing cached KV at new positions,
-//!   selective recompute, the chunk store seam and its RAM tier.
+//!   selective recompute.
+//! - [`store`]: the chunk store — RAM tier, sled-indexed disk tier, eviction, recovery. The
+//!   only module that knows sled.
 //! - [`config`]: the `kvgate.toml` / env / flag configuration.
 //! - [`metrics`]: counters and histograms in Prometheus text format.
 //! - [`bench`]: `kvgate bench` workloads.
@@ -17,3 +19,4 @@ pub mod blend;
 pub mod config;
 pub mod engine;
 pub mod metrics;
+pub mod store;

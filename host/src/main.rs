@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use kvgate::api::{self, AppState};
 use kvgate::config::{Config, Overrides};
 use kvgate::engine::{Engine, LoadedModel};
+use kvgate::store::{Layout, Store};
 
 #[derive(Parser)]
 #[command(name = "kvgate", version, about = "LLM cache gateway with compositional KV reuse")]
@@ -57,9 +58,21 @@ struct ServeArgs {
     /// Default share of reused tokens recomputed, 0..=1 (per request: `x-kvgate-recompute-budget`).
     #[arg(long, env = "KVGATE_RECOMPUTE_BUDGET")]
     recompute_budget: Option<f32>,
-    /// Byte budget of the RAM chunk store.
-    #[arg(long, env = "KVGATE_RAM_BUDGET_BYTES")]
-    ram_budget_bytes: Option<usize>,
+    /// Byte budget of the chunk store's RAM tier (e.g. 2GiB).
+    #[arg(long, env = "KVGATE_RAM_BUDGET_BYTES", value_parser = kvgate::config::parse_bytes)]
+    ram_budget_bytes: Option<u64>,
+    /// Directory of the chunk store's disk tier. Default: ./data
+    #[arg(long, env = "KVGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Byte budget of the disk tier (e.g. 16GiB); 0 turns it off.
+    #[arg(long, env = "KVGATE_DISK_BUDGET_BYTES", value_parser = kvgate::config::parse_bytes)]
+    disk_budget_bytes: Option<u64>,
+    /// Element type of stored K/V: f32, f16 or bf16.
+    #[arg(long, env = "KVGATE_KV_DTYPE")]
+    kv_dtype: Option<kvgate::store::KvDtype>,
+    /// Bearer token required by /admin/ endpoints.
+    #[arg(long, env = "KVGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -174,6 +187,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cache_mode: args.cache_mode,
         recompute_budget: args.recompute_budget,
         ram_budget_bytes: args.ram_budget_bytes,
+        data_dir: args.data_dir,
+        disk_budget_bytes: args.disk_budget_bytes,
+        kv_dtype: args.kv_dtype,
+        admin_token: args.admin_token,
     })?;
     set_threads(config.threads);
     init_logging(&config.log);
@@ -186,14 +203,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         // A plain line on stdout, for scripts and tests that start us on port 0.
         println!("kvgate listening on http://{addr}");
-        let state = Arc::new(AppState::new(config.max_body_bytes));
+        let state = Arc::new(AppState::new(config.max_body_bytes, config.admin_token.clone()));
         let server = tokio::spawn(api::serve(listener, state.clone(), shutdown_signal()));
         let (path, name) = (config.model.clone(), config.model_name.clone());
         tracing::info!(model = %path.display(), "loading model");
         let model = tokio::task::spawn_blocking(move || LoadedModel::load(&path, name.as_deref())).await??;
         let cfg = model.model.config();
         tracing::info!(name = %model.name, layers = cfg.layers, context = cfg.context_length, "model ready");
-        let engine = Engine::start(model, config.engine_options());
+        let layout = Layout::new(model.model.fingerprint(), cfg.layers, cfg.kv_heads, cfg.head_dim, config.kv_dtype);
+        let options = config.store_options();
+        let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&options, layout)).await?);
+        let engine = Engine::start(model, config.engine_options(), store);
         if state.engine.set(engine).is_err() {
             bail!("engine started twice");
         }

@@ -16,7 +16,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
+    pub fn new(bounds: &'static [f64]) -> Self {
         Self { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_nanos: AtomicU64::new(0) }
     }
 
@@ -88,7 +88,11 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Prometheus text exposition, with the engine's own counters when it is running.
-    pub fn render(&self, engine: Option<&crate::engine::EngineStats>) -> String {
+    pub fn render(
+        &self,
+        engine: Option<&crate::engine::EngineStats>,
+        store: Option<&crate::store::StoreStats>,
+    ) -> String {
         let mut out = String::new();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
@@ -144,11 +148,9 @@ impl Metrics {
                 &[("", get(&e.chunk_queries))],
             );
             counter("kvgate:cache_hits_total", "Chunks found in the chunk cache.", &[("", get(&e.chunk_hits))]);
-            let mut gauge = |name: &str, help: &str, v: u64| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-            };
-            gauge("kvgate:chunk_store_entries", "Chunks held in the RAM store.", get(&e.store_entries));
-            gauge("kvgate:chunk_store_bytes", "KV bytes held in the RAM store.", get(&e.store_bytes));
+        }
+        if let Some(s) = store {
+            render_store(&mut out, s);
         }
         let _ = writeln!(
             out,
@@ -165,6 +167,62 @@ impl Metrics {
     }
 }
 
+/// The chunk store's gauges and counters, per tier where it has tiers.
+fn render_store(out: &mut String, s: &crate::store::StoreStats) {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let tiers = |f: fn(&crate::store::TierStats) -> &AtomicU64| -> Vec<(&'static str, u64)> {
+        vec![("{tier=\"ram\"}", get(f(&s.ram))), ("{tier=\"disk\"}", get(f(&s.disk)))]
+    };
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    family("kvgate:chunk_store_entries", "gauge", "Chunks held, per tier.", &tiers(|t| &t.entries));
+    family("kvgate:chunk_store_bytes", "gauge", "KV payload bytes held, per tier.", &tiers(|t| &t.bytes));
+    family("kvgate:chunk_store_budget_bytes", "gauge", "Byte budget, per tier.", &tiers(|t| &t.budget));
+    family("kvgate:chunk_store_hits_total", "counter", "Lookups answered, per tier.", &tiers(|t| &t.hits));
+    family("kvgate:chunk_store_misses_total", "counter", "Lookups not answered, per tier.", &tiers(|t| &t.misses));
+    family("kvgate:chunk_store_evictions_total", "counter", "Chunks evicted, per tier.", &tiers(|t| &t.evictions));
+    family(
+        "kvgate:chunk_store_evictor_fallbacks_total",
+        "counter",
+        "Eviction rounds whose evictor answer was corrected or replaced by LRU, per tier.",
+        &tiers(|t| &t.evictor_fallbacks),
+    );
+    family(
+        "kvgate:chunk_store_corruptions_total",
+        "counter",
+        "Payloads that failed their checks on read (served as misses, removed).",
+        &[("", get(&s.corruptions))],
+    );
+    family(
+        "kvgate:chunk_store_write_errors_total",
+        "counter",
+        "Disk writes that failed (full disk, read-only directory, I/O error).",
+        &[("", get(&s.write_errors))],
+    );
+    family(
+        "kvgate:chunk_store_writes_skipped_total",
+        "counter",
+        "Chunks not written to disk: writer queue full or disk degraded.",
+        &[("", get(&s.writes_skipped))],
+    );
+    family(
+        "kvgate:chunk_store_disk_degraded",
+        "gauge",
+        "1 while disk writes are failing and the store serves without storing.",
+        &[("", get(&s.degraded))],
+    );
+    family("kvgate:chunk_store_disk_enabled", "gauge", "1 when the disk tier is open.", &[("", get(&s.disk_enabled))]);
+    s.disk_load_seconds.render(
+        out,
+        "kvgate:chunk_store_disk_load_seconds",
+        "Time to read, verify and decode one chunk from disk.",
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,7 +233,7 @@ mod tests {
         m.ttft.observe(0.003);
         m.ttft.observe(0.3);
         m.ttft.observe(500.0);
-        let text = m.render(None);
+        let text = m.render(None, None);
         assert!(text.contains("kvgate:time_to_first_token_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("kvgate:time_to_first_token_seconds_bucket{le=\"0.5\"} 2"));
         assert!(text.contains("kvgate:time_to_first_token_seconds_bucket{le=\"+Inf\"} 3"));

@@ -71,6 +71,28 @@ impl ApiError {
         }
     }
 
+    /// 404 for a named thing (a chunk, a plugin) that does not exist.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self { code, ..Self::route_not_found("") }.with_message(message)
+    }
+
+    /// 401: the admin endpoints need `Authorization: Bearer <admin token>`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: "invalid_admin_token",
+            allow: None,
+        }
+    }
+
+    fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     pub fn body_too_large(limit: usize) -> Self {
         Self {
             status: StatusCode::PAYLOAD_TOO_LARGE,

@@ -5,8 +5,10 @@
 //! queue, and answered from the engine's event channel.
 //!
 //! - [`openai`]: request validation and response shapes.
+//! - [`admin`]: the operator endpoints (chunk store), behind the admin token.
 //! - [`error`]: OpenAI-shaped errors and their status codes.
 
+mod admin;
 pub mod error;
 pub mod openai;
 
@@ -49,11 +51,13 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Largest request body accepted (413 above).
     pub max_body_bytes: usize,
+    /// When set, `/admin/` requests must carry it as a bearer token.
+    pub admin_token: Option<String>,
 }
 
 impl AppState {
-    pub fn new(max_body_bytes: usize) -> Self {
-        Self { engine: OnceLock::new(), metrics: Metrics::default(), max_body_bytes }
+    pub fn new(max_body_bytes: usize, admin_token: Option<String>) -> Self {
+        Self { engine: OnceLock::new(), metrics: Metrics::default(), max_body_bytes, admin_token }
     }
 }
 
@@ -107,10 +111,12 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response
 async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    if path.starts_with("/admin/") {
+        return admin::route(state, req).await;
+    }
     let allowed = match path.as_str() {
         "/v1/chat/completions" | "/v1/completions" => "POST",
         "/v1/models" | "/health" | "/ready" | "/metrics" => "GET",
-        "/admin/chunks" => "DELETE",
         _ => return Err(ApiError::route_not_found(&path)),
     };
     if method != allowed && !(method == Method::HEAD && allowed == "GET") {
@@ -124,7 +130,11 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
         },
         "/metrics" => Ok(Response::builder()
             .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(full(state.metrics.render(state.engine.get().map(Engine::stats))))
+            .body(full(
+                state
+                    .metrics
+                    .render(state.engine.get().map(Engine::stats), state.engine.get().map(|e| &**e.store().stats())),
+            ))
             .expect("valid response")),
         "/v1/models" => {
             let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
@@ -136,11 +146,6 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
                     "max_model_len": m.model.config().context_length,
                 }]}),
             ))
-        }
-        "/admin/chunks" => {
-            let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
-            let (entries, bytes) = engine.flush_chunks().await?;
-            Ok(json_response(StatusCode::OK, &json!({"flushed_entries": entries, "flushed_bytes": bytes})))
         }
         "/v1/chat/completions" => generate(state, req, Endpoint::Chat).await,
         _ => generate(state, req, Endpoint::Completion).await,

@@ -8,18 +8,7 @@ use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 
-/// A chunk's identity: a hash of the model fingerprint, a namespace and token ids.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ChunkKey(pub [u8; 32]);
-
-impl std::fmt::Debug for ChunkKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in &self.0[..8] {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
+pub use crate::store::ChunkKey;
 
 impl ChunkKey {
     /// Position-independent key of a chunk for compositional reuse.

@@ -3,7 +3,7 @@
 //!
 //! Owns the prefill of a prompt given what the chunk store holds. Uses `engine`'s
 //! layer-level forward and a [`ChunkStore`]; knows nothing of HTTP or of how the store keeps
-//! its bytes. Three modes, selectable per request so they can be compared on one server:
+//! its bytes (`store` does). Three modes, selectable per request so they can be compared on one server:
 //!
 //! - `off`: full prefill, nothing read or written.
 //! - `prefix`: classic prefix caching — chunks are keyed by everything before them too, so
@@ -18,19 +18,17 @@
 //! New chunks are stored with the KV computed in this prompt's context (pre-RoPE K, V).
 //!
 //! - [`chunk`]: cutting prompts into chunks, chunk keys.
-//! - [`store`]: the `ChunkStore` seam and the RAM tier.
 //! - [`select`]: the recompute selection (top deviation).
 
 pub mod chunk;
 pub mod select;
-pub mod store;
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use crate::engine::{EngineError, KvCache, Model, Weights};
+use crate::store::{ChunkKv, ChunkStore};
 use chunk::ChunkKey;
-use store::{ChunkKv, ChunkStore};
 
 /// How a request may use the chunk cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -110,7 +108,7 @@ pub fn prefill(
     segment_starts: &[usize],
     mode: CacheMode,
     opts: &BlendOptions,
-    store: &mut dyn ChunkStore,
+    store: &dyn ChunkStore,
 ) -> Result<Prefill, EngineError> {
     let positions: Vec<u32> = (0..ids.len() as u32).collect();
     let chunks = chunk::fixed_cuts(ids.len(), segment_starts, opts.chunk_tokens);
@@ -172,13 +170,19 @@ fn extract(model: &Model, cache: &KvCache, ids: &[u32], rows: Range<usize>, rota
     })
 }
 
+/// Microseconds per token of the computation that started at `since` over `tokens` tokens.
+fn cost_per_token(since: std::time::Instant, tokens: usize) -> u64 {
+    since.elapsed().as_micros() as u64 / tokens.max(1) as u64
+}
+
 fn prefix(
     model: &Model,
     ids: &[u32],
     positions: &[u32],
     chunks: &[Range<usize>],
-    store: &mut dyn ChunkStore,
+    store: &dyn ChunkStore,
 ) -> Result<Prefill, EngineError> {
+    let started = std::time::Instant::now();
     let fp = model.fingerprint();
     let mut cache = model.new_cache();
     let looked_up = &chunks[..chunks.len() - 1];
@@ -195,8 +199,10 @@ fn prefix(
         chunks_hit += 1;
     }
     let logits = extend(model, &ids[hit_end..], &positions[hit_end..], &mut cache)?;
+    let cost = cost_per_token(started, ids.len() - hit_end);
     for c in looked_up.iter().filter(|c| c.start >= hit_end) {
-        store.put(ChunkKey::prefix(fp, &ids[..c.end]), extract(model, &cache, ids, c.clone(), true));
+        let kv = extract(model, &cache, ids, c.clone(), true);
+        store.put(ChunkKey::prefix(fp, &ids[..c.end]), kv, cost * c.len() as u64);
     }
     let report = ReuseReport {
         reused_tokens: hit_end,
@@ -214,7 +220,7 @@ fn compose(
     positions: &[u32],
     chunks: &[Range<usize>],
     opts: &BlendOptions,
-    store: &mut dyn ChunkStore,
+    store: &dyn ChunkStore,
 ) -> Result<Prefill, EngineError> {
     let fp = model.fingerprint();
     let n = ids.len();
@@ -244,8 +250,10 @@ fn compose(
         let mut x = model.embed(ids, positions)?;
         model.run_layers(0..layers, &mut x, positions, &all_rows, &mut cache, Weights::F32)?;
         let logits = model.logits(&x, &[n - 1])?;
+        let cost = cost_per_token(t0, n);
         for c in &misses {
-            store.put(ChunkKey::compose(fp, &ids[c.clone()]), extract(model, &cache, ids, c.clone(), false));
+            let kv = extract(model, &cache, ids, c.clone(), false);
+            store.put(ChunkKey::compose(fp, &ids[c.clone()]), kv, cost * c.len() as u64);
         }
         let report = ReuseReport { computed_tokens: n, chunks_total: looked_up.len(), ..Default::default() };
         return Ok(Prefill { cache, logits, report });
@@ -296,8 +304,13 @@ fn compose(
     let logits = model.logits(&xs, &[recompute.len() - 1])?;
     let t_recompute = t0.elapsed();
 
+    // What a missed chunk cost: its share of the layers run over every token, plus its share
+    // of the recomputed ones.
+    let cost = (t_check - t_splice).as_micros() as u64 / n as u64
+        + (t_recompute - t_check).as_micros() as u64 / recompute.len() as u64;
     for c in &misses {
-        store.put(ChunkKey::compose(fp, &ids[c.clone()]), extract(model, &cache, ids, c.clone(), false));
+        let kv = extract(model, &cache, ids, c.clone(), false);
+        store.put(ChunkKey::compose(fp, &ids[c.clone()]), kv, cost * c.len() as u64);
     }
     let report = ReuseReport {
         reused_tokens: reused.len(),

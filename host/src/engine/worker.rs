@@ -17,8 +17,8 @@ use super::sampling::{self, Sampler, SamplingParams, TokenLogprob};
 use super::template::ChatMessage;
 use super::tokenizer::TextStream;
 use super::{EngineError, LoadedModel, LogitsFor};
-use crate::blend::store::{ChunkStore, RamStore};
 use crate::blend::{self, BlendOptions, CacheMode, ReuseReport};
+use crate::store::Store;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -131,18 +131,11 @@ pub struct EngineOptions {
     pub cache_mode: CacheMode,
     /// Chunking and recompute defaults.
     pub blend: BlendOptions,
-    /// Byte budget of the RAM chunk store.
-    pub ram_budget_bytes: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self {
-            queue_capacity: 64,
-            cache_mode: CacheMode::Compose,
-            blend: BlendOptions::default(),
-            ram_budget_bytes: 2 << 30,
-        }
+        Self { queue_capacity: 64, cache_mode: CacheMode::Compose, blend: BlendOptions::default() }
     }
 }
 
@@ -159,19 +152,11 @@ pub struct EngineStats {
     /// Prompt tokens whose KV came from the cache, and those of them recomputed.
     pub prompt_tokens_cached: AtomicU64,
     pub prompt_tokens_recomputed: AtomicU64,
-    /// Chunks and bytes in the RAM store.
-    pub store_entries: AtomicU64,
-    pub store_bytes: AtomicU64,
 }
 
 /// Work for the engine thread, in queue order.
 enum Job {
-    Generate {
-        prepared: Prepared,
-        events: UnboundedSender<Event>,
-    },
-    /// Empty the chunk store; answers (entries, bytes) dropped.
-    FlushChunks(tokio::sync::oneshot::Sender<(usize, usize)>),
+    Generate { prepared: Prepared, events: UnboundedSender<Event> },
 }
 
 /// Handle to the running engine. Dropping every handle stops the worker after the
@@ -179,24 +164,22 @@ enum Job {
 pub struct Engine {
     model: Arc<LoadedModel>,
     stats: Arc<EngineStats>,
+    store: Arc<Store>,
     queue: Option<SyncSender<Job>>,
     worker: Option<JoinHandle<()>>,
 }
 
 impl Engine {
-    /// Starts the worker thread.
-    pub fn start(model: Arc<LoadedModel>, options: EngineOptions) -> Self {
+    /// Starts the worker thread over `store`.
+    pub fn start(model: Arc<LoadedModel>, options: EngineOptions, store: Arc<Store>) -> Self {
         let (tx, rx) = sync_channel(options.queue_capacity);
         let (m, stats) = (model.clone(), Arc::new(EngineStats::default()));
-        let st = stats.clone();
+        let (st, chunks) = (stats.clone(), store.clone());
         let worker = std::thread::Builder::new()
             .name("kvgate-engine".into())
-            .spawn(move || {
-                let store = RamStore::new(options.ram_budget_bytes);
-                Worker { model: m, stats: st, store: Box::new(store), options }.run(rx)
-            })
+            .spawn(move || Worker { model: m, stats: st, store: chunks, options }.run(rx))
             .expect("spawn the engine thread");
-        Self { model, stats, queue: Some(tx), worker: Some(worker) }
+        Self { model, stats, store, queue: Some(tx), worker: Some(worker) }
     }
 
     pub fn model(&self) -> &Arc<LoadedModel> {
@@ -205,6 +188,11 @@ impl Engine {
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// The chunk store the engine reads and extends.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// Renders and tokenizes a request and checks that it fits in the context.
@@ -258,14 +246,6 @@ impl Engine {
         Ok(rx)
     }
 
-    /// Empties the chunk store once the requests queued before have run; returns the
-    /// entries and bytes dropped.
-    pub async fn flush_chunks(&self) -> Result<(usize, usize), EngineError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.enqueue(Job::FlushChunks(tx))?;
-        rx.await.map_err(|_| EngineError::Stopped)
-    }
-
     fn enqueue(&self, job: Job) -> Result<(), EngineError> {
         let queue = self.queue.as_ref().ok_or(EngineError::Stopped)?;
         match queue.try_send(job) {
@@ -286,11 +266,11 @@ impl Drop for Engine {
     }
 }
 
-/// The engine thread's state: the model and the chunk store it alone touches.
+/// The engine thread's state: the model, its counters, the chunk store.
 struct Worker {
     model: Arc<LoadedModel>,
     stats: Arc<EngineStats>,
-    store: Box<dyn ChunkStore>,
+    store: Arc<Store>,
     options: EngineOptions,
 }
 
@@ -306,12 +286,6 @@ impl Worker {
                         tracing::error!(error = %e, "generation failed");
                         let _ = events.send(Event::Error(e));
                     }
-                }
-                Job::FlushChunks(reply) => {
-                    let dropped = self.store.usage();
-                    self.store.clear();
-                    self.record(&ReuseReport::default());
-                    let _ = reply.send(dropped);
                 }
             }
         }
@@ -329,7 +303,7 @@ impl Worker {
             opts.recompute_budget = b;
         }
         let started = Instant::now();
-        let prefill = blend::prefill(&m.model, &ids, &segment_starts, mode, &opts, self.store.as_mut())?;
+        let prefill = blend::prefill(&m.model, &ids, &segment_starts, mode, &opts, &*self.store)?;
         let mut usage = Usage {
             prompt_tokens: ids.len(),
             cached_tokens: prefill.report.reused_tokens,
@@ -384,9 +358,6 @@ impl Worker {
         s.chunk_hits.fetch_add(r.chunks_hit as u64, Ordering::Relaxed);
         s.prompt_tokens_cached.fetch_add(r.reused_tokens as u64, Ordering::Relaxed);
         s.prompt_tokens_recomputed.fetch_add(r.recomputed_tokens as u64, Ordering::Relaxed);
-        let (entries, bytes) = self.store.usage();
-        s.store_entries.store(entries as u64, Ordering::Relaxed);
-        s.store_bytes.store(bytes as u64, Ordering::Relaxed);
     }
 }
 

@@ -8,4 +8,5 @@ mod api;
 mod blend;
 mod engine;
 mod openai_python;
+mod store;
 mod util;

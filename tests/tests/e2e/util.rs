@@ -38,6 +38,23 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
 pub struct Server {
     pub child: std::process::Child,
     pub base: String,
+    /// The data directory it was given, removed on drop when the server made it.
+    pub data_dir: PathBuf,
+    owns_data_dir: bool,
+}
+
+/// A fresh directory under the system temp dir, unique per call.
+pub fn temp_dir(name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "kvgate-test-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create a temp dir");
+    d
 }
 
 /// The `kvgate` binary: `$KVGATE_BIN`, else the one cargo built beside this test.
@@ -52,12 +69,22 @@ pub fn kvgate_bin() -> PathBuf {
 }
 
 impl Server {
-    /// Starts the server with extra `args` and waits until `/ready` answers 200.
+    /// Starts the server with extra `args` (and a fresh data directory) and waits until
+    /// `/ready` answers 200.
     pub fn start(args: &[&str]) -> Self {
+        let mut s = Self::start_in(&temp_dir("data"), args);
+        s.owns_data_dir = true;
+        s
+    }
+
+    /// Starts the server on the data directory `data_dir` (kept when the server stops).
+    pub fn start_in(data_dir: &std::path::Path, args: &[&str]) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(kvgate_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--threads", "2", "--log", "warn", "--model"])
             .arg(model_path())
+            .arg("--data-dir")
+            .arg(data_dir)
             .args(args)
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -66,7 +93,7 @@ impl Server {
         let mut line = String::new();
         std::io::BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
         let base = line.trim().strip_prefix("kvgate listening on ").expect("listening line").to_string();
-        let server = Self { child, base };
+        let server = Self { child, base, data_dir: data_dir.to_path_buf(), owns_data_dir: false };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             match ureq::get(&server.url("/ready")).call() {
@@ -126,6 +153,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             self.stop();
+        }
+        if self.owns_data_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
 }

@@ -1,0 +1,363 @@
+//! The disk tier: a sled index over payload extents in segment files.
+//!
+//! Invariants:
+//! - A payload is written and `fdatasync`ed before the index entry that points to it is
+//!   inserted, so an entry never points at bytes that were not on disk first.
+//! - An evicted entry leaves the index (flushed) before its space is freed for reuse.
+//! - Every read is checked (header, key, layout, CRC) before it is served; a mismatch is a
+//!   miss, counted, logged, and the entry is removed — never a wrong answer.
+//! - Recovery on open drops entries whose payload is missing or torn, and gives back every
+//!   byte of segment space that no entry points at (orphans of a crash mid-write).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::evict::{self, Evictor};
+use super::payload::{self, HEADER_LEN, Layout};
+use super::segment::{Extent, Extents, Release, SegmentFiles};
+use super::{ChunkKey, ChunkKv, ChunkStats, StoreError, TierStats};
+
+/// One index entry (sled value, JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IndexEntry {
+    extent: Extent,
+    /// CRC-32 of the payload (its trailer).
+    checksum: u32,
+    /// sha256 of the model fingerprint, hex.
+    model: String,
+    tokens: u32,
+    created_ms: u64,
+    last_access_ms: u64,
+    hits: u32,
+    cost_us: u64,
+}
+
+impl IndexEntry {
+    fn stats(&self) -> ChunkStats {
+        ChunkStats {
+            tokens: self.tokens,
+            bytes: self.extent.len,
+            created_ms: self.created_ms,
+            last_access_ms: self.last_access_ms,
+            hits: self.hits,
+            cost_us: self.cost_us,
+        }
+    }
+}
+
+/// What recovery found when the tier opened.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub entries: usize,
+    /// Entries dropped: payload missing, torn, overlapping or unreadable.
+    pub dropped: usize,
+    /// Segment bytes no entry pointed at, given back to the filesystem.
+    pub reclaimed_bytes: u64,
+}
+
+/// The result of a lookup.
+pub enum Lookup {
+    Hit(ChunkKv, ChunkStats),
+    Miss,
+    /// The payload failed its checks; the entry is gone.
+    Corrupt,
+}
+
+struct State {
+    entries: HashMap<ChunkKey, IndexEntry>,
+    extents: Extents,
+    bytes: u64,
+}
+
+/// Chunks on local disk.
+pub struct DiskTier {
+    index: sled::Db,
+    files: Box<dyn SegmentFiles>,
+    layout: Layout,
+    model_hex: String,
+    budget: u64,
+    state: Mutex<State>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl DiskTier {
+    /// Opens (or creates) the tier in `dir` and recovers it.
+    pub fn open(
+        dir: &Path,
+        files: Box<dyn SegmentFiles>,
+        layout: Layout,
+        budget: u64,
+        segment_bytes: u64,
+    ) -> Result<(Self, Recovery), StoreError> {
+        let index =
+            sled::Config::new().path(dir.join("index")).cache_capacity(64 << 20).flush_every_ms(Some(500)).open()?;
+        let model_hex = hex(&layout.model);
+        let lengths: HashMap<u32, u64> =
+            files.list().map_err(StoreError::io("listing segments"))?.into_iter().collect();
+        let mut rec = Recovery::default();
+        let mut entries: HashMap<ChunkKey, IndexEntry> = HashMap::new();
+        let mut header = vec![0u8; HEADER_LEN];
+        for item in index.iter() {
+            let (k, v) = item?;
+            let parsed = <[u8; 32]>::try_from(&k[..]).ok().zip(serde_json::from_slice::<IndexEntry>(&v).ok());
+            let sound = parsed.as_ref().is_some_and(|(key, e)| {
+                let x = e.extent;
+                let inside = lengths.get(&x.segment).is_some_and(|&l| x.offset + x.len <= l);
+                // A payload of another model cannot be checked against this layout; its
+                // bounds are all we can see (it is never served to this model anyway).
+                inside
+                    && (e.model != model_hex
+                        || (files.read_at(x.segment, x.offset, &mut header).is_ok()
+                            && payload::header(&header, &layout)
+                                .is_ok_and(|h| h.key.0 == *key && h.total_len == x.len)))
+            });
+            match parsed {
+                Some((key, e)) if sound => {
+                    entries.insert(ChunkKey(key), e);
+                }
+                _ => {
+                    index.remove(&k)?;
+                    rec.dropped += 1;
+                }
+            }
+        }
+        // Two entries over the same bytes cannot both be right: keep the first.
+        let mut by_place: Vec<(Extent, ChunkKey)> = entries.iter().map(|(k, e)| (e.extent, *k)).collect();
+        by_place.sort_unstable_by_key(|(x, _)| (x.segment, x.offset));
+        let mut reach: Option<(u32, u64)> = None;
+        for (x, key) in by_place {
+            if reach.is_some_and(|(s, end)| s == x.segment && x.offset < end) {
+                entries.remove(&key);
+                index.remove(key.0)?;
+                rec.dropped += 1;
+            } else {
+                reach = Some((x.segment, x.offset + x.len));
+            }
+        }
+        let used: Vec<Extent> = entries.values().map(|e| e.extent).collect();
+        let (extents, gaps) = Extents::rebuild(segment_bytes, used);
+        for g in gaps {
+            files.release(g.segment, g.offset, g.len).map_err(StoreError::io("releasing orphaned space"))?;
+            rec.reclaimed_bytes += g.len;
+        }
+        let ends: HashMap<u32, u64> = extents.ends().collect();
+        for (&segment, &len) in &lengths {
+            match ends.get(&segment) {
+                None => files.remove(segment).map_err(StoreError::io("removing an empty segment"))?,
+                Some(&end) if end < len => files.truncate(segment, end).map_err(StoreError::io("truncating"))?,
+                Some(_) => continue,
+            }
+            rec.reclaimed_bytes += len - ends.get(&segment).copied().unwrap_or(0);
+        }
+        index.flush()?;
+        rec.entries = entries.len();
+        let bytes = entries.values().map(|e| e.extent.len).sum();
+        let state = Mutex::new(State { entries, extents, bytes });
+        Ok((Self { index, files, layout, model_hex, budget, state }, rec))
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.state.lock().unwrap().entries.contains_key(key)
+    }
+
+    /// Reads and verifies a chunk; a hit updates its statistics.
+    pub fn get(&self, key: &ChunkKey, now_ms: u64) -> Lookup {
+        let Some(entry) = self.state.lock().unwrap().entries.get(key).cloned() else { return Lookup::Miss };
+        let x = entry.extent;
+        let mut buf = vec![0u8; x.len as usize];
+        let read = self.files.read_at(x.segment, x.offset, &mut buf).map_err(|e| e.to_string());
+        let decoded = read.and_then(|()| payload::decode(&buf, key, &self.layout).map_err(|e| e.to_string()));
+        let mut st = self.state.lock().unwrap();
+        let still_there = st.entries.get(key).is_some_and(|e| e.extent == x);
+        match decoded {
+            Ok(kv) if still_there => {
+                let e = st.entries.get_mut(key).unwrap();
+                e.last_access_ms = now_ms;
+                e.hits += 1;
+                let stats = e.stats();
+                let _ = self.index.insert(key.0, serde_json::to_vec(&*e).unwrap());
+                Lookup::Hit(kv, stats)
+            }
+            // Evicted (and its space perhaps reused) while we read: an ordinary miss.
+            _ if !still_there => Lookup::Miss,
+            Ok(_) => unreachable!(),
+            Err(why) => {
+                tracing::warn!(chunk = ?key, segment = x.segment, offset = x.offset, %why, "corrupt chunk payload dropped");
+                self.remove_locked(&mut st, key);
+                let _ = self.index.flush();
+                Lookup::Corrupt
+            }
+        }
+    }
+
+    /// Records a use served from a faster tier.
+    pub fn touch(&self, key: &ChunkKey, now_ms: u64) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(e) = st.entries.get_mut(key) {
+            e.last_access_ms = now_ms;
+            e.hits += 1;
+            let _ = self.index.insert(key.0, serde_json::to_vec(&*e).unwrap());
+        }
+    }
+
+    /// Writes a chunk, evicting through `evictor` first if the budget requires. Returns the
+    /// chunks evicted. A chunk already held, or larger than the whole budget, is skipped.
+    pub fn put(
+        &self,
+        key: ChunkKey,
+        kv: &ChunkKv,
+        stats: ChunkStats,
+        evictor: &dyn Evictor,
+        tier: &TierStats,
+    ) -> Result<usize, StoreError> {
+        if self.contains(&key) {
+            return Ok(0);
+        }
+        let (bytes, checksum) = payload::encode(&key, kv, &self.layout);
+        let len = bytes.len() as u64;
+        if len > self.budget {
+            return Ok(0);
+        }
+        let (extent, evicted) = {
+            let mut st = self.state.lock().unwrap();
+            let over = (st.bytes + len).saturating_sub(self.budget);
+            let mut evicted = 0;
+            if over > 0 {
+                let keys: Vec<ChunkKey> = st.entries.keys().copied().collect();
+                let cands: Vec<_> = keys.iter().map(|k| st.entries[k].stats().candidate()).collect();
+                let victims = evict::choose(evictor, &cands, over, stats.created_ms, &tier.evictor_fallbacks);
+                let mut freed = Vec::new();
+                for i in victims {
+                    if let Some(e) = st.entries.remove(&keys[i]) {
+                        self.index.remove(keys[i].0)?;
+                        st.bytes -= e.extent.len;
+                        freed.push(e.extent);
+                        evicted += 1;
+                    }
+                }
+                // The removals are durable before the space can be reused.
+                self.index.flush()?;
+                for x in freed {
+                    self.release(&mut st, x);
+                }
+            }
+            let extent = st.extents.allocate(len);
+            st.bytes += len;
+            (extent, evicted)
+        };
+        let written = self
+            .files
+            .write_at(extent.segment, extent.offset, &bytes)
+            .and_then(|()| self.files.sync(extent.segment))
+            .map_err(StoreError::io("writing a chunk payload"));
+        let entry = IndexEntry {
+            extent,
+            checksum,
+            model: self.model_hex.clone(),
+            tokens: stats.tokens,
+            created_ms: stats.created_ms,
+            last_access_ms: stats.last_access_ms,
+            hits: 0,
+            cost_us: stats.cost_us,
+        };
+        let indexed = written.and_then(|()| Ok(self.index.insert(key.0, serde_json::to_vec(&entry).unwrap())?));
+        let mut st = self.state.lock().unwrap();
+        match indexed {
+            Ok(_) => {
+                st.entries.insert(key, entry);
+                Ok(evicted)
+            }
+            Err(e) => {
+                st.bytes -= len;
+                self.release(&mut st, extent);
+                Err(e)
+            }
+        }
+    }
+
+    fn release(&self, st: &mut State, x: Extent) {
+        let done = match st.extents.free(x) {
+            Release::Hole { offset, len } => self.files.release(x.segment, offset, len),
+            Release::Truncate(len) => self.files.truncate(x.segment, len),
+            Release::Remove => self.files.remove(x.segment),
+        };
+        if let Err(e) = done {
+            tracing::warn!(segment = x.segment, error = %e, "could not give freed chunk space back");
+        }
+    }
+
+    fn remove_locked(&self, st: &mut State, key: &ChunkKey) -> bool {
+        let Some(e) = st.entries.remove(key) else { return false };
+        let _ = self.index.remove(key.0);
+        st.bytes -= e.extent.len;
+        self.release(st, e.extent);
+        true
+    }
+
+    pub fn remove(&self, key: &ChunkKey) -> bool {
+        let mut st = self.state.lock().unwrap();
+        let removed = self.remove_locked(&mut st, key);
+        let _ = self.index.flush();
+        removed
+    }
+
+    /// Drops every chunk; returns their keys.
+    pub fn clear(&self) -> Vec<ChunkKey> {
+        let mut st = self.state.lock().unwrap();
+        let keys: Vec<ChunkKey> = st.entries.keys().copied().collect();
+        for k in &keys {
+            self.remove_locked(&mut st, k);
+        }
+        let _ = self.index.flush();
+        keys
+    }
+
+    pub fn usage(&self) -> (usize, u64) {
+        let st = self.state.lock().unwrap();
+        (st.entries.len(), st.bytes)
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Every chunk's statistics.
+    pub fn stats(&self) -> Vec<(ChunkKey, ChunkStats)> {
+        self.state.lock().unwrap().entries.iter().map(|(k, e)| (*k, e.stats())).collect()
+    }
+
+    /// Bytes the segment files occupy on the device.
+    pub fn allocated_bytes(&self) -> std::io::Result<u64> {
+        self.files.allocated_bytes()
+    }
+
+    /// Drops the payloads from the page cache (cold-read benchmarks).
+    pub fn evict_from_page_cache(&self) -> std::io::Result<()> {
+        let segments: Vec<u32> = self.state.lock().unwrap().extents.ends().map(|(s, _)| s).collect();
+        segments.into_iter().try_for_each(|s| self.files.evict_from_page_cache(s))
+    }
+
+    /// Makes the index durable (on shutdown; otherwise sled flushes every 500 ms).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.index.flush()?;
+        Ok(())
+    }
+}
+
+impl Drop for DiskTier {
+    fn drop(&mut self) {
+        if let Err(e) = self.index.flush() {
+            tracing::error!(error = %e, "chunk index flush on shutdown failed");
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! The chunk store: where chunk KV lives between requests and across restarts.
+//!
+//! Two tiers, each under its own byte budget. The RAM tier holds decoded chunks ready to
+//! splice; the disk tier keeps every chunk it has room for in segment files on local disk,
+//! indexed by sled. Tiers are inclusive: a put goes to RAM at once and to disk behind the
+//! request (a writer thread, so fsync never delays a token); a disk hit is promoted to RAM.
+//! Over a budget, a tier asks its [`Evictor`] for victims (least recently used until the
+//! `evictor` plugin takes the seam over).
+//!
+//! Failures never fail a request: a torn or corrupt payload is a miss (counted, logged,
+//! removed); a full or read-only disk degrades to serving without storing, counted, and the
+//! writer tries again after a pause, so the store recovers when space returns.
+//!
+//! Only this module knows sled.
+//!
+//! - [`payload`]: the versioned, checksummed on-disk form of a chunk.
+//! - [`segment`]: segment files behind an I/O seam, and the extent allocator.
+//! - [`disk`]: the sled-indexed disk tier, its recovery.
+//! - [`ram`]: the RAM tier.
+//! - [`evict`]: the eviction seam and least-recently-used.
+
+pub mod disk;
+pub mod evict;
+pub mod payload;
+mod ram;
+pub mod segment;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::metrics::Histogram;
+use disk::{DiskTier, Lookup};
+pub use evict::{Candidate, Evictor, LeastRecentlyUsed};
+pub use payload::{KvDtype, Layout};
+use ram::RamTier;
+
+/// A chunk's identity: a hash of the model fingerprint, a namespace and token ids (see
+/// `blend::chunk` for how keys are made).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkKey(pub [u8; 32]);
+
+impl std::fmt::Debug for ChunkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ChunkKey {
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
+    }
+}
+
+/// The KV of one chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkKv {
+    pub tokens: Vec<u32>,
+    /// `None`: `k` is before RoPE (compositional reuse rotates it to wherever the chunk goes).
+    /// `Some(p)`: `k` is rotated for positions `p..`, as computed — prefix-cache entries,
+    /// which only ever return to the same positions, keep K exact this way (a rotation and
+    /// its inverse are not bit-exact in f32).
+    pub rotated_at: Option<u32>,
+    /// Per layer, `tokens × kv_dim` K.
+    pub k: Vec<Vec<f32>>,
+    /// Per layer, `tokens × kv_dim` V.
+    pub v: Vec<Vec<f32>>,
+}
+
+impl ChunkKv {
+    /// Bytes of KV held in memory.
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+    }
+}
+
+/// What a tier knows of a chunk besides its KV (what eviction decides on).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ChunkStats {
+    pub tokens: u32,
+    /// Bytes the chunk occupies in that tier.
+    pub bytes: u64,
+    pub created_ms: u64,
+    pub last_access_ms: u64,
+    /// Times served from the tier.
+    pub hits: u32,
+    /// What computing it cost, microseconds.
+    pub cost_us: u64,
+}
+
+impl ChunkStats {
+    fn candidate(&self) -> Candidate {
+        Candidate {
+            bytes: self.bytes,
+            tokens: self.tokens,
+            created_ms: self.created_ms,
+            last_access_ms: self.last_access_ms,
+            hits: self.hits,
+            cost_us: self.cost_us,
+        }
+    }
+}
+
+/// Where chunk KV is kept by key: the seam `blend` reads and extends.
+pub trait ChunkStore: Send + Sync {
+    /// The chunk, if held (a hit counts as a use).
+    fn get(&self, key: &ChunkKey) -> Option<Arc<ChunkKv>>;
+    /// Keeps a chunk that cost `cost_us` to compute, evicting others if a budget requires.
+    fn put(&self, key: ChunkKey, kv: Arc<ChunkKv>, cost_us: u64);
+}
+
+/// Errors of the store's own I/O; callers log them, requests never see them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+    #[error("chunk index: {0}")]
+    Index(#[from] sled::Error),
+}
+
+impl StoreError {
+    fn io(what: &'static str) -> impl Fn(std::io::Error) -> StoreError {
+        move |source| StoreError::Io { what, source }
+    }
+
+    /// Whether the device is out of space (the store degrades and retries).
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            StoreError::Index(sled::Error::Io(e)) => e.raw_os_error() == Some(libc::ENOSPC),
+            StoreError::Index(_) => false,
+        }
+    }
+}
+
+/// Counters of one tier.
+#[derive(Debug, Default)]
+pub struct TierStats {
+    pub entries: AtomicU64,
+    pub bytes: AtomicU64,
+    pub budget: AtomicU64,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+    /// Eviction rounds whose evictor answer had to be corrected (or fell back to LRU).
+    pub evictor_fallbacks: AtomicU64,
+}
+
+/// What `/metrics` shows of the store.
+pub struct StoreStats {
+    pub ram: TierStats,
+    pub disk: TierStats,
+    /// Payloads that failed their checks on read.
+    pub corruptions: AtomicU64,
+    /// Disk writes that failed (full disk, read-only directory, I/O error).
+    pub write_errors: AtomicU64,
+    /// Chunks not written to disk: writer queue full, or disk degraded.
+    pub writes_skipped: AtomicU64,
+    /// 1 while disk writes are failing; 0 when healthy (or no disk tier).
+    pub degraded: AtomicU64,
+    /// 1 when the disk tier is open.
+    pub disk_enabled: AtomicU64,
+    /// Time to read, check and decode one chunk from disk.
+    pub disk_load_seconds: Histogram,
+}
+
+const LOAD_BOUNDS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0];
+
+impl Default for StoreStats {
+    fn default() -> Self {
+        Self {
+            ram: TierStats::default(),
+            disk: TierStats::default(),
+            corruptions: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            writes_skipped: AtomicU64::new(0),
+            degraded: AtomicU64::new(0),
+            disk_enabled: AtomicU64::new(0),
+            disk_load_seconds: Histogram::new(LOAD_BOUNDS),
+        }
+    }
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub ram_budget_bytes: u64,
+    /// `None`: RAM only.
+    pub data_dir: Option<PathBuf>,
+    pub disk_budget_bytes: u64,
+    /// Appending to a segment file stops at this size.
+    pub segment_bytes: u64,
+    /// Element type of stored K/V (also applied to RAM copies, so tiers agree).
+    pub dtype: KvDtype,
+    /// Chunks waiting for the disk writer; beyond it a chunk is not written.
+    pub write_queue: usize,
+    /// After a failed write, how long the disk is left alone before the next attempt.
+    pub retry_after: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            ram_budget_bytes: 2 << 30,
+            data_dir: None,
+            disk_budget_bytes: 16 << 30,
+            segment_bytes: 256 << 20,
+            dtype: KvDtype::F32,
+            write_queue: 64,
+            retry_after: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One chunk of `GET /admin/chunks`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChunkInfo {
+    pub key: String,
+    /// Tiers holding it: `ram`, `disk`.
+    pub tiers: Vec<&'static str>,
+    #[serde(flatten)]
+    pub stats: ChunkStats,
+}
+
+enum WriteJob {
+    Put(ChunkKey, Arc<ChunkKv>, ChunkStats),
+    /// Answers once every job before it is done.
+    Barrier(std::sync::mpsc::Sender<()>),
+}
+
+/// The two tiers and the disk writer.
+pub struct Store {
+    ram: Mutex<RamTier>,
+    disk: Option<Arc<DiskTier>>,
+    writer: Option<(SyncSender<WriteJob>, JoinHandle<()>)>,
+    evictor: Arc<RwLock<Arc<dyn Evictor>>>,
+    dtype: KvDtype,
+    stats: Arc<StoreStats>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Store {
+    /// Opens the store. A disk tier that cannot open (read-only or missing directory, another
+    /// process holding the index) is logged and left out: the store serves from RAM.
+    pub fn open(options: &StoreOptions, layout: Layout) -> Self {
+        let files = |dir: &std::path::Path| -> Result<Box<dyn segment::SegmentFiles>, StoreError> {
+            Ok(Box::new(segment::FsSegments::open(&dir.join("segments")).map_err(StoreError::io("opening segments"))?))
+        };
+        let disk = options.data_dir.as_ref().filter(|_| options.disk_budget_bytes > 0).and_then(|dir| {
+            let opened = std::fs::create_dir_all(dir)
+                .map_err(StoreError::io("creating the data directory"))
+                .and_then(|()| files(dir))
+                .and_then(|f| DiskTier::open(dir, f, layout.clone(), options.disk_budget_bytes, options.segment_bytes));
+            match opened {
+                Ok((tier, rec)) => {
+                    tracing::info!(
+                        dir = %dir.display(), entries = rec.entries, dropped = rec.dropped,
+                        reclaimed_bytes = rec.reclaimed_bytes, "chunk store opened"
+                    );
+                    Some(tier)
+                }
+                Err(e) => {
+                    tracing::error!(dir = %dir.display(), error = %e, "chunk store: disk tier unavailable, serving from RAM only");
+                    None
+                }
+            }
+        });
+        Self::with_disk(options, disk)
+    }
+
+    /// A store over an already opened disk tier (tests put their own I/O behind it).
+    pub fn with_disk(options: &StoreOptions, disk: Option<DiskTier>) -> Self {
+        let stats = Arc::new(StoreStats::default());
+        stats.ram.budget.store(options.ram_budget_bytes, Ordering::Relaxed);
+        let evictor: Arc<RwLock<Arc<dyn Evictor>>> = Arc::new(RwLock::new(Arc::new(LeastRecentlyUsed)));
+        let disk = disk.map(Arc::new);
+        let writer = disk.as_ref().map(|d| {
+            stats.disk_enabled.store(1, Ordering::Relaxed);
+            stats.disk.budget.store(d.budget(), Ordering::Relaxed);
+            let (tx, rx) = sync_channel(options.write_queue.max(1));
+            let w = Writer {
+                disk: d.clone(),
+                stats: stats.clone(),
+                evictor: evictor.clone(),
+                retry_after: options.retry_after,
+            };
+            let handle = std::thread::Builder::new()
+                .name("kvgate-store-writer".into())
+                .spawn(move || w.run(rx))
+                .expect("spawn the store writer");
+            (tx, handle)
+        });
+        let store = Self {
+            ram: Mutex::new(RamTier::new(options.ram_budget_bytes)),
+            disk,
+            writer,
+            evictor,
+            dtype: options.dtype,
+            stats,
+        };
+        store.refresh_gauges();
+        store
+    }
+
+    pub fn stats(&self) -> &Arc<StoreStats> {
+        &self.stats
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
+    /// Replaces the eviction policy of both tiers.
+    pub fn set_evictor(&self, evictor: Arc<dyn Evictor>) {
+        *self.evictor.write().unwrap() = evictor;
+    }
+
+    fn evictor(&self) -> Arc<dyn Evictor> {
+        self.evictor.read().unwrap().clone()
+    }
+
+    /// Waits until every chunk handed to the writer before this call is on disk (or failed).
+    pub fn sync(&self) {
+        if let Some((tx, _)) = &self.writer {
+            let (done, wait) = std::sync::mpsc::channel();
+            if tx.send(WriteJob::Barrier(done)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+        if let Some(d) = &self.disk {
+            let _ = d.flush();
+        }
+    }
+
+    /// Drops every chunk of both tiers (after pending writes); returns how many chunks went.
+    pub fn clear(&self) -> usize {
+        self.sync();
+        let mut keys = self.ram.lock().unwrap().clear();
+        if let Some(d) = &self.disk {
+            keys.extend(d.clear());
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        self.refresh_gauges();
+        keys.len()
+    }
+
+    /// Drops one chunk from both tiers; whether it was held.
+    pub fn remove(&self, key: &ChunkKey) -> bool {
+        self.sync();
+        let in_ram = self.ram.lock().unwrap().remove(key);
+        let on_disk = self.disk.as_ref().is_some_and(|d| d.remove(key));
+        self.refresh_gauges();
+        in_ram || on_disk
+    }
+
+    /// Chunks in key order after `after`, at most `limit`; and whether more follow.
+    pub fn list(&self, after: Option<&ChunkKey>, limit: usize) -> (Vec<ChunkInfo>, bool) {
+        let mut all: std::collections::BTreeMap<ChunkKey, ChunkInfo> = std::collections::BTreeMap::new();
+        if let Some(d) = &self.disk {
+            for (k, stats) in d.stats() {
+                all.insert(k, ChunkInfo { key: k.to_hex(), tiers: vec!["disk"], stats });
+            }
+        }
+        for (k, s) in self.ram.lock().unwrap().stats() {
+            let info = all.entry(*k).or_insert_with(|| ChunkInfo { key: k.to_hex(), tiers: vec![], stats: *s });
+            info.tiers.insert(0, "ram");
+            info.stats.last_access_ms = info.stats.last_access_ms.max(s.last_access_ms);
+        }
+        let mut page: Vec<ChunkInfo> = match after {
+            Some(a) => {
+                all.range((std::ops::Bound::Excluded(*a), std::ops::Bound::Unbounded)).map(|(_, i)| i.clone()).collect()
+            }
+            None => all.into_values().collect(),
+        };
+        let more = page.len() > limit;
+        page.truncate(limit);
+        (page, more)
+    }
+
+    /// The disk tier, if open.
+    pub fn disk(&self) -> Option<&DiskTier> {
+        self.disk.as_deref()
+    }
+
+    fn refresh_gauges(&self) {
+        let (n, b) = self.ram.lock().unwrap().usage();
+        self.stats.ram.entries.store(n as u64, Ordering::Relaxed);
+        self.stats.ram.bytes.store(b, Ordering::Relaxed);
+        if let Some(d) = &self.disk {
+            let (n, b) = d.usage();
+            self.stats.disk.entries.store(n as u64, Ordering::Relaxed);
+            self.stats.disk.bytes.store(b, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ChunkStore for Store {
+    fn get(&self, key: &ChunkKey) -> Option<Arc<ChunkKv>> {
+        let now = now_ms();
+        let s = &self.stats;
+        if let Some(kv) = self.ram.lock().unwrap().get(key, now) {
+            s.ram.hits.fetch_add(1, Ordering::Relaxed);
+            if let Some(d) = &self.disk {
+                d.touch(key, now);
+            }
+            return Some(kv);
+        }
+        s.ram.misses.fetch_add(1, Ordering::Relaxed);
+        let disk = self.disk.as_ref()?;
+        let started = Instant::now();
+        match disk.get(key, now) {
+            Lookup::Hit(kv, stats) => {
+                s.disk_load_seconds.observe(started.elapsed().as_secs_f64());
+                s.disk.hits.fetch_add(1, Ordering::Relaxed);
+                let kv = Arc::new(kv);
+                let evicted = self.ram.lock().unwrap().insert(*key, kv.clone(), stats, &*self.evictor(), &s.ram);
+                s.ram.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
+                self.refresh_gauges();
+                Some(kv)
+            }
+            Lookup::Miss => {
+                s.disk.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Lookup::Corrupt => {
+                s.disk.misses.fetch_add(1, Ordering::Relaxed);
+                s.corruptions.fetch_add(1, Ordering::Relaxed);
+                self.refresh_gauges();
+                None
+            }
+        }
+    }
+
+    fn put(&self, key: ChunkKey, kv: Arc<ChunkKv>, cost_us: u64) {
+        let kv = match self.dtype {
+            KvDtype::F32 => kv,
+            dtype => {
+                let mut rounded = (*kv).clone();
+                rounded.k.iter_mut().chain(rounded.v.iter_mut()).for_each(|l| dtype.round(l));
+                Arc::new(rounded)
+            }
+        };
+        let now = now_ms();
+        let stats = ChunkStats {
+            tokens: kv.tokens.len() as u32,
+            bytes: 0,
+            created_ms: now,
+            last_access_ms: now,
+            hits: 0,
+            cost_us,
+        };
+        let evicted = self.ram.lock().unwrap().insert(key, kv.clone(), stats, &*self.evictor(), &self.stats.ram);
+        self.stats.ram.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
+        if let Some((tx, _)) = &self.writer {
+            if let Err(TrySendError::Full(_)) = tx.try_send(WriteJob::Put(key, kv, stats)) {
+                self.stats.writes_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.refresh_gauges();
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what was handed to it, then stop.
+        if let Some((tx, handle)) = self.writer.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The disk writer thread: takes chunks off the request path and onto disk.
+struct Writer {
+    disk: Arc<DiskTier>,
+    stats: Arc<StoreStats>,
+    evictor: Arc<RwLock<Arc<dyn Evictor>>>,
+    retry_after: Duration,
+}
+
+impl Writer {
+    fn run(self, jobs: Receiver<WriteJob>) {
+        let mut failing_since: Option<Instant> = None;
+        while let Ok(job) = jobs.recv() {
+            let (key, kv, stats) = match job {
+                WriteJob::Put(key, kv, stats) => (key, kv, stats),
+                WriteJob::Barrier(done) => {
+                    let _ = done.send(());
+                    continue;
+                }
+            };
+            if failing_since.is_some_and(|t| t.elapsed() < self.retry_after) {
+                self.stats.writes_skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let evictor = self.evictor.read().unwrap().clone();
+            match self.disk.put(key, &kv, stats, &*evictor, &self.stats.disk) {
+                Ok(evicted) => {
+                    self.stats.disk.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
+                    if failing_since.take().is_some() {
+                        self.stats.degraded.store(0, Ordering::Relaxed);
+                        tracing::info!("chunk store: disk writes succeed again; storing resumed");
+                    }
+                }
+                Err(e) => {
+                    self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    if failing_since.is_none() {
+                        self.stats.degraded.store(1, Ordering::Relaxed);
+                        tracing::error!(
+                            error = %e, out_of_space = e.is_out_of_space(),
+                            "chunk store: disk write failed; serving without storing to disk, retrying every {:?}",
+                            self.retry_after
+                        );
+                    }
+                    failing_since = Some(Instant::now());
+                }
+            }
+            let (n, b) = self.disk.usage();
+            self.stats.disk.entries.store(n as u64, Ordering::Relaxed);
+            self.stats.disk.bytes.store(b, Ordering::Relaxed);
+        }
+    }
+}

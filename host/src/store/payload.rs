@@ -1,0 +1,317 @@
+//! The on-disk form of one chunk: a versioned header, the token ids, K and V per layer in the
+//! configured element type, and a CRC-32 trailer over everything before it.
+//!
+//! ```text
+//!   0  magic "KVGATEKV"          40  chunk key (32 bytes)
+//!   8  version u16 = 1           72  sha256 of the model fingerprint (32 bytes)
+//!  10  dtype u8 (0 f32, 1 f16, 2 bf16)
+//!  11  flags u8 (bit 0: K rotated)   104..128 reserved (zero)
+//!  12  rotated_at u32            128  tokens × u32
+//!  16  layers, kv_heads, head_dim u16 ×3   then per layer: K, V (tokens × kv_dim elements)
+//!  24  tokens u32                end  crc32 u32 of bytes 0..end
+//!  32  total length u64
+//! ```
+//!
+//! Everything little-endian. Decoding checks every field against what the reader expects, so
+//! a payload of another model, another layout, or torn by a crash is refused, never served.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use sha2::{Digest, Sha256};
+
+use super::{ChunkKey, ChunkKv};
+
+const MAGIC: &[u8; 8] = b"KVGATEKV";
+const VERSION: u16 = 1;
+/// Bytes before the token ids.
+pub const HEADER_LEN: usize = 128;
+const TRAILER_LEN: usize = 4;
+
+/// Element type of stored K and V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl KvDtype {
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 | KvDtype::Bf16 => 2,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            KvDtype::F32 => 0,
+            KvDtype::F16 => 1,
+            KvDtype::Bf16 => 2,
+        }
+    }
+
+    /// Rounds `values` to this type and back, so that a chunk served from RAM equals the same
+    /// chunk served from disk.
+    pub fn round(self, values: &mut [f32]) {
+        match self {
+            KvDtype::F32 => {}
+            KvDtype::F16 => {
+                let mut h = vec![f16::ZERO; values.len()];
+                h.convert_from_f32_slice(values);
+                h.convert_to_f32_slice(values);
+            }
+            KvDtype::Bf16 => {
+                let mut h = vec![bf16::ZERO; values.len()];
+                h.convert_from_f32_slice(values);
+                h.convert_to_f32_slice(values);
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            "bf16" => Ok(KvDtype::Bf16),
+            _ => Err(format!("unknown KV element type `{s}` (f32, f16 or bf16)")),
+        }
+    }
+}
+
+/// What every payload of one store must agree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// sha256 of the model fingerprint.
+    pub model: [u8; 32],
+    pub layers: u16,
+    pub kv_heads: u16,
+    pub head_dim: u16,
+    pub dtype: KvDtype,
+}
+
+impl Layout {
+    pub fn new(fingerprint: &str, layers: usize, kv_heads: usize, head_dim: usize, dtype: KvDtype) -> Self {
+        Self {
+            model: Sha256::digest(fingerprint.as_bytes()).into(),
+            layers: layers as u16,
+            kv_heads: kv_heads as u16,
+            head_dim: head_dim as u16,
+            dtype,
+        }
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.kv_heads as usize * self.head_dim as usize
+    }
+
+    /// Payload bytes of a chunk of `tokens` tokens.
+    pub fn payload_len(&self, tokens: usize) -> usize {
+        HEADER_LEN + tokens * 4 + 2 * self.layers as usize * tokens * self.kv_dim() * self.dtype.size() + TRAILER_LEN
+    }
+}
+
+/// Why a payload was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PayloadError {
+    #[error("payload too short ({0} bytes)")]
+    Short(usize),
+    #[error("bad magic")]
+    Magic,
+    #[error("unsupported payload version {0}")]
+    Version(u16),
+    #[error("payload belongs to another chunk")]
+    Key,
+    #[error("payload of another model or layout")]
+    Layout,
+    #[error("payload length {found} does not match its header ({expected})")]
+    Length { found: usize, expected: usize },
+    #[error("checksum mismatch")]
+    Checksum,
+}
+
+/// The fields of a header that recovery checks without reading the whole payload.
+#[derive(Debug, PartialEq)]
+pub struct Header {
+    pub key: ChunkKey,
+    pub total_len: u64,
+    pub tokens: u32,
+}
+
+/// Encodes a chunk; returns the bytes and their checksum (the trailer).
+pub fn encode(key: &ChunkKey, kv: &ChunkKv, layout: &Layout) -> (Vec<u8>, u32) {
+    let n = kv.tokens.len();
+    let total = layout.payload_len(n);
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.push(layout.dtype.code());
+    out.push(kv.rotated_at.is_some() as u8);
+    out.extend_from_slice(&kv.rotated_at.unwrap_or(0).to_le_bytes());
+    for v in [layout.layers, layout.kv_heads, layout.head_dim, 0] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&(total as u64).to_le_bytes());
+    out.extend_from_slice(&key.0);
+    out.extend_from_slice(&layout.model);
+    out.resize(HEADER_LEN, 0);
+    for t in &kv.tokens {
+        out.extend_from_slice(&t.to_le_bytes());
+    }
+    for (k, v) in kv.k.iter().zip(&kv.v) {
+        put_values(&mut out, k, layout.dtype);
+        put_values(&mut out, v, layout.dtype);
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(out.len(), total);
+    (out, crc)
+}
+
+fn put_values(out: &mut Vec<u8>, values: &[f32], dtype: KvDtype) {
+    match dtype {
+        KvDtype::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        KvDtype::F16 => {
+            let mut h = vec![f16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            h.iter().for_each(|v| out.extend_from_slice(&v.to_bits().to_le_bytes()));
+        }
+        KvDtype::Bf16 => {
+            let mut h = vec![bf16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            h.iter().for_each(|v| out.extend_from_slice(&v.to_bits().to_le_bytes()));
+        }
+    }
+}
+
+/// Reads the fixed header fields (no checksum: that needs the whole payload).
+pub fn header(bytes: &[u8], layout: &Layout) -> Result<Header, PayloadError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(PayloadError::Short(bytes.len()));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(PayloadError::Magic);
+    }
+    let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+    let version = u16_at(8);
+    if version != VERSION {
+        return Err(PayloadError::Version(version));
+    }
+    let same_layout = bytes[10] == layout.dtype.code()
+        && u16_at(16) == layout.layers
+        && u16_at(18) == layout.kv_heads
+        && u16_at(20) == layout.head_dim
+        && bytes[72..104] == layout.model;
+    if !same_layout {
+        return Err(PayloadError::Layout);
+    }
+    let tokens = u32_at(24);
+    let total_len = u64::from_le_bytes(bytes[32..40].try_into().unwrap());
+    let expected = layout.payload_len(tokens as usize) as u64;
+    if total_len != expected {
+        return Err(PayloadError::Length { found: total_len as usize, expected: expected as usize });
+    }
+    Ok(Header { key: ChunkKey(bytes[40..72].try_into().unwrap()), total_len, tokens })
+}
+
+/// Decodes and verifies a whole payload read for `key`.
+pub fn decode(bytes: &[u8], key: &ChunkKey, layout: &Layout) -> Result<ChunkKv, PayloadError> {
+    let h = header(bytes, layout)?;
+    if h.key != *key {
+        return Err(PayloadError::Key);
+    }
+    if bytes.len() as u64 != h.total_len {
+        return Err(PayloadError::Length { found: bytes.len(), expected: h.total_len as usize });
+    }
+    let (body, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
+    if crc32fast::hash(body) != u32::from_le_bytes(trailer.try_into().unwrap()) {
+        return Err(PayloadError::Checksum);
+    }
+    let n = h.tokens as usize;
+    let rotated_at = (bytes[11] & 1 == 1).then(|| u32::from_le_bytes(bytes[12..16].try_into().unwrap()));
+    let tokens = body[HEADER_LEN..HEADER_LEN + n * 4]
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let per = n * layout.kv_dim();
+    let width = per * layout.dtype.size();
+    let mut at = HEADER_LEN + n * 4;
+    let (mut k, mut v) = (Vec::with_capacity(layout.layers as usize), Vec::with_capacity(layout.layers as usize));
+    for _ in 0..layout.layers {
+        k.push(get_values(&body[at..at + width], layout.dtype));
+        v.push(get_values(&body[at + width..at + 2 * width], layout.dtype));
+        at += 2 * width;
+    }
+    Ok(ChunkKv { tokens, rotated_at, k, v })
+}
+
+fn get_values(bytes: &[u8], dtype: KvDtype) -> Vec<f32> {
+    match dtype {
+        KvDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        KvDtype::F16 => {
+            let h: Vec<f16> = bytes.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+            let mut out = vec![0.0; h.len()];
+            h.convert_to_f32_slice(&mut out);
+            out
+        }
+        KvDtype::Bf16 => {
+            let h: Vec<bf16> =
+                bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+            let mut out = vec![0.0; h.len()];
+            h.convert_to_f32_slice(&mut out);
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: usize, layout: &Layout) -> ChunkKv {
+        let d = layout.kv_dim();
+        let vals = |s: f32| (0..n * d).map(|i| (i as f32 * 0.37 + s).sin()).collect::<Vec<f32>>();
+        ChunkKv {
+            tokens: (0..n as u32).collect(),
+            rotated_at: None,
+            k: (0..layout.layers).map(|l| vals(l as f32)).collect(),
+            v: (0..layout.layers).map(|l| vals(-(l as f32))).collect(),
+        }
+    }
+
+    #[test]
+    fn round_trips_in_every_dtype() {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16] {
+            let layout = Layout::new("model", 3, 2, 4, dtype);
+            let key = ChunkKey([7; 32]);
+            let mut kv = chunk(5, &layout);
+            kv.k.iter_mut().chain(kv.v.iter_mut()).for_each(|l| dtype.round(l));
+            let (bytes, _) = encode(&key, &kv, &layout);
+            assert_eq!(bytes.len(), layout.payload_len(5));
+            assert_eq!(decode(&bytes, &key, &layout).unwrap(), kv, "{dtype:?}: rounded values survive exactly");
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_refused() {
+        let layout = Layout::new("model", 2, 1, 4, KvDtype::F16);
+        let key = ChunkKey([1; 32]);
+        let (bytes, _) = encode(&key, &chunk(3, &layout), &layout);
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(decode(&b, &key, &layout).is_err(), "flip at byte {i} went unnoticed");
+        }
+        assert!(decode(&bytes[..bytes.len() - 1], &key, &layout).is_err(), "a torn payload");
+        assert_eq!(decode(&bytes, &ChunkKey([2; 32]), &layout), Err(PayloadError::Key));
+        let other = Layout::new("other model", 2, 1, 4, KvDtype::F16);
+        assert_eq!(decode(&bytes, &key, &other), Err(PayloadError::Layout));
+    }
+}

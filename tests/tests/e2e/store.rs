@@ -1,0 +1,134 @@
+//! The chunk store through the server: restarts, crashes, the admin endpoints, metrics.
+
+use serde_json::{Value, json};
+
+use crate::util::{Server, temp_dir};
+
+const PASSAGES: [&str; 3] = [
+    "Cargo builds Rust code, fetches crates from the registry and runs the tests.",
+    "Traits define shared behaviour in Rust; generic functions are bounded by them.",
+    "The borrow checker forbids dangling references and data races at compile time.",
+];
+
+fn rag(order: [usize; 3], question: &str) -> Value {
+    let mut m = vec![json!({"role": "system", "content": "Answer from the passages."})];
+    m.extend(order.iter().map(|&i| json!({"role": "user", "content": PASSAGES[i]})));
+    m.push(json!({"role": "user", "content": question}));
+    json!({"messages": m, "temperature": 0, "max_tokens": 6})
+}
+
+/// GET with an optional bearer token; status and JSON body.
+fn get(s: &Server, path: &str, token: Option<&str>) -> (u16, Value) {
+    send(ureq::get(&s.url(path)), token)
+}
+
+fn delete(s: &Server, path: &str) -> (u16, Value) {
+    send(ureq::delete(&s.url(path)), None)
+}
+
+fn send(mut r: ureq::Request, token: Option<&str>) -> (u16, Value) {
+    if let Some(t) = token {
+        r = r.set("authorization", &format!("Bearer {t}"));
+    }
+    let r = match r.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    (r.status(), serde_json::from_str(&r.into_string().unwrap()).unwrap())
+}
+
+#[test]
+fn chunks_survive_a_restart_and_the_admin_endpoints_list_and_delete_them() {
+    let dir = temp_dir("restart");
+    let first = {
+        let mut s = Server::start_in(&dir, &[]);
+        let (st, r) = s.post("/v1/chat/completions", &rag([0, 1, 2], "What does Cargo do?"));
+        assert_eq!((st, r["kvgate"]["chunks_hit"].as_u64()), (200, Some(0)), "{r}");
+        assert!(s.stop(), "clean shutdown");
+        r
+    };
+    let s = Server::start_in(&dir, &[]);
+    let (_, again) = s.post("/v1/chat/completions", &rag([2, 0, 1], "What are traits?"));
+    let k = &again["kvgate"];
+    assert_eq!(k["chunks_hit"], first["kvgate"]["chunks_total"], "every chunk came back from disk: {k}");
+    assert!(s.metric("kvgate:chunk_store_hits_total{tier=\"disk\"}") >= 4.0);
+    assert_eq!(s.metric("kvgate:chunk_store_corruptions_total"), 0.0);
+    assert!(s.metric("kvgate:chunk_store_disk_load_seconds_count") >= 4.0);
+    assert_eq!(s.metric("kvgate:chunk_store_disk_enabled"), 1.0);
+
+    // The list, paged.
+    let (st, all) = get(&s, "/admin/chunks", None);
+    assert_eq!(st, 200);
+    let chunks = all["data"].as_array().unwrap();
+    assert_eq!(chunks.len(), 4, "{all}");
+    for c in chunks {
+        assert!(c["tiers"].as_array().unwrap().contains(&json!("disk")), "{c}");
+        assert!(c["tokens"].as_u64().unwrap() > 0 && c["cost_us"].as_u64().unwrap() > 0, "{c}");
+        assert!(c["hits"].as_u64().unwrap() >= 1, "{c}");
+    }
+    let (_, page1) = get(&s, "/admin/chunks?limit=3", None);
+    assert_eq!((page1["data"].as_array().unwrap().len(), &page1["has_more"]), (3, &json!(true)));
+    let after = page1["next_after"].as_str().unwrap();
+    let (_, page2) = get(&s, &format!("/admin/chunks?limit=3&after={after}"), None);
+    assert_eq!((page2["data"].as_array().unwrap().len(), &page2["has_more"]), (1, &json!(false)));
+    assert_eq!(page2["data"][0]["key"], chunks[3]["key"]);
+
+    // One chunk, then all.
+    let key = chunks[0]["key"].as_str().unwrap();
+    assert_eq!(get(&s, &format!("/admin/chunks/{key}"), None).1["key"], key);
+    assert_eq!(delete(&s, &format!("/admin/chunks/{key}")).0, 200);
+    let (st, e) = delete(&s, &format!("/admin/chunks/{key}"));
+    assert_eq!((st, e["error"]["code"].as_str()), (404, Some("chunk_not_found")));
+    let (st, e) = get(&s, "/admin/chunks/xyz", None);
+    assert_eq!((st, e["error"]["code"].as_str()), (400, Some("invalid_value")));
+    let (st, e) = get(&s, "/admin/chunks?limit=0", None);
+    assert_eq!((st, e["error"]["code"].as_str()), (400, Some("invalid_value")));
+    let (st, flushed) = delete(&s, "/admin/chunks");
+    assert_eq!((st, flushed["flushed_chunks"].as_u64()), (200, Some(3)));
+    assert_eq!(get(&s, "/admin/chunks", None).1["data"], json!([]));
+    assert_eq!(s.metric("kvgate:chunk_store_entries{tier=\"disk\"}"), 0.0);
+}
+
+#[test]
+fn a_server_killed_mid_write_restarts_and_serves() {
+    let dir = temp_dir("sigkill");
+    let mut s = Server::start_in(&dir, &[]);
+    for (i, order) in [[0, 1, 2], [1, 2, 0], [2, 0, 1]].into_iter().enumerate() {
+        let mut body = rag(order, &format!("Question number {i}: what is Rust?"));
+        body["messages"][1]["content"] = json!(format!("Passage set {i}. {}", PASSAGES[order[0]]));
+        assert_eq!(s.post("/v1/chat/completions", &body).0, 200);
+    }
+    s.child.kill().unwrap(); // SIGKILL: no shutdown, the disk writer may be mid-payload
+    s.child.wait().unwrap();
+    let s = Server::start_in(&dir, &[]);
+    let (st, r) = s.post("/v1/chat/completions", &rag([0, 1, 2], "What does Cargo do?"));
+    assert_eq!(st, 200, "{r}");
+    assert!(r["kvgate"]["chunks_hit"].as_u64().unwrap() >= 1, "chunks written before the kill are served: {r}");
+    assert_eq!(s.metric("kvgate:chunk_store_corruptions_total"), 0.0);
+    let (_, listed) = get(&s, "/admin/chunks?limit=1000", None);
+    assert!(listed["data"].as_array().unwrap().len() >= 4);
+}
+
+#[test]
+fn the_admin_token_guards_admin_endpoints_only() {
+    let s = Server::start(&["--admin-token", "s3cret"]);
+    let (st, e) = get(&s, "/admin/chunks", None);
+    assert_eq!((st, e["error"]["code"].as_str()), (401, Some("invalid_admin_token")));
+    let (st, _) = get(&s, "/admin/chunks", Some("wrong"));
+    assert_eq!(st, 401);
+    let (st, e) = get(&s, "/admin/nothing-here", None);
+    assert_eq!(st, 401, "unauthenticated callers learn nothing about admin routes: {e}");
+    assert_eq!(get(&s, "/admin/chunks", Some("s3cret")).0, 200);
+    assert_eq!(get(&s, "/v1/models", None).0, 200, "the API itself needs no admin token");
+}
+
+#[test]
+fn without_a_disk_tier_the_server_serves_from_ram() {
+    let s = Server::start(&["--disk-budget-bytes", "0"]);
+    assert_eq!(s.post("/v1/chat/completions", &rag([0, 1, 2], "What does Cargo do?")).0, 200);
+    let (_, r) = s.post("/v1/chat/completions", &rag([1, 0, 2], "What does Cargo do?"));
+    assert_eq!(r["kvgate"]["chunks_hit"], r["kvgate"]["chunks_total"]);
+    assert_eq!(s.metric("kvgate:chunk_store_disk_enabled"), 0.0);
+    assert!(!s.data_dir.join("index").exists());
+}
