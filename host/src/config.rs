@@ -64,6 +64,15 @@ pub struct Config {
     pub kv_dtype: KvDtype,
     /// When set, `/admin/` endpoints need `Authorization: Bearer <admin_token>`.
     pub admin_token: Option<String>,
+    /// Directory of the policy components (`chunker.wasm`, `selector.wasm`, `evictor.wasm`).
+    pub plugins_dir: PathBuf,
+    /// Reload plugins when the directory changes.
+    pub watch_plugins: bool,
+    /// Longest one plugin call may run, milliseconds.
+    pub plugin_timeout_ms: u64,
+    /// Most memory a plugin may grow to.
+    #[serde(deserialize_with = "bytes_setting")]
+    pub plugin_memory_bytes: u64,
 }
 
 impl Default for Config {
@@ -86,6 +95,10 @@ impl Default for Config {
             disk_budget_bytes: 16 << 30,
             kv_dtype: KvDtype::F16,
             admin_token: None,
+            plugins_dir: kvgate_home().join("plugins"),
+            watch_plugins: true,
+            plugin_timeout_ms: 50,
+            plugin_memory_bytes: 64 << 20,
         }
     }
 }
@@ -156,6 +169,10 @@ pub struct Overrides {
     pub disk_budget_bytes: Option<u64>,
     pub kv_dtype: Option<KvDtype>,
     pub admin_token: Option<String>,
+    pub plugins_dir: Option<PathBuf>,
+    pub watch_plugins: Option<bool>,
+    pub plugin_timeout_ms: Option<u64>,
+    pub plugin_memory_bytes: Option<u64>,
 }
 
 impl Config {
@@ -170,6 +187,15 @@ impl Config {
                 check_layer: self.check_layer,
                 chunk_head_tokens: self.chunk_head_tokens,
             },
+        }
+    }
+
+    /// The policy host's options from these settings.
+    pub fn policy_options(&self) -> crate::policy::PolicyOptions {
+        crate::policy::PolicyOptions {
+            dir: self.plugins_dir.clone(),
+            timeout: std::time::Duration::from_millis(self.plugin_timeout_ms),
+            memory_bytes: self.plugin_memory_bytes as usize,
         }
     }
 
@@ -234,6 +260,24 @@ impl Config {
         }
         if o.admin_token.is_some() {
             self.admin_token = o.admin_token;
+        }
+        if let Some(v) = o.plugins_dir {
+            self.plugins_dir = v;
+        }
+        if let Some(v) = o.watch_plugins {
+            self.watch_plugins = v;
+        }
+        if let Some(v) = o.plugin_timeout_ms {
+            self.plugin_timeout_ms = v;
+        }
+        if let Some(v) = o.plugin_memory_bytes {
+            self.plugin_memory_bytes = v;
+        }
+        if self.plugin_timeout_ms == 0 {
+            return Err(ConfigError::Invalid { key: "plugin_timeout_ms", message: "must be at least 1".into() });
+        }
+        if self.plugin_memory_bytes < 1 << 20 {
+            return Err(ConfigError::Invalid { key: "plugin_memory_bytes", message: "must be at least 1MiB".into() });
         }
         if self.admin_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err(ConfigError::Invalid { key: "admin_token", message: "must not be empty".into() });

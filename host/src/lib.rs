@@ -9,6 +9,8 @@
 //!   selective recompute.
 //! - [`store`]: the chunk store — RAM tier, sled-indexed disk tier, eviction, recovery. The
 //!   only module that knows sled.
+//! - [`policy`]: the wasmtime host — chunker, selector and evictor components, sandboxed,
+//!   validated, hot-reloaded, with safe fallbacks. The only module that knows wasmtime.
 //! - [`config`]: the `kvgate.toml` / env / flag configuration.
 //! - [`metrics`]: counters and histograms in Prometheus text format.
 //! - [`bench`]: `kvgate bench` workloads.
@@ -19,4 +21,5 @@ pub mod blend;
 pub mod config;
 pub mod engine;
 pub mod metrics;
+pub mod policy;
 pub mod store;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use kvgate::api::{self, AppState};
 use kvgate::config::{Config, Overrides};
 use kvgate::engine::{Engine, LoadedModel};
+use kvgate::policy::{self, Policies};
 use kvgate::store::{Layout, Store};
 
 #[derive(Parser)]
@@ -24,6 +25,38 @@ enum Command {
     /// Run a benchmark.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Check policy components offline, or reload / list them on a running server.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Validate a component: its world, info, self-test and a canned call, under the limits.
+    Check {
+        /// The .wasm component.
+        file: PathBuf,
+        /// Time limit per call, milliseconds.
+        #[arg(long, default_value_t = 50)]
+        timeout_ms: u64,
+        /// Memory limit.
+        #[arg(long, default_value = "64MiB", value_parser = kvgate::config::parse_bytes)]
+        memory: u64,
+    },
+    /// Ask a running server to reload its plugins directory.
+    Reload(AdminArgs),
+    /// Show a running server's plugins and their counters.
+    List(AdminArgs),
+}
+
+#[derive(Parser)]
+struct AdminArgs {
+    /// Base URL of the running server.
+    #[arg(long, env = "KVGATE_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The server's admin token, if it has one.
+    #[arg(long, env = "KVGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 #[derive(Parser)]
@@ -73,6 +106,18 @@ struct ServeArgs {
     /// Bearer token required by /admin/ endpoints.
     #[arg(long, env = "KVGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Directory of the policy components. Default: ~/.cache/kvgate/plugins
+    #[arg(long, env = "KVGATE_PLUGINS_DIR")]
+    plugins_dir: Option<PathBuf>,
+    /// Do not reload plugins when their directory changes (reload with `kvgate plugin reload`).
+    #[arg(long)]
+    no_watch_plugins: bool,
+    /// Longest one plugin call may run, milliseconds.
+    #[arg(long, env = "KVGATE_PLUGIN_TIMEOUT_MS")]
+    plugin_timeout_ms: Option<u64>,
+    /// Most memory a plugin may grow to (e.g. 64MiB).
+    #[arg(long, env = "KVGATE_PLUGIN_MEMORY_BYTES", value_parser = kvgate::config::parse_bytes)]
+    plugin_memory_bytes: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -81,6 +126,51 @@ enum BenchCommand {
     Engine(BenchEngineArgs),
     /// A RAG workload against a running server: TTFT and quality per cache mode.
     Rag(BenchRagArgs),
+    /// Chunk load time from RAM and disk (warm and cold) against recomputing the chunk.
+    Store(BenchStoreArgs),
+    /// Policy plugins: call overhead, chunking and eviction hit rates.
+    Policies(BenchPoliciesArgs),
+}
+
+#[derive(Parser)]
+struct BenchPoliciesArgs {
+    /// GGUF model (for its tokenizer and chat template). Default: the embedded one.
+    #[arg(long, env = "KVGATE_MODEL")]
+    model: Option<PathBuf>,
+    /// Directory of the components to measure. Default: ~/.cache/kvgate/plugins
+    #[arg(long, env = "KVGATE_PLUGINS_DIR")]
+    plugins_dir: Option<PathBuf>,
+    /// Directory of .txt/.md/.html files to draw passages from.
+    #[arg(long)]
+    corpus: PathBuf,
+    /// Requests per trace.
+    #[arg(long, default_value_t = 400)]
+    requests: usize,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Parser)]
+struct BenchStoreArgs {
+    /// GGUF model. Default: the embedded SmolLM2-135M-Instruct.
+    #[arg(long, env = "KVGATE_MODEL")]
+    model: Option<PathBuf>,
+    /// Inference threads (0: one per core).
+    #[arg(long, env = "KVGATE_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// Tokens in the chunk.
+    #[arg(long, default_value_t = 256)]
+    tokens: usize,
+    /// Repetitions (medians are reported).
+    #[arg(long, default_value_t = 7)]
+    reps: usize,
+    /// Where the temporary stores go (on the disk to measure).
+    #[arg(long, default_value = "data/bench-store")]
+    dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser)]
@@ -117,6 +207,9 @@ struct BenchRagArgs {
     budgets: Vec<f32>,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// All passages in one user message (chunk boundaries then come from the chunker alone).
+    #[arg(long)]
+    joined: bool,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -144,12 +237,22 @@ struct BenchEngineArgs {
     json: bool,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    // A readable message and a failing exit status; no backtrace (this is a user's tool).
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("kvgate: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine(args),
         Command::Bench(BenchCommand::Rag(args)) => bench_rag(args),
+        Command::Bench(BenchCommand::Store(args)) => bench_store(args),
+        Command::Bench(BenchCommand::Policies(args)) => bench_policies(args),
+        Command::Plugin(cmd) => plugin(cmd),
     }
 }
 
@@ -191,6 +294,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         disk_budget_bytes: args.disk_budget_bytes,
         kv_dtype: args.kv_dtype,
         admin_token: args.admin_token,
+        plugins_dir: args.plugins_dir,
+        watch_plugins: args.no_watch_plugins.then_some(false),
+        plugin_timeout_ms: args.plugin_timeout_ms,
+        plugin_memory_bytes: args.plugin_memory_bytes,
     })?;
     set_threads(config.threads);
     init_logging(&config.log);
@@ -213,7 +320,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let layout = Layout::new(model.model.fingerprint(), cfg.layers, cfg.kv_heads, cfg.head_dim, config.kv_dtype);
         let options = config.store_options();
         let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&options, layout)).await?);
-        let engine = Engine::start(model, config.engine_options(), store);
+        let policies = Policies::start(config.policy_options())?;
+        store.set_evictor(policies.evictor());
+        let _watcher = match config.watch_plugins {
+            true => Some(policy::watch::watch(&policies).context("cannot watch the plugins directory")?),
+            false => None,
+        };
+        let engine = Engine::start(model, config.engine_options(), store, Some(policies));
         if state.engine.set(engine).is_err() {
             bail!("engine started twice");
         }
@@ -260,6 +373,104 @@ fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn plugin(cmd: PluginCommand) -> anyhow::Result<()> {
+    init_logging("warn");
+    match cmd {
+        PluginCommand::Check { file, timeout_ms, memory } => {
+            let timeout = std::time::Duration::from_millis(timeout_ms);
+            match Policies::check_file(&file, timeout, memory as usize) {
+                Ok((kind, name, version, sha)) => {
+                    println!("{}: ok", file.display());
+                    println!("  world:    kvgate:policy/{}@0.1.0", kind.as_str());
+                    println!("  name:     {name} {version}");
+                    println!("  sha256:   {sha}");
+                    println!("  install:  copy it to the plugins directory as {}", kind.file_name());
+                    Ok(())
+                }
+                Err(e) => bail!("{}: {e}", file.display()),
+            }
+        }
+        PluginCommand::Reload(a) => {
+            let body = admin_call(&a, "POST", "/admin/plugins/reload")?;
+            let mut failed = false;
+            for o in body["data"].as_array().into_iter().flatten() {
+                let outcome = o["outcome"].as_str().unwrap_or("?");
+                failed |= outcome == "rejected";
+                let what = match (o["name"].as_str(), o["error"].as_str()) {
+                    (_, Some(e)) => e.to_string(),
+                    (Some(n), None) => format!("{n} {}", o["version"].as_str().unwrap_or("")),
+                    (None, None) => String::new(),
+                };
+                println!("{:<9} {:<10} {what}", o["kind"].as_str().unwrap_or("?"), outcome);
+            }
+            if failed {
+                bail!("a plugin was rejected; the previous version keeps serving");
+            }
+            Ok(())
+        }
+        PluginCommand::List(a) => {
+            let body = admin_call(&a, "GET", "/admin/plugins")?;
+            println!("{}", serde_json::to_string_pretty(&body["data"])?);
+            Ok(())
+        }
+    }
+}
+
+/// Calls an admin endpoint of a running server; its error message on failure.
+fn admin_call(a: &AdminArgs, method: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let url = format!("{}{path}", a.url.trim_end_matches('/'));
+    let mut req = ureq::request(method, &url);
+    if let Some(t) = &a.admin_token {
+        req = req.set("authorization", &format!("Bearer {t}"));
+    }
+    let resp = match req.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(code, r)) => {
+            let body: serde_json::Value = r.into_json().unwrap_or_default();
+            bail!("{url}: {code} {}", body["error"]["message"].as_str().unwrap_or("(no message)"));
+        }
+        Err(e) => bail!("cannot reach {url}: {e} (is `kvgate serve` running? --url)"),
+    };
+    Ok(resp.into_json()?)
+}
+
+fn bench_policies(args: BenchPoliciesArgs) -> anyhow::Result<()> {
+    init_logging("warn");
+    let path = args.model.unwrap_or_else(kvgate::config::default_model_path);
+    check_model(&path)?;
+    let model = LoadedModel::load(&path, None)?;
+    let defaults = kvgate::config::Config::default();
+    let options = policy::PolicyOptions {
+        dir: args.plugins_dir.unwrap_or(defaults.plugins_dir),
+        timeout: std::time::Duration::from_millis(defaults.plugin_timeout_ms),
+        memory_bytes: defaults.plugin_memory_bytes as usize,
+    };
+    let policies = Policies::start(options)?;
+    let f = kvgate::bench::policies::run(&model, &policies, &args.corpus, args.requests, &mut |s| {
+        eprintln!("bench policies: {s}")
+    })?;
+    match args.json {
+        true => println!("{}", serde_json::to_string_pretty(&f)?),
+        false => print!("{}", kvgate::bench::policies::table(&f)),
+    }
+    Ok(())
+}
+
+fn bench_store(args: BenchStoreArgs) -> anyhow::Result<()> {
+    set_threads(args.threads);
+    init_logging("warn");
+    let path = args.model.unwrap_or_else(kvgate::config::default_model_path);
+    check_model(&path)?;
+    let model = LoadedModel::load(&path, None)?;
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let f = kvgate::bench::store::run(&model, args.tokens, args.reps, &args.dir)?;
+    match args.json {
+        true => println!("{}", serde_json::to_string_pretty(&f)?),
+        false => print!("{}", kvgate::bench::store::table(&f)),
+    }
+    Ok(())
+}
+
 fn bench_rag(args: BenchRagArgs) -> anyhow::Result<()> {
     init_logging("warn");
     let opts = kvgate::bench::rag::RagOptions {
@@ -274,6 +485,7 @@ fn bench_rag(args: BenchRagArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         budgets: args.budgets,
         seed: args.seed,
+        joined: args.joined,
     };
     let report = kvgate::bench::rag::run(&opts, |stage| eprintln!("bench rag: {stage}"))?;
     print!("{}", kvgate::bench::rag::table(&report));

@@ -1,4 +1,5 @@
-//! Operator endpoints under `/admin/`: the chunk store (list, inspect, delete, flush).
+//! Operator endpoints under `/admin/`: the chunk store (list, inspect, delete, flush) and the
+//! policy plugins (status, reload).
 //!
 //! When an admin token is configured every `/admin/` request must carry
 //! `Authorization: Bearer <token>` (checked before anything else, so an outsider learns
@@ -14,6 +15,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::{AppState, Body, json_response};
+use crate::policy::Policies;
 use crate::store::{ChunkKey, Store};
 
 const DEFAULT_PAGE: usize = 100;
@@ -23,6 +25,27 @@ pub(super) async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Resu
     authorize(state, &req)?;
     let path = req.uri().path().trim_end_matches('/').to_string();
     let method = req.method().clone();
+    match path.as_str() {
+        "/admin/plugins" => {
+            if method != Method::GET && method != Method::HEAD {
+                return Err(ApiError::method_not_allowed(&method, &path, "GET"));
+            }
+            let status = policies(state)?.status();
+            return Ok(json_response(StatusCode::OK, &json!({"object": "list", "data": status})));
+        }
+        "/admin/plugins/reload" => {
+            if method != Method::POST {
+                return Err(ApiError::method_not_allowed(&method, &path, "POST"));
+            }
+            let p = policies(state)?;
+            let outcomes = tokio::task::spawn_blocking(move || p.reload())
+                .await
+                .map_err(|e| ApiError::internal(format!("reload failed: {e}")))?;
+            let ok = outcomes.iter().all(|o| o.outcome != "rejected");
+            return Ok(json_response(StatusCode::OK, &json!({"object": "list", "ok": ok, "data": outcomes})));
+        }
+        _ => {}
+    }
     match path.strip_prefix("/admin/chunks") {
         Some("") => match method {
             Method::GET => list(state, req.uri().query().unwrap_or("")),
@@ -80,6 +103,14 @@ fn authorize(state: &AppState, req: &Request<Incoming>) -> Result<(), ApiError> 
 /// Compares without an early exit, so timing does not reveal how much of a guess was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn policies(state: &AppState) -> Result<Arc<Policies>, ApiError> {
+    let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+    engine
+        .policies()
+        .cloned()
+        .ok_or_else(|| ApiError::not_found("plugins_disabled", "this server runs without plugins"))
 }
 
 fn store(state: &AppState) -> Result<Arc<Store>, ApiError> {

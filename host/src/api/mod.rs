@@ -130,11 +130,14 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
         },
         "/metrics" => Ok(Response::builder()
             .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(full(
-                state
-                    .metrics
-                    .render(state.engine.get().map(Engine::stats), state.engine.get().map(|e| &**e.store().stats())),
-            ))
+            .body(full({
+                let engine = state.engine.get();
+                let mut text = state.metrics.render(engine.map(Engine::stats), engine.map(|e| &**e.store().stats()));
+                if let Some(p) = engine.and_then(Engine::policies) {
+                    text.push_str(&p.metrics());
+                }
+                text
+            }))
             .expect("valid response")),
         "/v1/models" => {
             let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;

@@ -3,8 +3,12 @@
 //! - `engine` (here) times the inference core alone: prefill tokens per second at given
 //!   prompt lengths and decode tokens per second, on the real model, in this process.
 //! - [`rag`] drives a running server over HTTP like a RAG client and compares cache modes.
+//! - [`store`] times loading a chunk from each store tier against recomputing it.
+//! - [`policies`] measures the policy plugins: call overhead, chunking and eviction hit rates.
 
+pub mod policies;
 pub mod rag;
+pub mod store;
 
 use std::time::Instant;
 

@@ -41,6 +41,9 @@ pub struct RagOptions {
     pub max_tokens: usize,
     pub budgets: Vec<f32>,
     pub seed: u64,
+    /// All passages in one user message, separated by blank lines (instead of a message
+    /// each): chunk boundaries then come from the chunker alone.
+    pub joined: bool,
 }
 
 /// One request's measurements.
@@ -180,7 +183,8 @@ impl Zipf {
 }
 
 /// `n` chat requests of `k` distinct passages each.
-fn prompts(passages: &[String], opts: &RagOptions, n: usize, seed: u64) -> Vec<Value> {
+/// `n` chat requests (`{"messages": …}`) drawn as the benchmark draws them.
+pub fn prompts(passages: &[String], opts: &RagOptions, n: usize, seed: u64) -> Vec<Value> {
     let mut rng = StdRng::seed_from_u64(seed);
     let pool = opts.pool.min(passages.len());
     // Popularity ranks over a shuffled pool, so rank does not follow file order.
@@ -201,7 +205,12 @@ fn prompts(passages: &[String], opts: &RagOptions, n: usize, seed: u64) -> Vec<V
             let topic: String = about.split_whitespace().take(6).collect::<Vec<_>>().join(" ");
             let mut messages = vec![json!({"role": "system", "content":
                 "You are a helpful assistant. Answer the question using only the passages the user gives you."})];
-            messages.extend(chosen.iter().map(|&i| json!({"role": "user", "content": format!("Passage:\n{}", passages[i])})));
+            if opts.joined {
+                let joined: Vec<&str> = chosen.iter().map(|&i| passages[i].as_str()).collect();
+                messages.push(json!({"role": "user", "content": format!("Passages:\n\n{}", joined.join("\n\n"))}));
+            } else {
+                messages.extend(chosen.iter().map(|&i| json!({"role": "user", "content": format!("Passage:\n{}", passages[i])})));
+            }
             messages.push(json!({"role": "user", "content": format!("Question: what does the passage that begins \"{topic}\" explain?")}));
             json!({"messages": messages})
         })

@@ -94,6 +94,56 @@ pub struct ReuseReport {
     pub chunks_total: usize,
 }
 
+/// A prompt as the chunker sees it.
+pub struct CutInput<'a> {
+    pub ids: &'a [u32],
+    /// Byte offset in `text` where each token starts.
+    pub offsets: &'a [u32],
+    pub text: &'a str,
+    /// Token indices where chat messages begin.
+    pub segment_starts: &'a [usize],
+    /// Target chunk size, tokens.
+    pub chunk_tokens: usize,
+}
+
+/// The reused tokens as the selector sees them.
+pub struct SelectInput<'a> {
+    pub deviations: &'a [f32],
+    /// Each reused token's position in the prompt.
+    pub positions: &'a [u32],
+    /// Index into `deviations` where each reused chunk begins.
+    pub chunk_starts: &'a [u32],
+    pub budget: usize,
+}
+
+/// The policy seams of a prefill: where to cut, what to recompute. `policy` answers them with
+/// plugins; [`BuiltinPolicy`] is the in-process default.
+pub trait Policy {
+    /// Non-empty contiguous ranges covering the prompt, never spanning a segment start.
+    fn cut(&self, input: &CutInput) -> Vec<Range<usize>>;
+    /// Indices into the reused tokens to recompute, ascending.
+    fn select(&self, input: &SelectInput) -> Vec<u32>;
+}
+
+/// Fixed-size cuts within segments; top deviation (optionally after EPIC-style chunk heads).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuiltinPolicy {
+    pub chunk_head_tokens: usize,
+}
+
+impl Policy for BuiltinPolicy {
+    fn cut(&self, input: &CutInput) -> Vec<Range<usize>> {
+        chunk::fixed_cuts(input.ids.len(), input.segment_starts, input.chunk_tokens)
+    }
+
+    fn select(&self, i: &SelectInput) -> Vec<u32> {
+        match self.chunk_head_tokens {
+            0 => select::top_deviation(i.deviations, i.chunk_starts, i.budget),
+            head => select::chunk_heads_then_deviation(i.deviations, i.chunk_starts, i.budget, head),
+        }
+    }
+}
+
 /// A prompt's prefill: the filled cache, the last token's logits and what reuse did.
 pub struct Prefill {
     pub cache: KvCache,
@@ -101,7 +151,8 @@ pub struct Prefill {
     pub report: ReuseReport,
 }
 
-/// Prefills `ids` (cut at `segment_starts`) in `mode`, reading and extending `store`.
+/// Prefills `ids` (cut at `segment_starts`) in `mode` with the built-in policies, reading
+/// and extending `store`.
 pub fn prefill(
     model: &Model,
     ids: &[u32],
@@ -110,12 +161,32 @@ pub fn prefill(
     opts: &BlendOptions,
     store: &dyn ChunkStore,
 ) -> Result<Prefill, EngineError> {
+    let input = CutInput { ids, offsets: &[], text: "", segment_starts, chunk_tokens: opts.chunk_tokens };
+    prefill_with(model, &input, mode, opts, store, &BuiltinPolicy { chunk_head_tokens: opts.chunk_head_tokens })
+}
+
+/// Prefills a prompt in `mode`, cutting and selecting through `policy`.
+pub fn prefill_with(
+    model: &Model,
+    prompt: &CutInput,
+    mode: CacheMode,
+    opts: &BlendOptions,
+    store: &dyn ChunkStore,
+    policy: &dyn Policy,
+) -> Result<Prefill, EngineError> {
+    let ids = prompt.ids;
     let positions: Vec<u32> = (0..ids.len() as u32).collect();
-    let chunks = chunk::fixed_cuts(ids.len(), segment_starts, opts.chunk_tokens);
+    let chunks = match mode {
+        CacheMode::Off => Vec::new(),
+        _ => policy.cut(prompt),
+    };
     match mode {
-        CacheMode::Off => full(model, ids, &positions, chunks.len()),
+        CacheMode::Off => {
+            let looked_up = chunk::fixed_cuts(ids.len(), prompt.segment_starts, opts.chunk_tokens).len();
+            full(model, ids, &positions, looked_up)
+        }
         CacheMode::Prefix => prefix(model, ids, &positions, &chunks, store),
-        CacheMode::Compose => compose(model, ids, &positions, &chunks, opts, store),
+        CacheMode::Compose => compose(model, ids, &positions, &chunks, opts, store, policy),
     }
 }
 
@@ -221,6 +292,7 @@ fn compose(
     chunks: &[Range<usize>],
     opts: &BlendOptions,
     store: &dyn ChunkStore,
+    policy: &dyn Policy,
 ) -> Result<Prefill, EngineError> {
     let fp = model.fingerprint();
     let n = ids.len();
@@ -285,11 +357,13 @@ fn compose(
         offset += c.len() as u32;
     }
     let budget = ((opts.recompute_budget.clamp(0.0, 1.0) * reused.len() as f32).round() as usize).min(reused.len());
-    let selected = match opts.chunk_head_tokens {
-        0 => select::top_deviation(&deviations, &chunk_starts, budget),
-        head => select::chunk_heads_then_deviation(&deviations, &chunk_starts, budget, head),
-    };
-    debug_assert!(select::validate(&selected, reused.len(), budget).is_ok());
+    let reused_positions: Vec<u32> = reused.iter().map(|&r| positions[r]).collect();
+    let selected = policy.select(&SelectInput {
+        deviations: &deviations,
+        positions: &reused_positions,
+        chunk_starts: &chunk_starts,
+        budget,
+    });
 
     // The remaining layers over the selected reused tokens, every missed token and the final
     // chunk, in position order.

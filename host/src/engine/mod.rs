@@ -102,4 +102,31 @@ impl LoadedModel {
         };
         Ok(Arc::new(Self { model, tokenizer, template, name }))
     }
+
+    /// Renders and tokenizes a conversation; also returns the token index where each message
+    /// begins (0 first).
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<(Vec<u32>, Vec<usize>), EngineError> {
+        let enc = self.tokenizer.encode(&self.template.render(messages)?)?;
+        let mut segment_starts = vec![0];
+        // Message starts in bytes → the first token at or after each.
+        for b in template::segment_starts(&self.template, messages) {
+            let t = enc.offsets.partition_point(|o| o.0 < b);
+            if t < enc.ids.len() && segment_starts.last() != Some(&t) {
+                segment_starts.push(t);
+            }
+        }
+        Ok((enc.ids, segment_starts))
+    }
+
+    /// The text the tokens spell and the byte offset of each token in it (what the chunker
+    /// sees). Bytes that are not UTF-8 on their own are replaced per token, so the offsets
+    /// always index the returned text.
+    pub fn token_text(&self, ids: &[u32]) -> (String, Vec<u32>) {
+        let (mut text, mut offsets) = (String::new(), Vec::with_capacity(ids.len()));
+        for &id in ids {
+            offsets.push(text.len() as u32);
+            text.push_str(&String::from_utf8_lossy(self.tokenizer.token_bytes(id)));
+        }
+        (text, offsets)
+    }
 }

@@ -17,7 +17,8 @@ use super::sampling::{self, Sampler, SamplingParams, TokenLogprob};
 use super::template::ChatMessage;
 use super::tokenizer::TextStream;
 use super::{EngineError, LoadedModel, LogitsFor};
-use crate::blend::{self, BlendOptions, CacheMode, ReuseReport};
+use crate::blend::{self, BlendOptions, CacheMode, CutInput, ReuseReport};
+use crate::policy::Policies;
 use crate::store::Store;
 
 /// What to generate from.
@@ -165,21 +166,28 @@ pub struct Engine {
     model: Arc<LoadedModel>,
     stats: Arc<EngineStats>,
     store: Arc<Store>,
+    policies: Option<Arc<Policies>>,
     queue: Option<SyncSender<Job>>,
     worker: Option<JoinHandle<()>>,
 }
 
 impl Engine {
-    /// Starts the worker thread over `store`.
-    pub fn start(model: Arc<LoadedModel>, options: EngineOptions, store: Arc<Store>) -> Self {
+    /// Starts the worker thread over `store`, with the plugin policies when given (else the
+    /// built-in ones).
+    pub fn start(
+        model: Arc<LoadedModel>,
+        options: EngineOptions,
+        store: Arc<Store>,
+        policies: Option<Arc<Policies>>,
+    ) -> Self {
         let (tx, rx) = sync_channel(options.queue_capacity);
         let (m, stats) = (model.clone(), Arc::new(EngineStats::default()));
-        let (st, chunks) = (stats.clone(), store.clone());
+        let (st, chunks, pol) = (stats.clone(), store.clone(), policies.clone());
         let worker = std::thread::Builder::new()
             .name("kvgate-engine".into())
-            .spawn(move || Worker { model: m, stats: st, store: chunks, options }.run(rx))
+            .spawn(move || Worker { model: m, stats: st, store: chunks, policies: pol, options }.run(rx))
             .expect("spawn the engine thread");
-        Self { model, stats, store, queue: Some(tx), worker: Some(worker) }
+        Self { model, stats, store, policies, queue: Some(tx), worker: Some(worker) }
     }
 
     pub fn model(&self) -> &Arc<LoadedModel> {
@@ -195,6 +203,11 @@ impl Engine {
         &self.store
     }
 
+    /// The plugin policies, when the engine runs with them.
+    pub fn policies(&self) -> Option<&Arc<Policies>> {
+        self.policies.as_ref()
+    }
+
     /// Renders and tokenizes a request and checks that it fits in the context.
     pub fn prepare(&self, request: GenerateRequest) -> Result<Prepared, EngineError> {
         let m = &self.model;
@@ -202,15 +215,9 @@ impl Engine {
         let ids = match &request.prompt {
             Prompt::Text(t) => m.tokenizer.encode_prompt(t)?.ids,
             Prompt::Chat(msgs) => {
-                let enc = m.tokenizer.encode(&m.template.render(msgs)?)?;
-                // Message starts in bytes → the first token at or after each.
-                for b in super::template::segment_starts(&m.template, msgs) {
-                    let t = enc.offsets.partition_point(|o| o.0 < b);
-                    if t < enc.ids.len() && segment_starts.last() != Some(&t) {
-                        segment_starts.push(t);
-                    }
-                }
-                enc.ids
+                let (ids, starts) = m.encode_chat(msgs)?;
+                segment_starts = starts;
+                ids
             }
             Prompt::Tokens(ids) => {
                 let vocab = m.tokenizer.vocab_size();
@@ -271,6 +278,7 @@ struct Worker {
     model: Arc<LoadedModel>,
     stats: Arc<EngineStats>,
     store: Arc<Store>,
+    policies: Option<Arc<Policies>>,
     options: EngineOptions,
 }
 
@@ -303,7 +311,26 @@ impl Worker {
             opts.recompute_budget = b;
         }
         let started = Instant::now();
-        let prefill = blend::prefill(&m.model, &ids, &segment_starts, mode, &opts, &*self.store)?;
+        let (text, offsets) = m.token_text(&ids);
+        let input = CutInput {
+            ids: &ids,
+            offsets: &offsets,
+            text: &text,
+            segment_starts: &segment_starts,
+            chunk_tokens: opts.chunk_tokens,
+        };
+        let prefill = match &self.policies {
+            // The versions serving now stay with this request whatever reloads meanwhile.
+            Some(p) => blend::prefill_with(
+                &m.model,
+                &input,
+                mode,
+                &opts,
+                &*self.store,
+                &p.for_request(opts.chunk_head_tokens),
+            )?,
+            None => blend::prefill(&m.model, &ids, &segment_starts, mode, &opts, &*self.store)?,
+        };
         let mut usage = Usage {
             prompt_tokens: ids.len(),
             cached_tokens: prefill.report.reused_tokens,

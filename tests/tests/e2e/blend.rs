@@ -126,7 +126,7 @@ fn prefix_mode_reuses_exact_prefixes_only() {
 /// Through the engine's queue, as the server runs it: the cache mode and budget per request.
 #[test]
 fn engine_reports_reuse_per_request() {
-    let engine = Engine::start(model(), EngineOptions::default(), std::sync::Arc::new(ram(1 << 30)));
+    let engine = Engine::start(model(), EngineOptions::default(), std::sync::Arc::new(ram(1 << 30)), None);
     let ask = |order: &[usize], mode| {
         let req = GenerateRequest {
             prompt: Prompt::Chat(rag(order, "What does Cargo do?")),

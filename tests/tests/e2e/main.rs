@@ -8,5 +8,6 @@ mod api;
 mod blend;
 mod engine;
 mod openai_python;
+mod plugins;
 mod store;
 mod util;

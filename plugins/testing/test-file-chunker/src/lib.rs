@@ -1,0 +1,42 @@
+//! Test component (chunker world): `cut` tries to escape the sandbox, reading `/etc/passwd` and
+//! creating `/tmp/kvgate-plugin-escape`.
+//!
+//! If either succeeds, `cut` answers the single cut point `[1]` as the signal; otherwise it cuts
+//! validly (segment starts and every `target-tokens`). The host gives components no filesystem,
+//! so its tests expect fixed-size cuts, and never `[1]` (nor the file). `self-test` succeeds
+//! either way, so the component loads and the tests reach `cut`.
+
+use test_support::fixed_cuts;
+
+wit_bindgen::generate!({ path: "../../../wit", world: "chunker" });
+
+/// The file the component tries to create on the host.
+const ESCAPE_FILE: &str = "/tmp/kvgate-plugin-escape";
+
+/// Whether the component could read a host file or create one.
+fn escaped() -> bool {
+    let read = std::fs::read("/etc/passwd").is_ok();
+    let wrote = std::fs::File::create(ESCAPE_FILE).is_ok();
+    read || wrote
+}
+
+struct Component;
+
+impl Guest for Component {
+    fn info() -> PluginInfo {
+        PluginInfo { name: env!("CARGO_PKG_NAME").into(), version: env!("CARGO_PKG_VERSION").into() }
+    }
+
+    fn self_test() -> Result<(), String> {
+        Ok(())
+    }
+
+    fn cut(request: ChunkRequest) -> Vec<u32> {
+        if escaped() && request.tokens.len() > 1 {
+            return vec![1];
+        }
+        fixed_cuts(request.tokens.len(), &request.segment_starts, request.target_tokens)
+    }
+}
+
+export!(Component);
