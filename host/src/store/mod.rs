@@ -287,7 +287,15 @@ impl Store {
                 }
             }
         });
-        Self::with_disk(options, disk)
+        let wanted = options.data_dir.is_some() && options.disk_budget_bytes > 0;
+        let unavailable = wanted && disk.is_none();
+        let store = Self::with_disk(options, disk);
+        if unavailable {
+            // Visible on /metrics as well as in the log.
+            store.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            store.stats.degraded.store(1, Ordering::Relaxed);
+        }
+        store
     }
 
     /// A store over an already opened disk tier (tests put their own I/O behind it).
@@ -455,8 +463,11 @@ impl ChunkStore for Store {
     }
 
     fn put(&self, key: ChunkKey, kv: Arc<ChunkKv>, cost_us: u64) {
+        // Compositional-reuse chunks are rounded to the stored type now, so RAM and disk serve
+        // the same values; prefix-cache chunks stay exact (see `Layout::dtype_for`).
         let kv = match self.dtype {
             KvDtype::F32 => kv,
+            _ if kv.rotated_at.is_some() => kv,
             dtype => {
                 let mut rounded = (*kv).clone();
                 rounded.k.iter_mut().chain(rounded.v.iter_mut()).for_each(|l| dtype.round(l));

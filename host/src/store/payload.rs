@@ -52,6 +52,10 @@ impl KvDtype {
         }
     }
 
+    fn from_code(code: u8) -> Option<Self> {
+        [KvDtype::F32, KvDtype::F16, KvDtype::Bf16].into_iter().find(|d| d.code() == code)
+    }
+
     /// Rounds `values` to this type and back, so that a chunk served from RAM equals the same
     /// chunk served from disk.
     pub fn round(self, values: &mut [f32]) {
@@ -83,7 +87,9 @@ impl std::str::FromStr for KvDtype {
     }
 }
 
-/// What every payload of one store must agree on.
+/// What every payload of one store must agree on. `dtype` is the element type of
+/// compositional-reuse chunks; prefix-cache chunks (K already rotated) are always f32: their
+/// whole point is reuse that is exactly a full prefill, which rounding would break.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     /// sha256 of the model fingerprint.
@@ -109,9 +115,18 @@ impl Layout {
         self.kv_heads as usize * self.head_dim as usize
     }
 
-    /// Payload bytes of a chunk of `tokens` tokens.
+    /// The element type a chunk is stored in: `dtype`, or f32 for prefix-cache chunks.
+    pub fn dtype_for(&self, kv: &ChunkKv) -> KvDtype {
+        if kv.rotated_at.is_some() { KvDtype::F32 } else { self.dtype }
+    }
+
+    /// Payload bytes of a compositional-reuse chunk of `tokens` tokens.
     pub fn payload_len(&self, tokens: usize) -> usize {
-        HEADER_LEN + tokens * 4 + 2 * self.layers as usize * tokens * self.kv_dim() * self.dtype.size() + TRAILER_LEN
+        self.payload_len_as(tokens, self.dtype)
+    }
+
+    fn payload_len_as(&self, tokens: usize, dtype: KvDtype) -> usize {
+        HEADER_LEN + tokens * 4 + 2 * self.layers as usize * tokens * self.kv_dim() * dtype.size() + TRAILER_LEN
     }
 }
 
@@ -140,16 +155,18 @@ pub struct Header {
     pub key: ChunkKey,
     pub total_len: u64,
     pub tokens: u32,
+    pub dtype: KvDtype,
 }
 
 /// Encodes a chunk; returns the bytes and their checksum (the trailer).
 pub fn encode(key: &ChunkKey, kv: &ChunkKv, layout: &Layout) -> (Vec<u8>, u32) {
     let n = kv.tokens.len();
-    let total = layout.payload_len(n);
+    let dtype = layout.dtype_for(kv);
+    let total = layout.payload_len_as(n, dtype);
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.push(layout.dtype.code());
+    out.push(dtype.code());
     out.push(kv.rotated_at.is_some() as u8);
     out.extend_from_slice(&kv.rotated_at.unwrap_or(0).to_le_bytes());
     for v in [layout.layers, layout.kv_heads, layout.head_dim, 0] {
@@ -165,8 +182,8 @@ pub fn encode(key: &ChunkKey, kv: &ChunkKv, layout: &Layout) -> (Vec<u8>, u32) {
         out.extend_from_slice(&t.to_le_bytes());
     }
     for (k, v) in kv.k.iter().zip(&kv.v) {
-        put_values(&mut out, k, layout.dtype);
-        put_values(&mut out, v, layout.dtype);
+        put_values(&mut out, k, dtype);
+        put_values(&mut out, v, dtype);
     }
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -204,21 +221,21 @@ pub fn header(bytes: &[u8], layout: &Layout) -> Result<Header, PayloadError> {
     if version != VERSION {
         return Err(PayloadError::Version(version));
     }
-    let same_layout = bytes[10] == layout.dtype.code()
-        && u16_at(16) == layout.layers
+    let dtype = KvDtype::from_code(bytes[10]).filter(|&d| d == layout.dtype || d == KvDtype::F32);
+    let same_layout = u16_at(16) == layout.layers
         && u16_at(18) == layout.kv_heads
         && u16_at(20) == layout.head_dim
         && bytes[72..104] == layout.model;
-    if !same_layout {
+    let (true, Some(dtype)) = (same_layout, dtype) else {
         return Err(PayloadError::Layout);
-    }
+    };
     let tokens = u32_at(24);
     let total_len = u64::from_le_bytes(bytes[32..40].try_into().unwrap());
-    let expected = layout.payload_len(tokens as usize) as u64;
+    let expected = layout.payload_len_as(tokens as usize, dtype) as u64;
     if total_len != expected {
         return Err(PayloadError::Length { found: total_len as usize, expected: expected as usize });
     }
-    Ok(Header { key: ChunkKey(bytes[40..72].try_into().unwrap()), total_len, tokens })
+    Ok(Header { key: ChunkKey(bytes[40..72].try_into().unwrap()), total_len, tokens, dtype })
 }
 
 /// Decodes and verifies a whole payload read for `key`.
@@ -241,12 +258,12 @@ pub fn decode(bytes: &[u8], key: &ChunkKey, layout: &Layout) -> Result<ChunkKv, 
         .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
         .collect();
     let per = n * layout.kv_dim();
-    let width = per * layout.dtype.size();
+    let width = per * h.dtype.size();
     let mut at = HEADER_LEN + n * 4;
     let (mut k, mut v) = (Vec::with_capacity(layout.layers as usize), Vec::with_capacity(layout.layers as usize));
     for _ in 0..layout.layers {
-        k.push(get_values(&body[at..at + width], layout.dtype));
-        v.push(get_values(&body[at + width..at + 2 * width], layout.dtype));
+        k.push(get_values(&body[at..at + width], h.dtype));
+        v.push(get_values(&body[at + width..at + 2 * width], h.dtype));
         at += 2 * width;
     }
     Ok(ChunkKv { tokens, rotated_at, k, v })
@@ -297,6 +314,17 @@ mod tests {
             assert_eq!(bytes.len(), layout.payload_len(5));
             assert_eq!(decode(&bytes, &key, &layout).unwrap(), kv, "{dtype:?}: rounded values survive exactly");
         }
+    }
+
+    #[test]
+    fn prefix_chunks_stay_exact_in_f32() {
+        let layout = Layout::new("model", 2, 1, 4, KvDtype::F16);
+        let key = ChunkKey([3; 32]);
+        let mut kv = chunk(5, &layout);
+        kv.rotated_at = Some(17);
+        let (bytes, _) = encode(&key, &kv, &layout);
+        assert_eq!(bytes.len(), layout.payload_len_as(5, KvDtype::F32));
+        assert_eq!(decode(&bytes, &key, &layout).unwrap(), kv, "not rounded");
     }
 
     #[test]

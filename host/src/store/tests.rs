@@ -293,6 +293,7 @@ fn an_unusable_data_dir_leaves_a_ram_only_store() {
     let s = Store::open(&options(&file, 1 << 30, 1 << 30), layout());
     assert!(s.disk().is_none());
     assert_eq!(get(&s.stats().disk_enabled), 0);
+    assert_eq!((get(&s.stats().write_errors), get(&s.stats().degraded)), (1, 1), "visible on /metrics");
     let (k, kv) = chunk(0, 8);
     s.put(k, kv.clone(), 1);
     assert_eq!(s.get(&k).as_deref(), Some(&*kv));
