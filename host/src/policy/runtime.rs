@@ -4,7 +4,7 @@
 //!
 //! Sandbox: components are linked against WASI preview 2 (a Rust guest imports it through
 //! std even when it never uses it) with an **empty** context — no preopened directories, no
-//! environment, arguments or sockets. A call runs in a fresh store whose memory may not grow
+//! environment, arguments, sockets or stdio, and clocks that stand still. A call runs in a fresh store whose memory may not grow
 //! past the limit and whose epoch deadline interrupts it at the time limit.
 
 use std::sync::Arc;
@@ -112,6 +112,27 @@ impl WasiView for State {
     }
 }
 
+/// The clocks a component sees: always the epoch (wall) and zero (monotonic).
+struct FrozenClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
 /// Limits every call runs under.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -176,8 +197,10 @@ impl Runtime {
 
     fn store(&self) -> Store<State> {
         let limit = MemoryLimit { max_bytes: self.limits.memory_bytes, refused: false };
-        // Nothing granted: no directories, environment, arguments, sockets or stdio.
-        let state = State { wasi: WasiCtx::builder().build(), table: ResourceTable::new(), limit };
+        // Nothing granted: no directories, environment, arguments, sockets or stdio; the clocks
+        // stand still, so an answer can depend on nothing but the call's arguments.
+        let wasi = WasiCtx::builder().wall_clock(FrozenClock).monotonic_clock(FrozenClock).build();
+        let state = State { wasi, table: ResourceTable::new(), limit };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limit);
         let ticks = (self.limits.timeout.as_nanos() / TICK.as_nanos()).max(1) as u64 + 1;
