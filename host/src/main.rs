@@ -271,6 +271,14 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// The model a benchmark runs on: `--model`, else the embedded default.
+fn bench_model(path: Option<PathBuf>) -> anyhow::Result<(PathBuf, Arc<LoadedModel>)> {
+    let path = path.unwrap_or_else(kvgate::config::default_model_path);
+    check_model(&path)?;
+    let model = LoadedModel::load(&path, None)?;
+    Ok((path, model))
+}
+
 fn check_model(path: &std::path::Path) -> anyhow::Result<()> {
     if !path.is_file() {
         bail!("model file {} not found: run `make model`, or pass --model PATH to a llama GGUF", path.display());
@@ -354,9 +362,7 @@ async fn shutdown_signal() {
 fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
     set_threads(args.threads);
     init_logging("warn");
-    let path = args.model.unwrap_or_else(kvgate::config::default_model_path);
-    check_model(&path)?;
-    let model = LoadedModel::load(&path, None)?;
+    let (path, model) = bench_model(args.model)?;
     let f = kvgate::bench::engine(&model, &args.lengths, args.reps, args.decode_tokens)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&f)?);
@@ -436,9 +442,7 @@ fn admin_call(a: &AdminArgs, method: &str, path: &str) -> anyhow::Result<serde_j
 
 fn bench_policies(args: BenchPoliciesArgs) -> anyhow::Result<()> {
     init_logging("warn");
-    let path = args.model.unwrap_or_else(kvgate::config::default_model_path);
-    check_model(&path)?;
-    let model = LoadedModel::load(&path, None)?;
+    let (_, model) = bench_model(args.model)?;
     let defaults = kvgate::config::Config::default();
     let options = policy::PolicyOptions {
         dir: args.plugins_dir.unwrap_or(defaults.plugins_dir),
@@ -459,9 +463,7 @@ fn bench_policies(args: BenchPoliciesArgs) -> anyhow::Result<()> {
 fn bench_store(args: BenchStoreArgs) -> anyhow::Result<()> {
     set_threads(args.threads);
     init_logging("warn");
-    let path = args.model.unwrap_or_else(kvgate::config::default_model_path);
-    check_model(&path)?;
-    let model = LoadedModel::load(&path, None)?;
+    let (_, model) = bench_model(args.model)?;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
     let f = kvgate::bench::store::run(&model, args.tokens, args.reps, &args.dir)?;
     match args.json {

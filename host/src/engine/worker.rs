@@ -311,7 +311,11 @@ impl Worker {
             opts.recompute_budget = b;
         }
         let started = Instant::now();
-        let (text, offsets) = m.token_text(&ids);
+        // The text is for a chunker plugin; no plugins or no cache, no text.
+        let (text, offsets) = match (&self.policies, mode) {
+            (Some(_), CacheMode::Prefix | CacheMode::Compose) => m.token_text(&ids),
+            _ => (String::new(), Vec::new()),
+        };
         let input = CutInput {
             ids: &ids,
             offsets: &offsets,

@@ -465,15 +465,12 @@ impl ChunkStore for Store {
     fn put(&self, key: ChunkKey, kv: Arc<ChunkKv>, cost_us: u64) {
         // Compositional-reuse chunks are rounded to the stored type now, so RAM and disk serve
         // the same values; prefix-cache chunks stay exact (see `Layout::dtype_for`).
-        let kv = match self.dtype {
-            KvDtype::F32 => kv,
-            _ if kv.rotated_at.is_some() => kv,
-            dtype => {
-                let mut rounded = (*kv).clone();
-                rounded.k.iter_mut().chain(rounded.v.iter_mut()).for_each(|l| dtype.round(l));
-                Arc::new(rounded)
-            }
-        };
+        let mut kv = kv;
+        if self.dtype != KvDtype::F32 && kv.rotated_at.is_none() {
+            // In place when the caller handed over its only reference (blend does).
+            let owned = Arc::make_mut(&mut kv);
+            owned.k.iter_mut().chain(owned.v.iter_mut()).for_each(|l| self.dtype.round(l));
+        }
         let now = now_ms();
         let stats = ChunkStats {
             tokens: kv.tokens.len() as u32,
