@@ -195,10 +195,19 @@ impl Policies {
         for o in p.reload() {
             match o.outcome {
                 "loaded" => {
-                    tracing::info!(kind = o.kind.as_str(), name = ?o.name, version = ?o.version, "plugin loaded")
+                    tracing::info!(
+                        kind = o.kind.as_str(),
+                        name = o.name.as_deref().unwrap_or_default(),
+                        version = o.version.as_deref().unwrap_or_default(),
+                        "plugin loaded"
+                    )
                 }
                 "rejected" => {
-                    tracing::error!(kind = o.kind.as_str(), error = ?o.error, "plugin rejected; using the built-in policy")
+                    tracing::error!(
+                        kind = o.kind.as_str(),
+                        error = o.error.as_deref().unwrap_or_default(),
+                        "plugin rejected; using the built-in policy"
+                    )
                 }
                 _ => tracing::info!(kind = o.kind.as_str(), "no plugin; using the built-in policy"),
             }
