@@ -8,7 +8,11 @@
 SHELL := /bin/bash
 KVGATE_HOME ?= $(HOME)/.cache/kvgate
 export KVGATE_HOME
-export CARGO_TARGET_DIR ?= $(KVGATE_HOME)/target
+# The host is built with target-cpu=native (.cargo/config.toml), so its build output belongs
+# to one CPU: the target directory is named after the CPU's feature flags, and a machine with
+# other flags builds afresh instead of running instructions its CPU lacks.
+CPU_FLAGS := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
+export CARGO_TARGET_DIR ?= $(KVGATE_HOME)/target-$(CPU_FLAGS)
 export KVGATE_MODEL ?= $(KVGATE_HOME)/models/SmolLM2-135M-Instruct.Q4_1.gguf
 VENV := $(KVGATE_HOME)/venv
 export KVGATE_PYTHON ?= $(VENV)/bin/python
@@ -28,6 +32,7 @@ run: model plugins
 test: model plugins venv
 	cd plugins && CARGO_TARGET_DIR=$(KVGATE_HOME)/wasm-target cargo test --quiet --locked -j 1
 	cargo build --release --bin kvgate
+	@$(KVGATE) info
 	RAYON_NUM_THREADS=2 KVGATE_BIN=$(KVGATE) cargo test --release --workspace -- --test-threads=1
 
 ## Benchmarks (see README for what each reports); results land in $(BENCH_OUT).

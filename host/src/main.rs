@@ -28,6 +28,8 @@ enum Command {
     /// Check policy components offline, or reload / list them on a running server.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Print the version, the CPU and the SIMD paths the kernels take on it.
+    Info,
 }
 
 #[derive(Subcommand)]
@@ -253,6 +255,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Store(args)) => bench_store(args),
         Command::Bench(BenchCommand::Policies(args)) => bench_policies(args),
         Command::Plugin(cmd) => plugin(cmd),
+        Command::Info => {
+            println!("kvgate {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", kvgate::engine::cpu::report());
+            Ok(())
+        }
     }
 }
 
@@ -310,6 +317,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     set_threads(config.threads);
     init_logging(&config.log);
     check_model(&config.model)?;
+    let cpu = kvgate::engine::cpu::report();
+    tracing::info!(cpu = %cpu.model, gemm = cpu.gemm, quantized = cpu.quantized, "kernels");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)

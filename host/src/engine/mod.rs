@@ -8,12 +8,14 @@
 //! Layout:
 //! - [`model`]: GGUF loading and our llama forward (explicit positions, caller-owned KV).
 //! - [`attention`]: RoPE at any position and blocked, position-masked attention.
+//! - [`cpu`]: which SIMD paths the kernels take on this CPU (`kvgate info`).
 //! - [`tokenizer`]: byte-level BPE from GGUF metadata, streaming detokenizer.
 //! - [`template`]: the GGUF chat template.
 //! - [`sampling`]: greedy / temperature / top-k / top-p, log-probabilities.
 //! - [`worker`]: the queue and the generation loop.
 
 pub mod attention;
+pub mod cpu;
 pub mod model;
 pub mod sampling;
 pub mod template;

@@ -8,16 +8,21 @@ fn question(q: &str) -> Value {
     json!({"model": "smollm2-test", "messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 24})
 }
 
+/// A chat answer, greedy. What the 135M model writes is not asserted: its greedy text turns
+/// on near-ties (here a 0.2-nat margin decides between "17 times 3 is 51." and "17 * 3 = 42"),
+/// which another CPU may round the other way. The shape of the answer is asserted;
+/// `completion_stream_and_logprobs` checks a choice the model makes with a clear margin.
 #[test]
-fn answers_a_chat_question_correctly_with_greedy_decoding() {
+fn answers_a_chat_question_with_greedy_decoding() {
     let s = test_server();
     let mut body = question("What is 17 times 3?");
     body.as_object_mut().unwrap().remove("model");
     let (status, r) = s.post("/v1/chat/completions", &body);
     assert_eq!(status, 200, "{r}");
     let text = r["choices"][0]["message"]["content"].as_str().unwrap();
-    assert!(text.contains("51"), "{text:?}");
-    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    assert!(!text.trim().is_empty(), "{r}");
+    assert!(["stop", "length"].contains(&r["choices"][0]["finish_reason"].as_str().unwrap()), "{r}");
+    assert_eq!(r["choices"][0]["message"]["role"], "assistant");
     assert_eq!(r["object"], "chat.completion");
     let u = &r["usage"];
     assert_eq!(u["prompt_tokens"], 39);
@@ -63,6 +68,9 @@ fn completion_stream_and_logprobs() {
     let (status, r) = s.post("/v1/completions", &body);
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["object"], "text_completion");
+    // A choice the model makes by a clear margin (2.5 nats, against at most 1.3 of rounding
+    // between implementations): the answer, on any machine.
+    assert!(r["choices"][0]["text"].as_str().unwrap().starts_with(" Paris"), "{r}");
     let lp = &r["choices"][0]["logprobs"];
     let n = r["usage"]["completion_tokens"].as_u64().unwrap() as usize;
     assert_eq!(lp["tokens"].as_array().unwrap().len(), n);
