@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# `make bench`'s RAG part: starts a server on a free port, runs `kvgate bench rag` against it
-# on a corpus that every machine with rustup has (the Rust book), writes JSON and a PNG plot.
+# `make bench`'s RAG part: starts two servers on free ports — the one measured, and the floor
+# (prefix chunks rounded to f16, as production servers keep KV) — runs `kvgate bench rag`
+# against them on a corpus that every machine with rustup has (the Rust book), writes JSON and
+# a PNG plot.
+#
+# The measured server loads a copy of the plugins directory, so that `--selectors` in
+# KVGATE_BENCH_RAG_ARGS swaps components in the copy, never in the operator's directory.
 set -euo pipefail
 kvgate=${1:?usage: bench-rag.sh KVGATE_BIN PYTHON OUT_DIR}
 python=${2:?}
@@ -11,23 +16,37 @@ if [ ! -d "$corpus" ]; then
     exit 1
 fi
 mkdir -p "$out"
-log=$(mktemp)
-# A store of its own, emptied first; KVGATE_BENCH_SERVE_ARGS adds serve flags (e.g. a small
-# --ram-budget-bytes so that hits come from disk, or --kv-dtype f32).
-data="$out/data"
-rm -rf "$data"
-# shellcheck disable=SC2086
-"$kvgate" serve --listen 127.0.0.1:0 --threads "${THREADS:-2}" --log warn --data-dir "$data" \
-    ${KVGATE_BENCH_SERVE_ARGS:-} >"$log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"; rm -rf "$data"' EXIT
-for _ in $(seq 100); do
-    url=$(sed -n 's/^kvgate listening on //p' "$log")
-    if [ -n "$url" ] && curl -sf "$url/ready" >/dev/null; then break; fi
-    sleep 0.2
-done
-[ -n "${url:-}" ] || { echo "the server did not start:" >&2; cat "$log" >&2; exit 1; }
+plugins_src=${KVGATE_PLUGINS_DIR:-$HOME/.cache/kvgate/plugins}
+work=$(mktemp -d)
+cp -r "$plugins_src" "$work/plugins"
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$work"' EXIT
+
+# Starts `kvgate serve` with its own data dir and extra flags; prints its URL.
+start() {
+    local name=$1
+    shift
+    # shellcheck disable=SC2086
+    "$kvgate" serve --listen 127.0.0.1:0 --threads "${THREADS:-2}" --log warn --data-dir "$work/data-$name" \
+        "$@" ${KVGATE_BENCH_SERVE_ARGS:-} >"$work/$name.log" 2>&1 &
+    pids+=($!)
+    local url=""
+    for _ in $(seq 150); do
+        url=$(sed -n 's/^kvgate listening on //p' "$work/$name.log")
+        if [ -n "$url" ] && curl -sf "$url/ready" >/dev/null; then
+            echo "$url"
+            return
+        fi
+        sleep 0.2
+    done
+    echo "the $name server did not start:" >&2
+    cat "$work/$name.log" >&2
+    exit 1
+}
+url=$(start main --plugins-dir "$work/plugins")
+floor=$(start floor --plugins-dir "$work/plugins" --no-watch-plugins --prefix-kv-dtype f16)
 name=${KVGATE_BENCH_NAME:-bench-rag}
 # shellcheck disable=SC2086
-"$kvgate" bench rag --url "$url" --corpus "$corpus" --json "$out/$name.json" ${KVGATE_BENCH_RAG_ARGS:-}
+"$kvgate" bench rag --url "$url" --floor-url "$floor" --plugins-dir "$work/plugins" --teacher-forced \
+    --corpus "$corpus" --json "$out/$name.json" ${KVGATE_BENCH_RAG_ARGS:-}
 "$python" "$(dirname "$0")/plot-rag.py" "$out/$name.json" "$out/$name.png"

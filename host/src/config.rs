@@ -52,6 +52,8 @@ pub struct Config {
     pub check_layer: usize,
     /// Tokens at the head of each reused chunk always recomputed (EPIC-style), within the budget.
     pub chunk_head_tokens: usize,
+    /// Shortest run of tokens compose mode reuses from inside a stored chunk (at least 8).
+    pub min_span: usize,
     /// Byte budget of the chunk store's RAM tier (a number, or `512MiB`, `2GiB`, …).
     #[serde(deserialize_with = "bytes_setting")]
     pub ram_budget_bytes: u64,
@@ -62,6 +64,9 @@ pub struct Config {
     pub disk_budget_bytes: u64,
     /// Element type of stored K/V: `f32`, `f16` (half the bytes) or `bf16`.
     pub kv_dtype: KvDtype,
+    /// Element type of prefix-mode chunks: `f32` keeps prefix reuse exact; `f16` rounds it as
+    /// production servers do (the floor `kvgate bench rag` compares against).
+    pub prefix_kv_dtype: KvDtype,
     /// When set, `/admin/` endpoints need `Authorization: Bearer <admin_token>`.
     pub admin_token: Option<String>,
     /// Directory of the policy components (`chunker.wasm`, `selector.wasm`, `evictor.wasm`).
@@ -90,10 +95,12 @@ impl Default for Config {
             chunk_tokens: BlendOptions::default().chunk_tokens,
             check_layer: BlendOptions::default().check_layer,
             chunk_head_tokens: BlendOptions::default().chunk_head_tokens,
+            min_span: BlendOptions::default().min_span,
             ram_budget_bytes: 2 << 30,
             data_dir: PathBuf::from("data"),
             disk_budget_bytes: 16 << 30,
             kv_dtype: KvDtype::F16,
+            prefix_kv_dtype: KvDtype::F32,
             admin_token: None,
             plugins_dir: kvgate_home().join("plugins"),
             watch_plugins: true,
@@ -164,10 +171,12 @@ pub struct Overrides {
     pub log: Option<String>,
     pub cache_mode: Option<CacheMode>,
     pub recompute_budget: Option<f32>,
+    pub min_span: Option<usize>,
     pub ram_budget_bytes: Option<u64>,
     pub data_dir: Option<PathBuf>,
     pub disk_budget_bytes: Option<u64>,
     pub kv_dtype: Option<KvDtype>,
+    pub prefix_kv_dtype: Option<KvDtype>,
     pub admin_token: Option<String>,
     pub plugins_dir: Option<PathBuf>,
     pub watch_plugins: Option<bool>,
@@ -186,6 +195,7 @@ impl Config {
                 recompute_budget: self.recompute_budget,
                 check_layer: self.check_layer,
                 chunk_head_tokens: self.chunk_head_tokens,
+                min_span: self.min_span,
             },
         }
     }
@@ -206,6 +216,8 @@ impl Config {
             data_dir: (self.disk_budget_bytes > 0).then(|| self.data_dir.clone()),
             disk_budget_bytes: self.disk_budget_bytes,
             dtype: self.kv_dtype,
+            prefix_dtype: self.prefix_kv_dtype,
+            min_span: self.min_span,
             ..StoreOptions::default()
         }
     }
@@ -246,6 +258,9 @@ impl Config {
         if let Some(v) = o.recompute_budget {
             self.recompute_budget = v;
         }
+        if let Some(v) = o.min_span {
+            self.min_span = v;
+        }
         if let Some(v) = o.ram_budget_bytes {
             self.ram_budget_bytes = v;
         }
@@ -257,6 +272,9 @@ impl Config {
         }
         if let Some(v) = o.kv_dtype {
             self.kv_dtype = v;
+        }
+        if let Some(v) = o.prefix_kv_dtype {
+            self.prefix_kv_dtype = v;
         }
         if o.admin_token.is_some() {
             self.admin_token = o.admin_token;
@@ -287,6 +305,12 @@ impl Config {
         }
         if self.chunk_tokens == 0 {
             return Err(ConfigError::Invalid { key: "chunk_tokens", message: "must be at least 1".into() });
+        }
+        if self.min_span < crate::store::span::ANCHOR_TOKENS {
+            return Err(ConfigError::Invalid {
+                key: "min_span",
+                message: format!("must be at least {} tokens", crate::store::span::ANCHOR_TOKENS),
+            });
         }
         if self.queue_capacity == 0 {
             return Err(ConfigError::Invalid { key: "queue_capacity", message: "must be at least 1".into() });

@@ -93,6 +93,9 @@ struct ServeArgs {
     /// Default share of reused tokens recomputed, 0..=1 (per request: `x-kvgate-recompute-budget`).
     #[arg(long, env = "KVGATE_RECOMPUTE_BUDGET")]
     recompute_budget: Option<f32>,
+    /// Shortest run of tokens reused from inside a stored chunk in compose mode (at least 8).
+    #[arg(long, env = "KVGATE_MIN_SPAN")]
+    min_span: Option<usize>,
     /// Byte budget of the chunk store's RAM tier (e.g. 2GiB).
     #[arg(long, env = "KVGATE_RAM_BUDGET_BYTES", value_parser = kvgate::config::parse_bytes)]
     ram_budget_bytes: Option<u64>,
@@ -105,6 +108,9 @@ struct ServeArgs {
     /// Element type of stored K/V: f32, f16 or bf16.
     #[arg(long, env = "KVGATE_KV_DTYPE")]
     kv_dtype: Option<kvgate::store::KvDtype>,
+    /// Element type of prefix-mode chunks: f32 (exact, the default) or f16 / bf16.
+    #[arg(long, env = "KVGATE_PREFIX_KV_DTYPE")]
+    prefix_kv_dtype: Option<kvgate::store::KvDtype>,
     /// Bearer token required by /admin/ endpoints.
     #[arg(long, env = "KVGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -209,9 +215,27 @@ struct BenchRagArgs {
     budgets: Vec<f32>,
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// All passages in one user message (chunk boundaries then come from the chunker alone).
+    /// Trace shapes: joined:passage, joined:bracket, joined:none, messages, agent, memory.
+    #[arg(long, value_delimiter = ',', default_values_t = kvgate::bench::trace::Shape::ALL.map(|s| s.name().to_string()))]
+    traces: Vec<String>,
+    /// The server's `min_span` (what the oracle counts as a reusable run).
+    #[arg(long, default_value_t = 16)]
+    min_span: usize,
+    /// Compose only, against one `off` run (no `prefix`, no noise floor).
     #[arg(long)]
-    joined: bool,
+    no_baselines: bool,
+    /// Also score `off`'s answers under each configuration (teacher-forced KL, Δ log-likelihood).
+    #[arg(long)]
+    teacher_forced: bool,
+    /// A second server started with `--prefix-kv-dtype f16`: its prefix mode is the f16 floor.
+    #[arg(long)]
+    floor_url: Option<String>,
+    /// Selector components (.wasm) to swap in, in turn, for the compose runs.
+    #[arg(long, value_delimiter = ',')]
+    selectors: Vec<PathBuf>,
+    /// The plugins directory of the server at --url (where --selectors are installed).
+    #[arg(long)]
+    plugins_dir: Option<PathBuf>,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -304,10 +328,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         log: args.log,
         cache_mode: args.cache_mode,
         recompute_budget: args.recompute_budget,
+        min_span: args.min_span,
         ram_budget_bytes: args.ram_budget_bytes,
         data_dir: args.data_dir,
         disk_budget_bytes: args.disk_budget_bytes,
         kv_dtype: args.kv_dtype,
+        prefix_kv_dtype: args.prefix_kv_dtype,
         admin_token: args.admin_token,
         plugins_dir: args.plugins_dir,
         watch_plugins: args.no_watch_plugins.then_some(false),
@@ -334,7 +360,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let model = tokio::task::spawn_blocking(move || LoadedModel::load(&path, name.as_deref())).await??;
         let cfg = model.model.config();
         tracing::info!(name = %model.name, layers = cfg.layers, context = cfg.context_length, "model ready");
-        let layout = Layout::new(model.model.fingerprint(), cfg.layers, cfg.kv_heads, cfg.head_dim, config.kv_dtype);
+        let layout = Layout::new(model.model.fingerprint(), cfg.layers, cfg.kv_heads, cfg.head_dim, config.kv_dtype)
+            .with_prefix_dtype(config.prefix_kv_dtype);
         let options = config.store_options();
         let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&options, layout)).await?);
         let policies = Policies::start(config.policy_options())?;
@@ -496,7 +523,13 @@ fn bench_rag(args: BenchRagArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         budgets: args.budgets,
         seed: args.seed,
-        joined: args.joined,
+        shapes: args.traces.iter().map(|t| t.parse()).collect::<Result<_, String>>().map_err(anyhow::Error::msg)?,
+        min_span: args.min_span,
+        baselines: !args.no_baselines,
+        teacher_forced: args.teacher_forced,
+        floor_url: args.floor_url.map(|u| u.trim_end_matches('/').to_string()),
+        selectors: args.selectors,
+        plugins_dir: args.plugins_dir,
     };
     let report = kvgate::bench::rag::run(&opts, |stage| eprintln!("bench rag: {stage}"))?;
     print!("{}", kvgate::bench::rag::table(&report));

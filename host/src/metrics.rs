@@ -32,7 +32,7 @@ impl Histogram {
         self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut acc = 0;
         for (i, b) in self.bounds.iter().enumerate() {
@@ -144,10 +144,21 @@ impl Metrics {
             );
             counter(
                 "kvgate:cache_queries_total",
-                "Chunks looked up in the chunk cache.",
-                &[("", get(&e.chunk_queries))],
+                "Prompt tokens looked up in the chunk cache (prefix and compose modes).",
+                &[("", get(&e.cache_queried_tokens))],
             );
-            counter("kvgate:cache_hits_total", "Chunks found in the chunk cache.", &[("", get(&e.chunk_hits))]);
+            counter(
+                "kvgate:cache_hits_total",
+                "Prompt tokens reused from the chunk cache.",
+                &[("", get(&e.prompt_tokens_cached))],
+            );
+            counter(
+                "kvgate:cache_spans_total",
+                "Runs of tokens spliced from stored chunks: whole chunks, or runs inside one.",
+                &[("{kind=\"whole\"}", get(&e.spans_whole)), ("{kind=\"partial\"}", get(&e.spans_partial))],
+            );
+            counter("kvgate:chunks_stored_total", "New chunks stored.", &[("", get(&e.chunks_stored))]);
+            e.lookup_seconds.render(&mut out, "kvgate:cache_lookup_seconds", "Time to find a prompt's stored runs.");
         }
         if let Some(s) = store {
             render_store(&mut out, s);

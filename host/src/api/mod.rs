@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, Event, FinishReason, LoadedModel, Usage};
+use crate::engine::{Engine, Event, FinishReason, LoadedModel, PromptToken, Usage};
 use crate::metrics::Metrics;
 use error::ApiError;
 use openai::{Endpoint, Logprobs, ParsedRequest};
@@ -115,8 +115,8 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
         return admin::route(state, req).await;
     }
     let allowed = match path.as_str() {
-        "/v1/chat/completions" | "/v1/completions" => "POST",
-        "/v1/models" | "/health" | "/ready" | "/metrics" => "GET",
+        "/v1/chat/completions" | "/v1/completions" | "/tokenize" | "/detokenize" => "POST",
+        "/v1/models" | "/health" | "/ready" | "/metrics" | "/tokenizer_info" => "GET",
         _ => return Err(ApiError::route_not_found(&path)),
     };
     if method != allowed && !(method == Method::HEAD && allowed == "GET") {
@@ -151,6 +151,45 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
             ))
         }
         "/v1/chat/completions" => generate(state, req, Endpoint::Chat).await,
+        "/tokenize" => {
+            let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+            let body = read_body(req, state.max_body_bytes).await?;
+            let (prompt, special) = openai::parse_tokenize(&body, &engine.model().name)?;
+            let ids = match (&prompt, special) {
+                (crate::engine::Prompt::Text(t), false) => engine.model().tokenizer.encode(t)?.ids,
+                _ => engine.tokenize(&prompt)?,
+            };
+            let max_model_len = engine.model().model.config().context_length;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"count": ids.len(), "max_model_len": max_model_len, "tokens": ids}),
+            ))
+        }
+        "/tokenizer_info" => {
+            let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+            let m = engine.model();
+            let text = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "tokenizer_class": "GGUF byte-level BPE", "eos_token": text(m.tokenizer.eos_text()),
+                    "bos_token": text(m.tokenizer.bos_text()), "pad_token": null,
+                    "chat_template": m.template.source(), "model_max_length": m.model.config().context_length,
+                }),
+            ))
+        }
+        "/detokenize" => {
+            let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+            let body = read_body(req, state.max_body_bytes).await?;
+            let ids = openai::parse_detokenize(&body)?;
+            let m = engine.model();
+            if let Some(&bad) = ids.iter().find(|&&t| t as usize >= m.tokenizer.vocab_size()) {
+                return Err(
+                    crate::engine::EngineError::InvalidToken { id: bad, vocab: m.tokenizer.vocab_size() }.into()
+                );
+            }
+            Ok(json_response(StatusCode::OK, &json!({"prompt": m.tokenizer.decode(&ids)})))
+        }
         _ => generate(state, req, Endpoint::Completion).await,
     }
 }
@@ -180,7 +219,7 @@ async fn generate(
     let headers = req.headers().clone();
     let body = read_body(req, state.max_body_bytes).await?;
     let parsed = openai::parse(endpoint, &body, &engine.model().name)?;
-    let ParsedRequest { mut generate, stream, include_usage, .. } = parsed;
+    let ParsedRequest { mut generate, stream, include_usage, token_ids, .. } = parsed;
     // Headers win over the body's `kvgate` object.
     if let Some(mode) = headers.get("x-kvgate-cache") {
         let mode = mode.to_str().map_err(|_| ApiError::invalid("kvgate.cache", "x-kvgate-cache is not text"))?;
@@ -198,7 +237,7 @@ async fn generate(
             state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
         }
     })?;
-    let reply = Reply::new(endpoint, engine.model().clone(), include_usage);
+    let reply = Reply::new(endpoint, engine.model().clone(), include_usage, token_ids);
     let tracker = InFlight::new(state.clone(), started);
     if stream {
         let (tx, rx) = mpsc::channel(64);
@@ -259,15 +298,31 @@ struct Reply {
     id: String,
     created: u64,
     include_usage: bool,
+    /// Tokens in logprobs as `token_id:<id>`.
+    token_ids: bool,
     /// Text already sent (completions' `text_offset`).
     offset: usize,
 }
 
 impl Reply {
-    fn new(endpoint: Endpoint, model: Arc<LoadedModel>, include_usage: bool) -> Self {
+    fn new(endpoint: Endpoint, model: Arc<LoadedModel>, include_usage: bool, token_ids: bool) -> Self {
         let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
         let id = format!("{prefix}-{:032x}", rand::random::<u128>());
-        Self { endpoint, model, id, created: unix_now(), include_usage, offset: 0 }
+        Self { endpoint, model, id, created: unix_now(), include_usage, token_ids, offset: 0 }
+    }
+
+    fn logprobs(&self) -> Logprobs {
+        Logprobs::new(self.token_ids)
+    }
+
+    /// An echoed prompt: its text, and its tokens' logprobs when they were computed.
+    fn prompt(&self, tokens: &[PromptToken]) -> (String, Logprobs) {
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        let mut lp = self.logprobs();
+        if tokens.iter().any(|t| t.logprob.is_some()) {
+            tokens.iter().for_each(|t| lp.push_prompt(t.id, t.logprob.clone()));
+        }
+        (self.model.tokenizer.decode(&ids), lp)
     }
 
     fn logprobs_json(&mut self, lp: &Logprobs) -> Value {
@@ -334,9 +389,10 @@ async fn collect_events(
     mut tracker: InFlight,
 ) -> Result<Response<Body>, ApiError> {
     let mut text = String::new();
-    let mut lp = Logprobs::default();
+    let mut lp = reply.logprobs();
     while let Some(event) = events.recv().await {
         match event {
+            Event::Prompt(tokens) => (text, lp) = reply.prompt(&tokens),
             Event::Token(t) => {
                 tracker.token();
                 text.push_str(&t.text);
@@ -365,9 +421,15 @@ async fn stream_events(
     let mut first = true;
     while let Some(event) = events.recv().await {
         let frames = match event {
+            Event::Prompt(tokens) => {
+                let (text, lp) = reply.prompt(&tokens);
+                let chunk = reply.chunk(&text, &lp, None, first);
+                first = false;
+                vec![send(&chunk)]
+            }
             Event::Token(t) => {
                 tracker.token();
-                let mut lp = Logprobs::default();
+                let mut lp = reply.logprobs();
                 if let Some(l) = t.logprob {
                     lp.push(l);
                 }
@@ -380,7 +442,7 @@ async fn stream_events(
             }
             Event::Done { text, finish_reason, usage } => {
                 tracker.done(finish_reason, &usage);
-                let mut last = reply.chunk(&text, &Logprobs::default(), Some(finish_reason), first);
+                let mut last = reply.chunk(&text, &reply.logprobs(), Some(finish_reason), first);
                 last["kvgate"] = openai::kvgate_json(&usage);
                 let mut frames = vec![send(&last)];
                 if reply.include_usage {

@@ -33,6 +33,9 @@ struct Common {
     frequency_penalty: Option<f64>,
     #[serde(default)]
     ignore_eos: bool,
+    /// vLLM's: tokens in logprobs as `token_id:<id>` instead of their text.
+    #[serde(default)]
+    return_tokens_as_token_ids: bool,
     /// kvgate's own options: `{"cache": "off|prefix|compose", "recompute_budget": 0.15}`.
     kvgate: Option<KvgateOptions>,
 }
@@ -42,6 +45,10 @@ struct Common {
 struct KvgateOptions {
     cache: Option<String>,
     recompute_budget: Option<f64>,
+    /// With `echo` and `logprobs`: score the prompt's tokens from this index on only (the
+    /// earlier ones come back with `null` logprobs), so scoring an answer after a long prompt
+    /// costs what the answer costs.
+    score_from: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +91,8 @@ pub struct ParsedRequest {
     pub generate: GenerateRequest,
     pub stream: bool,
     pub include_usage: bool,
+    /// Tokens in logprobs as `token_id:<id>`.
+    pub token_ids: bool,
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
@@ -96,7 +105,7 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> 
 
 /// Parses and validates a `/v1/chat/completions` or `/v1/completions` body.
 pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<ParsedRequest, ApiError> {
-    let (common, prompt, logprobs) = match endpoint {
+    let (common, prompt, logprobs, echo) = match endpoint {
         Endpoint::Chat => {
             let b: ChatBody = parse_json(body)?;
             let messages = parse_messages(b.messages)?;
@@ -107,13 +116,10 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
                 }
                 (true, top) => Some(count("top_logprobs", top.unwrap_or(0), MAX_TOP_LOGPROBS)?),
             };
-            (b.common, Prompt::Chat(messages), logprobs)
+            (b.common, Prompt::Chat(messages), logprobs, false)
         }
         Endpoint::Completion => {
             let b: CompletionBody = parse_json(body)?;
-            if b.echo == Some(true) {
-                return Err(ApiError::invalid("echo", "`echo` is not supported"));
-            }
             if b.suffix.as_ref().is_some_and(|s| !s.is_null()) {
                 return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
             }
@@ -121,7 +127,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
                 return Err(ApiError::invalid("best_of", "only `best_of: 1` is supported"));
             }
             let logprobs = b.logprobs.map(|n| count("logprobs", n, MAX_TOP_LOGPROBS)).transpose()?;
-            (b.common, parse_prompt(b.prompt)?, logprobs)
+            (b.common, parse_prompt(b.prompt)?, logprobs, b.echo.unwrap_or(false))
         }
     };
     if let Some(model) = &common.model {
@@ -134,8 +140,11 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
     }
     let max_tokens = match common.max_completion_tokens.or(common.max_tokens) {
         None => None,
+        // Scoring a prompt (lm-evaluation-harness' log-likelihoods) generates nothing.
+        Some(0) if echo => Some(0),
         Some(n) if n < 1 => {
-            return Err(ApiError::invalid("max_tokens", format!("`max_tokens` must be at least 1, got {n}")));
+            let also = if endpoint == Endpoint::Completion { " (0 is allowed with `echo`)" } else { "" };
+            return Err(ApiError::invalid("max_tokens", format!("`max_tokens` must be at least 1{also}, got {n}")));
         }
         Some(n) => Some(n as usize),
     };
@@ -155,6 +164,9 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
     let kv = common.kvgate.unwrap_or_default();
     let cache_mode = kv.cache.as_deref().map(parse_cache_mode).transpose()?;
     let recompute_budget = kv.recompute_budget.map(parse_budget).transpose()?;
+    if kv.score_from.is_some() && !(echo && logprobs.is_some()) {
+        return Err(ApiError::invalid("kvgate.score_from", "`score_from` needs `echo: true` and `logprobs`"));
+    }
     let include_usage = match (&common.stream_options, common.stream) {
         (Some(_), false) => {
             return Err(ApiError::invalid("stream_options", "`stream_options` is only allowed with `stream: true`"));
@@ -177,13 +189,54 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
             },
             stop,
             logprobs,
+            echo,
+            score_from: kv.score_from.unwrap_or(1),
             ignore_eos: common.ignore_eos,
             cache_mode,
             recompute_budget,
         },
         stream: common.stream,
         include_usage,
+        token_ids: common.return_tokens_as_token_ids,
     })
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenizeBody {
+    model: Option<String>,
+    prompt: Option<Value>,
+    messages: Option<Value>,
+    add_special_tokens: Option<bool>,
+}
+
+/// Parses a `/tokenize` body (vLLM's shape): `prompt` (text, or `[text]`) or `messages` (a
+/// conversation, rendered with the chat template and its generation prompt, as
+/// `/v1/chat/completions` renders it); and whether a prompt gets the model's special tokens
+/// (its BOS, when it asks for one; `add_special_tokens`, default true).
+pub fn parse_tokenize(body: &[u8], served_model: &str) -> Result<(Prompt, bool), ApiError> {
+    let b: TokenizeBody = parse_json(body)?;
+    if let Some(model) = b.model.as_deref().filter(|m| *m != served_model) {
+        return Err(ApiError::model_not_found(model, served_model));
+    }
+    let prompt = match (b.prompt, b.messages) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("messages", "give either `prompt` or `messages`, not both"));
+        }
+        (None, Some(m)) => Prompt::Chat(parse_messages(Some(m))?),
+        (p, None) => match parse_prompt(p)? {
+            Prompt::Tokens(_) => return Err(ApiError::invalid("prompt", "`prompt` must be text to tokenize")),
+            prompt => prompt,
+        },
+    };
+    Ok((prompt, b.add_special_tokens.unwrap_or(true)))
+}
+
+/// Parses a `/detokenize` body: `{"tokens": [ids]}`.
+pub fn parse_detokenize(body: &[u8]) -> Result<Vec<u32>, ApiError> {
+    let v: Value = parse_json(body)?;
+    let bad = || ApiError::invalid("tokens", "`tokens` must be an array of token ids");
+    let items = v.get("tokens").and_then(Value::as_array).ok_or_else(bad)?;
+    items.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(bad)).collect()
 }
 
 /// `off`, `prefix` or `compose` (the `x-kvgate-cache` header or `kvgate.cache`).
@@ -211,8 +264,11 @@ pub fn kvgate_json(u: &Usage) -> Value {
         "reused_tokens": r.reused_tokens,
         "recomputed_tokens": r.recomputed_tokens,
         "computed_tokens": r.computed_tokens,
+        "spans": r.spans,
+        "partial_spans": r.partial_spans,
         "chunks_hit": r.chunks_hit,
-        "chunks_total": r.chunks_total,
+        "chunks_stored": r.chunks_stored,
+        "timings": r.timings,
     })
 }
 
@@ -289,6 +345,13 @@ fn parse_prompt(v: Option<Value>) -> Result<Prompt, ApiError> {
             items if items.iter().all(Value::is_u64) => {
                 Ok(Prompt::Tokens(items.iter().map(|x| x.as_u64().unwrap_or(0) as u32).collect()))
             }
+            // One tokenized prompt in a batch of one (lm-evaluation-harness sends this).
+            [Value::Array(ids)] if !ids.is_empty() && ids.iter().all(Value::is_u64) => {
+                Ok(Prompt::Tokens(ids.iter().map(|x| x.as_u64().unwrap_or(0) as u32).collect()))
+            }
+            items if items.iter().all(Value::is_array) => {
+                Err(ApiError::invalid("prompt", "batched prompts are not supported: send one prompt per request"))
+            }
             items if items.iter().all(Value::is_string) => {
                 Err(ApiError::invalid("prompt", "batched prompts are not supported: send one prompt per request"))
             }
@@ -324,30 +387,52 @@ pub fn usage_json(u: &Usage) -> Value {
     })
 }
 
-/// Log-probability entries of generated tokens, accumulated for one response or chunk.
+/// A token's logprob and the most likely tokens at its position.
+type Scored = (TokenLogprob, Vec<TokenLogprob>);
+
+/// Log-probability entries of tokens (generated, or echoed from the prompt), accumulated for
+/// one response or chunk.
 #[derive(Default)]
 pub struct Logprobs {
-    entries: Vec<(TokenLogprob, Vec<TokenLogprob>)>,
+    /// Each token, and its logprob and top alternatives (`None`: an echoed prompt token that
+    /// was not scored).
+    entries: Vec<(u32, Option<Scored>)>,
+    /// Tokens as `token_id:<id>` (vLLM's `return_tokens_as_token_ids`).
+    pub token_ids: bool,
 }
 
 impl Logprobs {
-    pub fn push(&mut self, lp: (TokenLogprob, Vec<TokenLogprob>)) {
-        self.entries.push(lp);
+    pub fn new(token_ids: bool) -> Self {
+        Self { entries: Vec::new(), token_ids }
+    }
+
+    pub fn push(&mut self, lp: Scored) {
+        self.entries.push((lp.0.id, Some(lp)));
+    }
+
+    /// A prompt token (without a logprob when it is the first).
+    pub fn push_prompt(&mut self, id: u32, lp: Option<Scored>) {
+        self.entries.push((id, lp));
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
+    fn token(&self, tok: &Tokenizer, id: u32) -> String {
+        match self.token_ids {
+            true => format!("token_id:{id}"),
+            false => String::from_utf8_lossy(tok.token_bytes(id)).into_owned(),
+        }
+    }
+
     /// Chat shape: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
     pub fn chat_json(&self, tok: &Tokenizer) -> Value {
-        let entry = |t: &TokenLogprob| {
-            let bytes = tok.token_bytes(t.id);
-            json!({"token": String::from_utf8_lossy(bytes), "logprob": t.logprob, "bytes": bytes})
-        };
+        let entry = |t: &TokenLogprob| json!({"token": self.token(tok, t.id), "logprob": t.logprob, "bytes": tok.token_bytes(t.id)});
         let content: Vec<Value> = self
             .entries
             .iter()
+            .filter_map(|(_, lp)| lp.as_ref())
             .map(|(chosen, top)| {
                 let mut e = entry(chosen);
                 e["top_logprobs"] = Value::Array(top.iter().map(entry).collect());
@@ -357,22 +442,29 @@ impl Logprobs {
         json!({"content": content})
     }
 
-    /// Completions shape: parallel arrays, `top_logprobs` as token → logprob maps.
-    /// `offset` is the text offset of the first token.
+    /// Completions shape: parallel arrays, `top_logprobs` as token → logprob maps (`null` for
+    /// an echoed prompt's first token). `offset` is the text offset of the first token.
     pub fn completion_json(&self, tok: &Tokenizer, mut offset: usize) -> Value {
-        let text = |id: u32| String::from_utf8_lossy(tok.token_bytes(id)).into_owned();
         let mut tokens = Vec::new();
         let mut token_logprobs = Vec::new();
         let mut top_logprobs = Vec::new();
         let mut text_offset = Vec::new();
-        for (chosen, top) in &self.entries {
-            let t = text(chosen.id);
+        for (id, lp) in &self.entries {
             text_offset.push(offset);
-            offset += t.len();
-            tokens.push(t);
-            token_logprobs.push(chosen.logprob);
-            let map: serde_json::Map<String, Value> = top.iter().map(|t| (text(t.id), json!(t.logprob))).collect();
-            top_logprobs.push(Value::Object(map));
+            offset += tok.token_bytes(*id).len();
+            tokens.push(self.token(tok, *id));
+            match lp {
+                Some((chosen, top)) => {
+                    token_logprobs.push(json!(chosen.logprob));
+                    let map: serde_json::Map<String, Value> =
+                        top.iter().map(|t| (self.token(tok, t.id), json!(t.logprob))).collect();
+                    top_logprobs.push(Value::Object(map));
+                }
+                None => {
+                    token_logprobs.push(Value::Null);
+                    top_logprobs.push(Value::Null);
+                }
+            }
         }
         json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset})
     }
@@ -433,7 +525,9 @@ mod tests {
         assert!(matches!(p(r#"{"prompt":["a"]}"#).unwrap().generate.prompt, Prompt::Text(_)));
         assert!(matches!(p(r#"{"prompt":[1,2,3]}"#).unwrap().generate.prompt, Prompt::Tokens(_)));
         assert_eq!(p(r#"{"prompt":["a","b"]}"#).unwrap_err().param.as_deref(), Some("prompt"));
-        assert_eq!(p(r#"{"prompt":"a","echo":true}"#).unwrap_err().param.as_deref(), Some("echo"));
+        assert!(p(r#"{"prompt":"a","echo":true,"max_tokens":0}"#).unwrap().generate.echo);
+        assert!(matches!(p(r#"{"prompt":[[1,2]]}"#).unwrap().generate.prompt, Prompt::Tokens(_)));
+        assert_eq!(p(r#"{"prompt":[[1],[2]]}"#).unwrap_err().param.as_deref(), Some("prompt"));
         assert_eq!(p(r#"{"prompt":"a","logprobs":-1}"#).unwrap_err().param.as_deref(), Some("logprobs"));
         assert_eq!(p("{}").unwrap_err().param.as_deref(), Some("prompt"));
     }

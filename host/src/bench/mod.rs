@@ -2,13 +2,20 @@
 //!
 //! - `engine` (here) times the inference core alone: prefill tokens per second at given
 //!   prompt lengths and decode tokens per second, on the real model, in this process.
-//! - [`rag`] drives a running server over HTTP like a RAG client and compares cache modes.
+//! - [`rag`] drives a running server over HTTP with traces shaped like real clients' and
+//!   compares cache modes, beside what a perfect cache could reuse ([`oracle`]).
+//! - [`trace`] draws those traces: RAG (passages joined under labels, or one message each),
+//!   agent turns, memory.
 //! - [`store`] times loading a chunk from each store tier against recomputing it.
 //! - [`policies`] measures the policy plugins: call overhead, chunking and eviction hit rates.
 
+pub mod client;
+pub mod oracle;
 pub mod policies;
+pub mod quality;
 pub mod rag;
 pub mod store;
+pub mod trace;
 
 use std::time::Instant;
 

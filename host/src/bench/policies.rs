@@ -2,11 +2,11 @@
 //!
 //! - Call overhead: each plugin's call on a realistic request (a ~1100-token RAG prompt,
 //!   ~900 reused tokens, 1000 eviction candidates) against the built-in it replaces, µs.
-//! - Chunking: the token hit rate of compositional reuse with the `cdc-chunker` plugin against
-//!   fixed-size cuts, on RAG prompts whose passages arrive in different orders and with
-//!   different neighbours, one message per passage and all passages joined in one message.
-//!   A hit needs only equal tokens, so the store is replayed as a set of keys: exact, and fast
-//!   enough for hundreds of requests.
+//! - Chunking: the token hit rate of compositional reuse when new content is cut by the
+//!   `cdc-chunker` plugin or by fixed-size cuts, on every trace shape of `kvgate bench rag`,
+//!   beside the oracle (what a perfect matcher could reuse). Reuse needs only equal tokens, so
+//!   the store is replayed as the span index over token ids alone: exact, and fast enough for
+//!   hundreds of requests.
 //! - Eviction: the real RAM tier under a budget of 30 % of the working set, replaying the same
 //!   kind of trace with least-recently-used and with the `evictor` plugin, with and without a
 //!   scan of one-off passages mixed in.
@@ -19,11 +19,15 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::rag::{self, RagOptions};
+use super::oracle::Oracle;
+use super::trace::{self, Label, Shape, TraceOptions};
 use crate::blend::{BuiltinPolicy, CutInput, Policy, SelectInput};
 use crate::engine::{ChatMessage, LoadedModel};
 use crate::policy::{PluginKind, Policies};
-use crate::store::{Candidate, ChunkKey, ChunkKv, ChunkStore, Evictor, LeastRecentlyUsed, Store, StoreOptions};
+use crate::store::span::Tier;
+use crate::store::{
+    Candidate, ChunkKey, ChunkKv, ChunkStore, Evictor, LeastRecentlyUsed, SpanIndex, Store, StoreOptions,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Overhead {
@@ -39,6 +43,9 @@ pub struct HitRate {
     pub chunker: String,
     pub chunk_tokens: usize,
     pub token_hit_rate: f64,
+    /// What a perfect matcher could reuse of the same prompts.
+    pub oracle_hit_rate: f64,
+    /// New chunks stored per request.
     pub mean_chunks: f64,
 }
 
@@ -114,26 +121,13 @@ pub fn run(
     requests: usize,
     progress: &mut dyn FnMut(&str),
 ) -> anyhow::Result<PolicyFigures> {
-    let passages = rag::passages(corpus, 200)?;
-    let opts = |joined| RagOptions {
-        url: String::new(),
-        corpus: corpus.to_path_buf(),
-        k: 4,
-        passage_words: 200,
-        pool: 40,
-        zipf_s: 1.0,
-        warmup: 0,
-        requests,
-        max_tokens: 1,
-        budgets: vec![],
-        seed: 7,
-        joined,
-    };
+    let passages = trace::passages(corpus, 200)?;
+    let opts = |shape, seed| TraceOptions { shape, k: 4, pool: 40, zipf_s: 1.0, seed };
     let status = plugins.status();
     let name = |k: PluginKind| status.iter().find(|s| s.kind == k).and_then(|s| s.name.clone());
 
     progress("call overhead");
-    let sample = tokenize(m, &rag::prompts(&passages, &opts(true), 1, 1)[0])?;
+    let sample = tokenize(m, &trace::prompts(&passages, &opts(Shape::Joined(Label::Passage), 1), 1)[0].body)?;
     let plugin = plugins.for_request(0);
     let builtin = BuiltinPolicy::default();
     let mut overhead = Vec::new();
@@ -181,23 +175,26 @@ pub fn run(
 
     progress("chunking hit rates");
     let mut chunking = Vec::new();
-    for (layout, joined) in [("message per passage", false), ("passages joined", true)] {
-        let trace: Vec<Tokenized> = rag::prompts(&passages, &opts(joined), requests, 11)
+    let min_span = crate::blend::BlendOptions::default().min_span;
+    for shape in Shape::ALL {
+        let trace: Vec<Tokenized> = trace::prompts(&passages, &opts(shape, 11), requests)
             .iter()
-            .map(|p| tokenize(m, p))
+            .map(|p| tokenize(m, &p.body))
             .collect::<anyhow::Result<_>>()?;
+        let oracle = replay_oracle(&trace, min_span);
         for chunk_tokens in [256, 64] {
             let mut chunkers: Vec<(String, &dyn Policy)> = vec![("fixed-size (built-in)".into(), &builtin)];
             if let Some(n) = name(PluginKind::Chunker) {
                 chunkers.push((n, &plugin));
             }
             for (label, policy) in chunkers {
-                let (rate, chunks) = replay_chunking(m, &trace, policy, chunk_tokens);
+                let (rate, chunks) = replay_chunking(m, &trace, policy, chunk_tokens, min_span);
                 chunking.push(HitRate {
-                    layout,
+                    layout: shape.name(),
                     chunker: label,
                     chunk_tokens,
                     token_hit_rate: rate,
+                    oracle_hit_rate: oracle,
                     mean_chunks: chunks,
                 });
             }
@@ -206,9 +203,9 @@ pub fn run(
 
     progress("eviction hit rates");
     let mut eviction = Vec::new();
-    let trace: Vec<Tokenized> = rag::prompts(&passages, &opts(false), requests, 13)
+    let trace: Vec<Tokenized> = trace::prompts(&passages, &opts(Shape::Messages, 13), requests)
         .iter()
-        .map(|p| tokenize(m, p))
+        .map(|p| tokenize(m, &p.body))
         .collect::<anyhow::Result<_>>()?;
     // The same trace with every third request replaced by four passages seen once only.
     let one_off: Vec<Tokenized> = (0..requests / 3)
@@ -251,26 +248,58 @@ pub fn run(
     Ok(PolicyFigures { overhead, chunking, eviction })
 }
 
-/// Token hit rate of compose-mode lookups over `trace` with an unbounded store, skipping the
-/// first quarter (warm-up); and the mean number of chunks per request.
-fn replay_chunking(m: &LoadedModel, trace: &[Tokenized], policy: &dyn Policy, chunk_tokens: usize) -> (f64, f64) {
-    let mut seen: HashSet<ChunkKey> = HashSet::new();
+/// Token hit rate of compose-mode reuse over `trace` with an unbounded store, skipping the
+/// first quarter (warm-up): the span index replayed as the server runs it (the last token
+/// always computed; what no stored run covers cut by `policy` and stored); and the mean
+/// number of chunks stored per request.
+fn replay_chunking(
+    m: &LoadedModel,
+    trace: &[Tokenized],
+    policy: &dyn Policy,
+    chunk_tokens: usize,
+    min_span: usize,
+) -> (f64, f64) {
+    let mut index = SpanIndex::new(min_span);
     let (mut reused, mut total, mut chunks) = (0usize, 0usize, 0usize);
     let warm = trace.len() / 4;
     for (i, t) in trace.iter().enumerate() {
-        let cuts = policy.cut(&t.input(chunk_tokens));
-        chunks += cuts.len();
-        for c in &cuts[..cuts.len() - 1] {
-            let key = ChunkKey::compose(m.model.fingerprint(), &t.ids[c.clone()]);
-            if !seen.insert(key) && i >= warm {
-                reused += c.len();
-            }
-        }
+        let n = t.ids.len();
+        let found = index.find(&t.ids[..n - 1]);
         if i >= warm {
-            total += t.ids.len();
+            reused += found.iter().map(|s| s.len()).sum::<usize>();
+            total += n;
+        }
+        let runs: Vec<_> = crate::blend::gaps(found.iter().map(|s| s.prompt.clone()), n)
+            .into_iter()
+            .filter(|r| r.len() >= min_span)
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let cuts = policy.cut(&t.input(chunk_tokens));
+        for run in runs {
+            for piece in crate::blend::pieces(run, &cuts, min_span) {
+                let tokens = &t.ids[piece];
+                index.held(ChunkKey::compose(m.model.fingerprint(), tokens), tokens, None, Tier::Ram);
+                chunks += 1;
+            }
         }
     }
     (reused as f64 / total.max(1) as f64, chunks as f64 / trace.len().max(1) as f64)
+}
+
+/// The oracle hit rate of `trace` after the same warm-up.
+fn replay_oracle(trace: &[Tokenized], min_span: usize) -> f64 {
+    let mut oracle = Oracle::new(min_span);
+    let warm = trace.len() / 4;
+    let (mut spans, mut total) = (0, 0);
+    for (i, t) in trace.iter().enumerate() {
+        let r = oracle.observe(&t.ids);
+        if i >= warm {
+            (spans, total) = (spans + r.spans, total + r.tokens);
+        }
+    }
+    spans as f64 / total.max(1) as f64
 }
 
 /// Token hit rate of the real RAM tier under `share` of the trace's working set, evicting
@@ -309,6 +338,7 @@ fn replay_eviction(m: &LoadedModel, trace: &[&Tokenized], evictor: Arc<dyn Evict
                 let kv = ChunkKv {
                     tokens: t.ids[c.clone()].to_vec(),
                     rotated_at: None,
+                    parent: None,
                     k: vec![vec![0.0; c.len()]],
                     v: vec![vec![0.0; c.len()]],
                 };
@@ -340,14 +370,16 @@ pub fn table(f: &PolicyFigures) -> String {
             p
         );
     }
-    out += "\ntoken hit rate by chunker (compose, unbounded store, after warm-up)\n";
+    out += "\ntoken hit rate by chunker (compose, unbounded store, after warm-up), beside the oracle\n";
     for h in &f.chunking {
         out += &format!(
-            "  {:<20} chunk_tokens {:>3}  {:<24} {:>6.1}%  ({:.1} chunks/request)\n",
+            "  {:<16} chunk_tokens {:>3}  {:<24} {:>6.1}% of {:>5.1}% ({:>3.0}% of the oracle, {:.1} chunks stored/request)\n",
             h.layout,
             h.chunk_tokens,
             h.chunker,
             h.token_hit_rate * 100.0,
+            h.oracle_hit_rate * 100.0,
+            h.token_hit_rate / h.oracle_hit_rate.max(1e-9) * 100.0,
             h.mean_chunks
         );
     }

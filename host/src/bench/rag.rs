@@ -1,34 +1,41 @@
-//! `kvgate bench rag`: a RAG workload against a running server, over HTTP, streaming.
+//! `kvgate bench rag`: request traces shaped like real clients', against a running server,
+//! over HTTP, streaming.
 //!
-//! Every request is a system prompt, `k` passages drawn by Zipf popularity in random order
-//! (one chat message each), and a question. The same measured prompts run in every cache
-//! configuration — `off`, `prefix`, and `compose` at each recompute budget — each after a
-//! flush of the chunk store and a warm-up on other prompts from the same distribution, so
-//! configurations do not feed each other. `off` is run twice: its second run is the noise
-//! floor of the quality figures.
+//! For each trace shape (see [`super::trace`]: passages joined under labels, one message
+//! each, agent turns, memory), the same prompts run in every cache configuration — `off`,
+//! `prefix`, and `compose` at each recompute budget (with each selector plugin, when given) —
+//! each after a flush of the chunk store. The first `warmup` prompts of the trace fill the
+//! store (1 token generated each), the next `requests` are measured; later measured prompts
+//! reuse what earlier ones stored, as on a server in its steady state.
 //!
-//! Quality against `off` on the same prompt (greedy): first-token agreement, identical first
-//! `max_tokens` tokens, and the mean KL divergence of the next-token distribution over the
-//! steps where both runs still agree (from the top-20 log-probabilities; the mass outside the
-//! top 20 is one bucket).
+//! Each configuration runs the measured prompts twice, each time after a flush and the
+//! warm-up: streamed chat requests (TTFT, free-running quality, planted facts), then — with
+//! `teacher_forced` — `off`'s answers scored by `echo` (teacher-forced KL, Δ log-likelihood).
+//! Beside them stand the floors: `off` run again (noise) and, with a `floor_url` server
+//! whose prefix chunks are rounded to f16, prefix reuse with f16 KV (the rounding production
+//! servers accept); and what a perfect cache could reuse of the same prompts
+//! ([`super::oracle`]).
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use serde_json::{Value, json};
+
+use super::client::{self, Forced, Mode, Sample};
+use super::oracle::Oracle;
+use super::quality::{self, ModeFigures, Runs};
+use super::trace::{self, Fact, Request, Shape, TraceOptions};
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RagOptions {
     /// Base URL of a running `kvgate serve`.
     pub url: String,
+    /// A second server started with `--prefix-kv-dtype f16`: its prefix mode is the f16 floor.
+    pub floor_url: Option<String>,
     /// Directory of .txt/.md/.html files.
     pub corpus: PathBuf,
+    /// Trace shapes to run, each on its own.
+    pub shapes: Vec<Shape>,
     /// Passages per request.
     pub k: usize,
     /// Words per passage (about 1.3 tokens each for English prose).
@@ -41,397 +48,242 @@ pub struct RagOptions {
     pub max_tokens: usize,
     pub budgets: Vec<f32>,
     pub seed: u64,
-    /// All passages in one user message, separated by blank lines (instead of a message
-    /// each): chunk boundaries then come from the chunker alone.
-    pub joined: bool,
+    /// The server's `min_span`: what the oracle counts as a reusable run.
+    pub min_span: usize,
+    /// Run `off` again (noise floor) and `prefix` too.
+    pub baselines: bool,
+    /// Score `off`'s answers under each configuration (`echo`).
+    pub teacher_forced: bool,
+    /// Selector components to swap in, in turn, for the compose runs (needs `plugins_dir`).
+    pub selectors: Vec<PathBuf>,
+    /// The plugins directory of the server at `url`.
+    pub plugins_dir: Option<PathBuf>,
 }
 
-/// One request's measurements.
+/// One trace shape's run.
 #[derive(Debug, Clone, Serialize)]
-struct Sample {
-    ttft_s: f64,
-    prompt_tokens: usize,
-    reused_tokens: usize,
-    recomputed_tokens: usize,
-    /// Generated tokens (their bytes).
-    tokens: Vec<Vec<u8>>,
-    /// Per step, top-20 (token bytes, logprob).
-    tops: Vec<Vec<(Vec<u8>, f64)>>,
-}
-
-/// Figures of one configuration.
-#[derive(Debug, Clone, Serialize)]
-pub struct ModeFigures {
-    pub label: String,
-    pub mode: String,
-    pub budget: Option<f32>,
-    pub ttft_p50_s: f64,
-    pub ttft_p95_s: f64,
-    pub token_hit_rate: f64,
-    pub recompute_ratio: f64,
-    pub first_token_agreement: f64,
-    pub identical_first_n: f64,
-    pub mean_kl: f64,
+pub struct TraceReport {
+    pub shape: String,
+    pub requests: usize,
+    pub mean_prompt_tokens: f64,
+    /// Share of the measured prompts' tokens in runs of ≥ `min_span` seen in an earlier prompt.
+    pub oracle_hit_rate: f64,
+    /// Share of the measured prompts' tokens in the longest prefix shared with an earlier prompt.
+    pub prefix_oracle_rate: f64,
+    pub results: Vec<ModeFigures>,
 }
 
 /// The whole run.
 #[derive(Debug, Clone, Serialize)]
 pub struct RagReport {
-    pub requests: usize,
     pub k: usize,
-    pub mean_prompt_tokens: f64,
     pub max_tokens: usize,
-    pub results: Vec<ModeFigures>,
+    pub min_span: usize,
+    pub traces: Vec<TraceReport>,
 }
 
-/// Text of the corpus, cut into passages of about `words` words.
-pub fn passages(dir: &Path, words: usize) -> anyhow::Result<Vec<String>> {
-    let mut files = Vec::new();
-    collect_files(dir, &mut files)?;
-    files.sort();
-    let mut out = Vec::new();
-    for f in files {
-        let raw = std::fs::read_to_string(&f).unwrap_or_default();
-        let text = if f.extension().is_some_and(|e| e == "html" || e == "htm") { html_text(&raw) } else { raw };
-        let mut current: Vec<&str> = Vec::new();
-        for para in text.split("\n\n") {
-            let w: Vec<&str> = para.split_whitespace().collect();
-            if w.len() < 8 {
-                continue; // headings, navigation, code fragments
-            }
-            current.extend(w);
-            if current.len() >= words {
-                out.push(current[..words].join(" "));
-                current.clear();
+/// One trace, tokenized, split into warm-up and measured requests.
+struct Trace {
+    warmup: Vec<Request>,
+    measured: Vec<Request>,
+    /// Token ids of the measured prompts.
+    measured_ids: Vec<Vec<u32>>,
+    facts: Vec<Option<Fact>>,
+}
+
+impl Trace {
+    fn fill(&self, mode: &Mode) -> anyhow::Result<()> {
+        client::flush(mode.url)?;
+        if mode.cache != "off" {
+            for r in &self.warmup {
+                client::chat(mode, &r.body, 1)?;
             }
         }
-    }
-    anyhow::ensure!(out.len() >= 8, "the corpus {} gave only {} passages of {words} words", dir.display(), out.len());
-    Ok(out)
-}
-
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("cannot read corpus {}: {e}", dir.display()))?;
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            collect_files(&p, out)?;
-        } else if p.extension().is_some_and(|x| ["txt", "md", "html", "htm"].iter().any(|y| x == *y)) {
-            out.push(p);
-        }
-    }
-    Ok(())
-}
-
-/// The readable text of an HTML page: its `<main>` if it has one, tags dropped, paragraphs
-/// kept apart.
-fn html_text(html: &str) -> String {
-    let body = match (html.find("<main"), html.rfind("</main>")) {
-        (Some(a), Some(b)) if a < b => &html[a..b],
-        _ => html,
-    };
-    let mut out = String::with_capacity(body.len());
-    let mut in_tag = false;
-    let mut tag = String::new();
-    let mut skip = false;
-    for c in body.chars() {
-        match (in_tag, c) {
-            (false, '<') => {
-                in_tag = true;
-                tag.clear();
-            }
-            (true, '>') => {
-                in_tag = false;
-                let name = tag.trim_start_matches('/').split_whitespace().next().unwrap_or("").to_ascii_lowercase();
-                if name == "pre" || name == "script" || name == "style" {
-                    skip = !tag.starts_with('/');
-                }
-                if matches!(name.as_str(), "p" | "h1" | "h2" | "h3" | "li" | "pre" | "div") && tag.starts_with('/') {
-                    out.push_str("\n\n");
-                }
-            }
-            (true, c) => tag.push(c),
-            (false, c) if !skip => out.push(c),
-            _ => {}
-        }
-    }
-    out.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&#39;", "'")
-}
-
-/// Draws passage indices by Zipf popularity (rank r with weight 1 / r^s).
-struct Zipf {
-    cdf: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: usize, s: f64) -> Self {
-        let mut acc = 0.0;
-        let cdf = (1..=n)
-            .map(|r| {
-                acc += 1.0 / (r as f64).powf(s);
-                acc
-            })
-            .collect::<Vec<_>>();
-        let total = acc;
-        Self { cdf: cdf.into_iter().map(|c| c / total).collect() }
+        Ok(())
     }
 
-    fn draw(&self, rng: &mut StdRng) -> usize {
-        let u: f64 = rng.random();
-        self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
+    /// The measured prompts, streamed (after a flush and the warm-up).
+    fn chat(&self, mode: &Mode, max_tokens: usize) -> anyhow::Result<Vec<Sample>> {
+        self.fill(mode)?;
+        self.measured.iter().map(|r| client::chat(mode, &r.body, max_tokens)).collect()
+    }
+
+    /// `answers` scored after each measured prompt (after a flush and the warm-up).
+    fn force(&self, mode: &Mode, answers: &[Sample]) -> anyhow::Result<Vec<Forced>> {
+        self.fill(mode)?;
+        self.measured_ids.iter().zip(answers).map(|(ids, a)| client::force(mode, ids, &a.tokens)).collect()
     }
 }
 
-/// `n` chat requests of `k` distinct passages each.
-/// `n` chat requests (`{"messages": …}`) drawn as the benchmark draws them.
-pub fn prompts(passages: &[String], opts: &RagOptions, n: usize, seed: u64) -> Vec<Value> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let pool = opts.pool.min(passages.len());
-    // Popularity ranks over a shuffled pool, so rank does not follow file order.
-    let mut ranked: Vec<usize> = (0..passages.len()).collect();
-    ranked.shuffle(&mut StdRng::seed_from_u64(opts.seed));
-    let zipf = Zipf::new(pool, opts.zipf_s);
-    (0..n)
-        .map(|_| {
-            let mut chosen: Vec<usize> = Vec::new();
-            while chosen.len() < opts.k.min(pool) {
-                let p = ranked[zipf.draw(&mut rng)];
-                if !chosen.contains(&p) {
-                    chosen.push(p);
-                }
-            }
-            chosen.shuffle(&mut rng);
-            let about = &passages[chosen[rng.random_range(0..chosen.len())]];
-            let topic: String = about.split_whitespace().take(6).collect::<Vec<_>>().join(" ");
-            let mut messages = vec![json!({"role": "system", "content":
-                "You are a helpful assistant. Answer the question using only the passages the user gives you."})];
-            if opts.joined {
-                let joined: Vec<&str> = chosen.iter().map(|&i| passages[i].as_str()).collect();
-                messages.push(json!({"role": "user", "content": format!("Passages:\n\n{}", joined.join("\n\n"))}));
-            } else {
-                messages.extend(chosen.iter().map(|&i| json!({"role": "user", "content": format!("Passage:\n{}", passages[i])})));
-            }
-            messages.push(json!({"role": "user", "content": format!("Question: what does the passage that begins \"{topic}\" explain?")}));
-            json!({"messages": messages})
-        })
-        .collect()
-}
-
-/// Sends one streaming request and measures it.
-fn run_one(url: &str, prompt: &Value, mode: &str, budget: Option<f32>, max_tokens: usize) -> anyhow::Result<Sample> {
-    let mut body = prompt.clone();
-    body["temperature"] = json!(0);
-    body["max_tokens"] = json!(max_tokens);
-    body["stream"] = json!(true);
-    body["logprobs"] = json!(true);
-    body["top_logprobs"] = json!(20);
-    let mut req = ureq::post(&format!("{url}/v1/chat/completions")).set("x-kvgate-cache", mode);
-    if let Some(b) = budget {
-        req = req.set("x-kvgate-recompute-budget", &b.to_string());
-    }
-    let started = Instant::now();
-    let resp = req.send_string(&body.to_string()).map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
-    let mut sample = Sample {
-        ttft_s: 0.0,
-        prompt_tokens: 0,
-        reused_tokens: 0,
-        recomputed_tokens: 0,
-        tokens: Vec::new(),
-        tops: Vec::new(),
-    };
-    for line in BufReader::new(resp.into_reader()).lines() {
-        let line = line?;
-        let Some(data) = line.strip_prefix("data: ") else { continue };
-        if data == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(data)?;
-        if v.get("error").is_some() {
-            anyhow::bail!("server error: {data}");
-        }
-        if let Some(content) = v["choices"][0]["logprobs"]["content"].as_array() {
-            for c in content {
-                if sample.tokens.is_empty() {
-                    sample.ttft_s = started.elapsed().as_secs_f64();
-                }
-                sample.tokens.push(bytes_of(&c["bytes"]));
-                let top = c["top_logprobs"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-                sample
-                    .tops
-                    .push(top.iter().map(|t| (bytes_of(&t["bytes"]), t["logprob"].as_f64().unwrap_or(0.0))).collect());
-            }
-        }
-        if let Some(k) = v.get("kvgate") {
-            sample.reused_tokens = k["reused_tokens"].as_u64().unwrap_or(0) as usize;
-            sample.recomputed_tokens = k["recomputed_tokens"].as_u64().unwrap_or(0) as usize;
-            sample.prompt_tokens =
-                (k["reused_tokens"].as_u64().unwrap_or(0) + k["computed_tokens"].as_u64().unwrap_or(0)) as usize;
-        }
-    }
-    if sample.tokens.is_empty() {
-        sample.ttft_s = started.elapsed().as_secs_f64();
-    }
-    Ok(sample)
-}
-
-fn bytes_of(v: &Value) -> Vec<u8> {
-    v.as_array().map(|a| a.iter().map(|b| b.as_u64().unwrap_or(0) as u8).collect()).unwrap_or_default()
-}
-
-/// KL(p || q) of one step from two top-k lists; the rest of the mass is one bucket.
-fn step_kl(p: &[(Vec<u8>, f64)], q: &[(Vec<u8>, f64)]) -> f64 {
-    // A token missing from q's top list has at most q's smallest listed logprob.
-    let qf = q.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
-    let mut kl = 0.0;
-    let (mut pm, mut qm) = (0.0, 0.0);
-    for (tok, lp) in p {
-        let lq = q.iter().find(|x| &x.0 == tok).map(|x| x.1).unwrap_or(qf);
-        let pp = lp.exp();
-        kl += pp * (lp - lq);
-        pm += pp;
-        qm += lq.exp();
-    }
-    let (pr, qr) = ((1.0 - pm).max(1e-9), (1.0 - qm).max(1e-9));
-    (kl + pr * (pr / qr).ln()).max(0.0)
-}
-
-fn percentile(xs: &[f64], p: f64) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return 0.0;
-    }
-    v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
-}
-
-fn figures(label: &str, mode: &str, budget: Option<f32>, runs: &[Sample], reference: &[Sample]) -> ModeFigures {
-    let ttft: Vec<f64> = runs.iter().map(|s| s.ttft_s).collect();
-    let prompt: usize = runs.iter().map(|s| s.prompt_tokens).sum();
-    let reused: usize = runs.iter().map(|s| s.reused_tokens).sum();
-    let recomputed: usize = runs.iter().map(|s| s.recomputed_tokens).sum();
-    let n = runs.len().max(1) as f64;
-    let mut first = 0.0;
-    let mut identical = 0.0;
-    let mut kls = Vec::new();
-    for (a, r) in runs.iter().zip(reference) {
-        if a.tokens.first() == r.tokens.first() {
-            first += 1.0;
-        }
-        if a.tokens == r.tokens {
-            identical += 1.0;
-        }
-        for (i, (ta, tr)) in a.tops.iter().zip(&r.tops).enumerate() {
-            kls.push(step_kl(tr, ta));
-            if a.tokens.get(i) != r.tokens.get(i) {
-                break; // past a divergence the two runs condition on different text
-            }
-        }
-    }
-    ModeFigures {
-        label: label.to_string(),
-        mode: mode.to_string(),
-        budget,
-        ttft_p50_s: percentile(&ttft, 0.5),
-        ttft_p95_s: percentile(&ttft, 0.95),
-        token_hit_rate: if prompt > 0 { reused as f64 / prompt as f64 } else { 0.0 },
-        recompute_ratio: if reused > 0 { recomputed as f64 / reused as f64 } else { 0.0 },
-        first_token_agreement: first / n,
-        identical_first_n: identical / n,
-        mean_kl: if kls.is_empty() { 0.0 } else { kls.iter().sum::<f64>() / kls.len() as f64 },
-    }
-}
-
-fn flush(url: &str) -> anyhow::Result<()> {
-    ureq::delete(&format!("{url}/admin/chunks"))
-        .call()
-        .map_err(|e| anyhow::anyhow!("flushing the chunk store: {e}"))?;
-    Ok(())
-}
-
-/// Runs the whole benchmark; `progress` is told each configuration as it starts.
+/// Runs the whole benchmark; `progress` is told each trace and configuration as it starts.
 pub fn run(opts: &RagOptions, mut progress: impl FnMut(&str)) -> anyhow::Result<RagReport> {
-    let passages = passages(&opts.corpus, opts.passage_words)?;
-    let measured = prompts(&passages, opts, opts.requests, opts.seed ^ 0x5eed);
-    let warmup = prompts(&passages, opts, opts.warmup, opts.seed ^ 0x3a3a);
-    let measure = |mode: &str, budget: Option<f32>, progress: &mut dyn FnMut(&str)| -> anyhow::Result<Vec<Sample>> {
-        progress(&format!("{mode} {}", budget.map(|b| format!("{:.0}%", b * 100.0)).unwrap_or_default()));
-        flush(&opts.url)?;
-        if mode != "off" {
-            for p in &warmup {
-                run_one(&opts.url, p, mode, budget, 1)?;
+    anyhow::ensure!(
+        opts.selectors.is_empty() || opts.plugins_dir.is_some(),
+        "--selectors needs --plugins-dir (the directory the server loads its plugins from)"
+    );
+    let passages = trace::passages(&opts.corpus, opts.passage_words)?;
+    let mut traces = Vec::new();
+    for &shape in &opts.shapes {
+        let topts = TraceOptions { shape, k: opts.k, pool: opts.pool, zipf_s: opts.zipf_s, seed: opts.seed };
+        let mut all = trace::prompts(&passages, &topts, opts.warmup + opts.requests);
+        let measured = all.split_off(opts.warmup.min(all.len()));
+        // What a perfect cache could reuse of the measured prompts, given all before them.
+        let mut oracle = Oracle::new(opts.min_span);
+        let (mut tokens, mut spans, mut prefix) = (0, 0, 0);
+        for r in &all {
+            oracle.observe(&client::tokenize(&opts.url, &r.body)?);
+        }
+        let mut measured_ids = Vec::new();
+        for r in &measured {
+            let ids = client::tokenize(&opts.url, &r.body)?;
+            let seen = oracle.observe(&ids);
+            (tokens, spans, prefix) = (tokens + seen.tokens, spans + seen.spans, prefix + seen.prefix);
+            measured_ids.push(ids);
+        }
+        let facts = measured.iter().map(|r| r.fact.clone()).collect();
+        let t = Trace { warmup: all, measured, measured_ids, facts };
+
+        let name = shape.name();
+        let mode = |url, cache, budget| Mode { url, cache, budget };
+        let off_mode = mode(opts.url.as_str(), "off", None);
+        progress(&format!("{name} off"));
+        let off = t.chat(&off_mode, opts.max_tokens)?;
+        let off_forced = match opts.teacher_forced {
+            true => Some(t.force(&off_mode, &off)?),
+            false => None,
+        };
+        let mut results = Vec::new();
+        let mut measure = |label: &str, m: Mode, selector: Option<String>, progress: &mut dyn FnMut(&str)| {
+            progress(&format!("{name} {label}"));
+            let samples = t.chat(&m, opts.max_tokens)?;
+            let forced = match (opts.teacher_forced, m.cache) {
+                (true, "off") => off_forced.clone(), // deterministic: the same prefill
+                (true, _) => Some(t.force(&m, &off)?),
+                (false, _) => None,
+            };
+            let runs = Runs {
+                samples: &samples,
+                forced: forced.as_deref(),
+                reference: &off,
+                reference_forced: off_forced.as_deref(),
+                facts: &t.facts,
+            };
+            results.push(quality::figures(label, m.cache, m.budget, selector, &runs));
+            anyhow::Ok(())
+        };
+        if opts.baselines {
+            measure("off (noise floor)", off_mode.clone(), None, &mut progress)?;
+            measure("prefix", mode(opts.url.as_str(), "prefix", None), None, &mut progress)?;
+        }
+        if let Some(floor) = &opts.floor_url {
+            measure("prefix f16 (floor)", mode(floor.as_str(), "prefix", None), None, &mut progress)?;
+        }
+        let selectors: Vec<Option<&PathBuf>> =
+            if opts.selectors.is_empty() { vec![None] } else { opts.selectors.iter().map(Some).collect() };
+        for component in selectors {
+            let selector = match (component, &opts.plugins_dir) {
+                (Some(c), Some(dir)) => Some(client::install_selector(&opts.url, dir, c)?),
+                _ => None,
+            };
+            for &b in &opts.budgets {
+                let label = match &selector {
+                    Some(s) => format!("compose {:.0}% {s}", b * 100.0),
+                    None => format!("compose {:.0}%", b * 100.0),
+                };
+                measure(&label, mode(opts.url.as_str(), "compose", Some(b)), selector.clone(), &mut progress)?;
             }
         }
-        measured.iter().map(|p| run_one(&opts.url, p, mode, budget, opts.max_tokens)).collect()
-    };
-    let off = measure("off", None, &mut progress)?;
-    let off_again = measure("off", None, &mut progress)?;
-    let mut results =
-        vec![figures("off", "off", None, &off, &off), figures("off (noise floor)", "off", None, &off_again, &off)];
-    let prefix = measure("prefix", None, &mut progress)?;
-    results.push(figures("prefix", "prefix", None, &prefix, &off));
-    for &b in &opts.budgets {
-        let runs = measure("compose", Some(b), &mut progress)?;
-        results.push(figures(&format!("compose {:.0}%", b * 100.0), "compose", Some(b), &runs, &off));
+        let off_runs = Runs {
+            samples: &off,
+            forced: off_forced.as_deref(),
+            reference: &off,
+            reference_forced: off_forced.as_deref(),
+            facts: &t.facts,
+        };
+        results.insert(0, quality::figures("off", "off", None, None, &off_runs));
+        let share = |x: usize| x as f64 / tokens.max(1) as f64;
+        traces.push(TraceReport {
+            shape: name.to_string(),
+            requests: t.measured.len(),
+            mean_prompt_tokens: tokens as f64 / t.measured.len().max(1) as f64,
+            oracle_hit_rate: share(spans),
+            prefix_oracle_rate: share(prefix),
+            results,
+        });
     }
-    let mean_prompt_tokens = off.iter().map(|s| s.prompt_tokens as f64).sum::<f64>() / off.len().max(1) as f64;
-    Ok(RagReport { requests: opts.requests, k: opts.k, mean_prompt_tokens, max_tokens: opts.max_tokens, results })
+    Ok(RagReport { k: opts.k, max_tokens: opts.max_tokens, min_span: opts.min_span, traces })
 }
 
-/// The report as a table.
+/// The report as tables, one per trace shape.
 pub fn table(r: &RagReport) -> String {
-    let mut out = format!(
-        "{} requests, k={} passages, {:.0} prompt tokens on average, {} generated tokens each\n",
-        r.requests, r.k, r.mean_prompt_tokens, r.max_tokens
-    );
-    out.push_str(&format!(
-        "{:<18} {:>9} {:>9} {:>8} {:>9} {:>8} {:>9} {:>9}\n",
-        "config", "TTFT p50", "TTFT p95", "hit", "recomp", "1st tok", "first-N", "mean KL"
-    ));
-    let base = r.results.first().map(|f| f.ttft_p50_s).unwrap_or(1.0);
-    for f in &r.results {
+    let mut out = String::new();
+    let opt = |x: Option<f64>, digits: usize| x.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    for t in &r.traces {
         out.push_str(&format!(
-            "{:<18} {:>8.0}ms {:>8.0}ms {:>7.1}% {:>8.1}% {:>7.0}% {:>8.0}% {:>9.4}   ({:.1}x)\n",
-            f.label,
-            f.ttft_p50_s * 1e3,
-            f.ttft_p95_s * 1e3,
-            f.token_hit_rate * 100.0,
-            f.recompute_ratio * 100.0,
-            f.first_token_agreement * 100.0,
-            f.identical_first_n * 100.0,
-            f.mean_kl,
-            base / f.ttft_p50_s.max(1e-9),
+            "\n{}: {} requests, {:.0} prompt tokens on average, {} generated tokens each\n\
+             oracle: {:.1}% of prompt tokens in runs of >= {} tokens seen before; prefix oracle {:.1}%\n",
+            t.shape,
+            t.requests,
+            t.mean_prompt_tokens,
+            r.max_tokens,
+            t.oracle_hit_rate * 100.0,
+            r.min_span,
+            t.prefix_oracle_rate * 100.0
         ));
+        out.push_str(&format!(
+            "{:<30} {:>8} {:>8} {:>6} {:>7} {:>5} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6}\n",
+            "config",
+            "TTFT p50",
+            "p95",
+            "reused",
+            "/oracle",
+            "spans",
+            "recomp",
+            "1st",
+            "first-N",
+            "free KL",
+            "TF KL",
+            "TF dLL",
+            "facts",
+            "lookup"
+        ));
+        let base = t.results.first().map(|f| f.ttft_p50_s).unwrap_or(1.0);
+        for f in &t.results {
+            let facts = f.fact_accuracy.map_or("-".to_string(), |a| format!("{:.0}%", a * 100.0));
+            out.push_str(&format!(
+                "{:<30} {:>6.0}ms {:>6.0}ms {:>5.1}% {:>6.0}% {:>5.1} {:>5.1}% {:>5.0}% {:>6.0}% {:>7.4} {:>7} {:>7} {:>6} {:>4.0}us  ({:.1}x)\n",
+                f.label,
+                f.ttft_p50_s * 1e3,
+                f.ttft_p95_s * 1e3,
+                f.token_hit_rate * 100.0,
+                f.token_hit_rate / t.oracle_hit_rate.max(1e-9) * 100.0,
+                f.mean_spans,
+                f.recompute_ratio * 100.0,
+                f.first_token_agreement * 100.0,
+                f.identical_first_n * 100.0,
+                f.mean_kl,
+                opt(f.tf_kl, 4),
+                opt(f.tf_dll, 3),
+                facts,
+                f.lookup_us_p50,
+                base / f.ttft_p50_s.max(1e-9),
+            ));
+        }
+        if let Some(c) = t.results.iter().rev().find(|f| f.mode == "compose") {
+            let m = &c.mean_timings;
+            out.push_str(&format!(
+                "  {} prefill, mean ms: lookup {:.2}, splice {:.1}, check {:.1}, compute {:.1}, store {:.1}\n",
+                c.label,
+                m.lookup_us / 1e3,
+                m.splice_us / 1e3,
+                m.check_us / 1e3,
+                m.compute_us / 1e3,
+                m.store_us / 1e3
+            ));
+        }
+        if let Some(n) = t.results.first().map(|f| f.fact_questions).filter(|&n| n > 0) {
+            out.push_str(&format!("  facts: accuracy on the {n} measured prompts that ask for a planted fact\n"));
+        }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn html_text_keeps_prose_and_drops_code() {
-        let t = html_text(
-            "<nav>menu</nav><main><h1>Title</h1><p>Some &amp; text.</p><pre>let x = 1;</pre><p>More.</p></main>",
-        );
-        assert!(t.contains("Some & text.") && t.contains("More."));
-        assert!(!t.contains("let x") && !t.contains("menu"));
-    }
-
-    #[test]
-    fn kl_is_zero_for_equal_tops_and_positive_otherwise() {
-        let a = vec![(b"a".to_vec(), -0.1f64), (b"b".to_vec(), -2.5)];
-        let b = vec![(b"a".to_vec(), -1.0f64), (b"b".to_vec(), -0.6)];
-        assert!(step_kl(&a, &a) < 1e-9);
-        assert!(step_kl(&a, &b) > 0.1);
-    }
-
-    #[test]
-    fn zipf_favours_low_ranks() {
-        let z = Zipf::new(100, 1.0);
-        let mut rng = StdRng::seed_from_u64(1);
-        let draws: Vec<usize> = (0..2000).map(|_| z.draw(&mut rng)).collect();
-        let low = draws.iter().filter(|&&d| d < 10).count();
-        assert!(low > 2000 / 3, "{low}");
-    }
 }

@@ -3,32 +3,40 @@
 //!
 //! Owns the prefill of a prompt given what the chunk store holds. Uses `engine`'s
 //! layer-level forward and a [`ChunkStore`]; knows nothing of HTTP or of how the store keeps
-//! its bytes (`store` does). Three modes, selectable per request so they can be compared on one server:
+//! its bytes or finds runs of tokens (`store` does). Three modes, selectable per request so
+//! they can be compared on one server:
 //!
 //! - `off`: full prefill, nothing read or written.
-//! - `prefix`: classic prefix caching — chunks are keyed by everything before them too, so
-//!   only an exact prefix is reused (exact KV, nothing recomputed).
-//! - `compose`: every chunk is keyed by its content alone. Hits are spliced in (K rotated
-//!   from pre-RoPE to the chunk's new positions, V as is); layers `0..=check_layer` run over
-//!   the whole prompt, the deviation of each reused token's K/V at `check_layer` is measured,
-//!   the selector picks the tokens to recompute, and the remaining layers run only over those
-//!   plus every token of a missed chunk and the final chunk. Every recomputed token attends
-//!   to exactly the keys at positions `≤` its own.
+//! - `prefix`: classic prefix caching, to the token: the longest prefix of the prompt that a
+//!   stored prompt shares is reused exactly (K as rotated, f32, nothing recomputed), the rest
+//!   computed and stored as a continuation of the tree of stored prefixes.
+//! - `compose`: reuse wherever a run sits. The store's span index covers the prompt with the
+//!   longest runs (at least `min_span` tokens) that equal runs inside stored chunks — a whole
+//!   chunk or any part of one, cut however it was cut. The runs are spliced in (K rotated from
+//!   pre-RoPE to the new positions, V as is); layers `0..=check_layer` run over the whole
+//!   prompt, the deviation of each reused token's K/V at `check_layer` is measured, the
+//!   selector picks the tokens to recompute, and the remaining layers run only over those
+//!   plus every token no run covered. Every recomputed token attends to exactly the keys at
+//!   positions `≤` its own.
 //!
-//! New chunks are stored with the KV computed in this prompt's context (pre-RoPE K, V).
+//! The last token is always computed (its logits start generation). What no run covered is
+//! stored as new chunks, cut where the chunker says, with the KV computed in this prompt's
+//! context (pre-RoPE K and the policy's element type for compose; rotated f32 for prefix).
 //!
 //! - [`chunk`]: cutting prompts into chunks, chunk keys.
 //! - [`select`]: the recompute selection (top deviation).
+//! - [`compose`] and [`prefix`]: the two reusing modes.
 
 pub mod chunk;
+mod compose;
+mod prefix;
 pub mod select;
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::time::Instant;
 
 use crate::engine::{EngineError, KvCache, Model, Weights};
 use crate::store::{ChunkKv, ChunkStore};
-use chunk::ChunkKey;
 
 /// How a request may use the chunk cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -72,11 +80,14 @@ pub struct BlendOptions {
     pub check_layer: usize,
     /// Tokens at the head of every reused chunk recomputed first (EPIC), within the budget.
     pub chunk_head_tokens: usize,
+    /// Shortest run reused in compose mode, and shortest new chunk stored; the store's span
+    /// index is built for the same value.
+    pub min_span: usize,
 }
 
 impl Default for BlendOptions {
     fn default() -> Self {
-        Self { chunk_tokens: 256, recompute_budget: 0.15, check_layer: 1, chunk_head_tokens: 0 }
+        Self { chunk_tokens: 256, recompute_budget: 0.15, check_layer: 1, chunk_head_tokens: 0, min_span: 16 }
     }
 }
 
@@ -87,11 +98,33 @@ pub struct ReuseReport {
     pub reused_tokens: usize,
     /// Of those, recomputed in the later layers.
     pub recomputed_tokens: usize,
-    /// Prompt tokens computed from scratch (missed chunks and the final chunk).
+    /// Prompt tokens computed from scratch (those no stored run covered, and the last).
     pub computed_tokens: usize,
+    /// Runs spliced from stored chunks.
+    pub spans: usize,
+    /// Of those, runs inside a chunk rather than a whole chunk.
+    pub partial_spans: usize,
+    /// Distinct stored chunks the runs came from.
     pub chunks_hit: usize,
-    /// Chunks looked up (every chunk but the final one).
-    pub chunks_total: usize,
+    /// New chunks stored from this prompt.
+    pub chunks_stored: usize,
+    /// Where the prefill's time went.
+    pub timings: Timings,
+}
+
+/// Phases of one prefill, microseconds (what `kvgate bench rag` breaks TTFT into).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Timings {
+    /// Finding the stored runs (the span index or the prefix tree).
+    pub lookup_us: u64,
+    /// Fetching them and splicing them in (rotation included).
+    pub splice_us: u64,
+    /// Layers `0..=check_layer` over every token and the deviations (compose).
+    pub check_us: u64,
+    /// The remaining layers over the recomputed and new tokens (or the whole forward).
+    pub compute_us: u64,
+    /// Cutting and storing new chunks.
+    pub store_us: u64,
 }
 
 /// A prompt as the chunker sees it.
@@ -174,28 +207,28 @@ pub fn prefill_with(
     store: &dyn ChunkStore,
     policy: &dyn Policy,
 ) -> Result<Prefill, EngineError> {
-    let ids = prompt.ids;
-    let positions: Vec<u32> = (0..ids.len() as u32).collect();
-    let chunks = match mode {
-        CacheMode::Off => Vec::new(),
-        _ => policy.cut(prompt),
-    };
+    if prompt.ids.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
     match mode {
-        CacheMode::Off => {
-            let looked_up = chunk::fixed_cuts(ids.len(), prompt.segment_starts, opts.chunk_tokens).len();
-            full(model, ids, &positions, looked_up)
-        }
-        CacheMode::Prefix => prefix(model, ids, &positions, &chunks, store),
-        CacheMode::Compose => compose(model, ids, &positions, &chunks, opts, store, policy),
+        CacheMode::Off => full(model, prompt.ids),
+        CacheMode::Prefix => prefix::prefill(model, prompt, store, policy),
+        CacheMode::Compose => compose::prefill(model, prompt, opts, store, policy),
     }
 }
 
-fn full(model: &Model, ids: &[u32], positions: &[u32], chunks: usize) -> Result<Prefill, EngineError> {
+fn full(model: &Model, ids: &[u32]) -> Result<Prefill, EngineError> {
+    let started = Instant::now();
+    let positions: Vec<u32> = (0..ids.len() as u32).collect();
     let mut cache = model.new_cache();
-    let logits = extend(model, ids, positions, &mut cache)?;
-    let report =
-        ReuseReport { computed_tokens: ids.len(), chunks_total: chunks.saturating_sub(1), ..Default::default() };
+    let logits = extend(model, ids, &positions, &mut cache)?;
+    let timings = Timings { compute_us: micros(started), ..Default::default() };
+    let report = ReuseReport { computed_tokens: ids.len(), timings, ..Default::default() };
     Ok(Prefill { cache, logits, report })
+}
+
+fn micros(since: Instant) -> u64 {
+    since.elapsed().as_micros() as u64
 }
 
 /// Prefills `ids` at `positions` after what `cache` holds, with the f32 weights whatever the
@@ -208,198 +241,91 @@ fn extend(model: &Model, ids: &[u32], positions: &[u32], cache: &mut KvCache) ->
     model.logits(&x, &[ids.len() - 1])
 }
 
-/// Writes a stored chunk into cache rows `rows` (which sit at `positions`).
-fn splice(model: &Model, cache: &mut KvCache, kv: &ChunkKv, rows: Range<usize>) {
+/// Writes the stored chunk's rows `from..` into cache rows `rows` (which sit at their own
+/// positions): K rotated to those positions, V as is.
+fn splice(model: &Model, cache: &mut KvCache, kv: &ChunkKv, from: usize, rows: Range<usize>) {
     let d = cache.kv_dim();
     let positions = cache.positions[rows.clone()].to_vec();
-    let stored_at: Option<Vec<u32>> = kv.rotated_at.map(|p| (p..p + rows.len() as u32).collect());
+    let stored_at: Option<Vec<u32>> = kv.rotated_at.map(|p| (p + from as u32..).take(rows.len()).collect());
+    let src = from * d..(from + rows.len()) * d;
     for (l, layer) in cache.layers.iter_mut().enumerate() {
         let k = &mut layer.k[rows.start * d..rows.end * d];
-        k.copy_from_slice(&kv.k[l]);
+        k.copy_from_slice(&kv.k[l][src.clone()]);
         match &stored_at {
             None => model.rope().rotate(k, &positions, 1.0),
-            Some(from) if *from == positions => {} // exact: already rotated for these positions
-            Some(from) => model.rope().rerotate(k, from, &positions),
+            Some(at) if *at == positions => {} // exact: already rotated for these positions
+            Some(at) => model.rope().rerotate(k, at, &positions),
         }
-        layer.v[rows.start * d..rows.end * d].copy_from_slice(&kv.v[l]);
+        layer.v[rows.start * d..rows.end * d].copy_from_slice(&kv.v[l][src.clone()]);
     }
 }
 
 /// The chunk at `rows` of `cache` for the store: K before RoPE (`rotated = false`) or as
 /// rotated in the cache.
-fn extract(model: &Model, cache: &KvCache, ids: &[u32], rows: Range<usize>, rotated: bool) -> Arc<ChunkKv> {
+fn extract(model: &Model, cache: &KvCache, ids: &[u32], rows: Range<usize>, rotated: bool) -> ChunkKv {
     let d = cache.kv_dim();
     let k = match rotated {
         true => cache.layers.iter().map(|l| l.k[rows.start * d..rows.end * d].to_vec()).collect(),
         false => cache.pre_rope_k(rows.clone(), model.rope()),
     };
-    Arc::new(ChunkKv {
+    ChunkKv {
         tokens: ids[rows.clone()].to_vec(),
         rotated_at: rotated.then(|| cache.positions[rows.start]),
+        parent: None,
         k,
         v: cache.layers.iter().map(|l| l.v[rows.start * d..rows.end * d].to_vec()).collect(),
-    })
+    }
 }
 
-/// Microseconds per token of the computation that started at `since` over `tokens` tokens.
-fn cost_per_token(since: std::time::Instant, tokens: usize) -> u64 {
-    since.elapsed().as_micros() as u64 / tokens.max(1) as u64
+/// `run` cut where the chunker cut the prompt (`cuts`), pieces shorter than `min_len`
+/// joined to the piece before them (or after, for the first).
+pub(crate) fn pieces(run: Range<usize>, cuts: &[Range<usize>], min_len: usize) -> Vec<Range<usize>> {
+    let mut bounds: Vec<usize> = vec![run.start];
+    bounds.extend(cuts.iter().map(|c| c.start).filter(|&s| s > run.start && s < run.end));
+    bounds.push(run.end);
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for w in bounds.windows(2) {
+        match out.last_mut() {
+            Some(last) if w[1] - w[0] < min_len || last.len() < min_len => last.end = w[1],
+            _ => out.push(w[0]..w[1]),
+        }
+    }
+    out
 }
 
-fn prefix(
-    model: &Model,
-    ids: &[u32],
-    positions: &[u32],
-    chunks: &[Range<usize>],
-    store: &dyn ChunkStore,
-) -> Result<Prefill, EngineError> {
-    let started = std::time::Instant::now();
-    let fp = model.fingerprint();
-    let mut cache = model.new_cache();
-    let looked_up = &chunks[..chunks.len() - 1];
-    let mut hit_end = 0;
-    let mut chunks_hit = 0;
-    for c in looked_up {
-        let Some(kv) = store.get(&ChunkKey::prefix(fp, &ids[..c.end])) else { break };
-        if kv.tokens != ids[c.clone()] {
-            break; // a hash collision would be a wrong answer: treat it as a miss
+/// The parts of `0..n` that no range of `covered` (sorted, disjoint) covers.
+pub(crate) fn gaps(covered: impl Iterator<Item = Range<usize>>, n: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for r in covered {
+        if r.start > at {
+            out.push(at..r.start);
         }
-        let rows = cache.push_rows(&positions[c.clone()]);
-        splice(model, &mut cache, &kv, rows);
-        hit_end = c.end;
-        chunks_hit += 1;
+        at = at.max(r.end);
     }
-    let logits = extend(model, &ids[hit_end..], &positions[hit_end..], &mut cache)?;
-    let cost = cost_per_token(started, ids.len() - hit_end);
-    for c in looked_up.iter().filter(|c| c.start >= hit_end) {
-        let kv = extract(model, &cache, ids, c.clone(), true);
-        store.put(ChunkKey::prefix(fp, &ids[..c.end]), kv, cost * c.len() as u64);
+    if at < n {
+        out.push(at..n);
     }
-    let report = ReuseReport {
-        reused_tokens: hit_end,
-        recomputed_tokens: 0,
-        computed_tokens: ids.len() - hit_end,
-        chunks_hit,
-        chunks_total: looked_up.len(),
-    };
-    Ok(Prefill { cache, logits, report })
+    out
 }
 
-fn compose(
-    model: &Model,
-    ids: &[u32],
-    positions: &[u32],
-    chunks: &[Range<usize>],
-    opts: &BlendOptions,
-    store: &dyn ChunkStore,
-    policy: &dyn Policy,
-) -> Result<Prefill, EngineError> {
-    let fp = model.fingerprint();
-    let n = ids.len();
-    let layers = model.config().layers;
-    let t0 = std::time::Instant::now();
-    let looked_up = &chunks[..chunks.len() - 1];
-    let mut cache = model.new_cache();
-    let all_rows: Vec<usize> = cache.push_rows(positions).collect();
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    // Splice every hit; remember which chunks missed.
-    let mut hits: Vec<Range<usize>> = Vec::new();
-    let mut misses: Vec<Range<usize>> = Vec::new();
-    for c in looked_up {
-        match store.get(&ChunkKey::compose(fp, &ids[c.clone()])) {
-            Some(kv) if kv.tokens == ids[c.clone()] => {
-                splice(model, &mut cache, &kv, c.clone());
-                hits.push(c.clone());
-            }
-            _ => misses.push(c.clone()),
-        }
-    }
-    let reused: Vec<usize> = hits.iter().flat_map(|c| c.clone()).collect();
-    let t_splice = t0.elapsed();
-    let check = opts.check_layer.min(layers - 1);
-    if reused.is_empty() || check + 1 >= layers {
-        // Nothing to reuse (or no layer left to skip): a plain prefill, storing every chunk.
-        let mut x = model.embed(ids, positions)?;
-        model.run_layers(0..layers, &mut x, positions, &all_rows, &mut cache, Weights::F32)?;
-        let logits = model.logits(&x, &[n - 1])?;
-        let cost = cost_per_token(t0, n);
-        for c in &misses {
-            let kv = extract(model, &cache, ids, c.clone(), false);
-            store.put(ChunkKey::compose(fp, &ids[c.clone()]), kv, cost * c.len() as u64);
-        }
-        let report = ReuseReport { computed_tokens: n, chunks_total: looked_up.len(), ..Default::default() };
-        return Ok(Prefill { cache, logits, report });
+    #[test]
+    fn pieces_follow_the_cuts_and_join_short_ones() {
+        let cuts = [0..10, 10..40, 40..43, 43..100];
+        assert_eq!(pieces(5..100, &cuts, 8), vec![5..43, 43..100]);
+        assert_eq!(pieces(0..100, &cuts, 1), vec![0..10, 10..40, 40..43, 43..100]);
+        assert_eq!(pieces(12..20, &cuts, 16), vec![12..20], "a run shorter than min_len stays one piece");
+        assert_eq!(pieces(0..12, &cuts, 8), vec![0..12], "a short first piece takes the next");
     }
 
-    // Layers 0..=check over every token; measure how far the reused K/V at `check` are from
-    // what this context gives.
-    let d = cache.kv_dim();
-    let spliced_k: Vec<f32> = reused.iter().flat_map(|&r| cache.layers[check].k[r * d..(r + 1) * d].to_vec()).collect();
-    let spliced_v: Vec<f32> = reused.iter().flat_map(|&r| cache.layers[check].v[r * d..(r + 1) * d].to_vec()).collect();
-    let mut x = model.embed(ids, positions)?;
-    model.run_layers(0..check + 1, &mut x, positions, &all_rows, &mut cache, Weights::F32)?;
-    let deviations: Vec<f32> = reused
-        .iter()
-        .enumerate()
-        .map(|(i, &r)| {
-            let fresh_k = &cache.layers[check].k[r * d..(r + 1) * d];
-            let fresh_v = &cache.layers[check].v[r * d..(r + 1) * d];
-            let dk: f32 = fresh_k.iter().zip(&spliced_k[i * d..(i + 1) * d]).map(|(a, b)| (a - b) * (a - b)).sum();
-            let dv: f32 = fresh_v.iter().zip(&spliced_v[i * d..(i + 1) * d]).map(|(a, b)| (a - b) * (a - b)).sum();
-            dk + dv
-        })
-        .collect();
-    let t_check = t0.elapsed();
-    let mut chunk_starts = Vec::with_capacity(hits.len());
-    let mut offset = 0u32;
-    for c in &hits {
-        chunk_starts.push(offset);
-        offset += c.len() as u32;
+    #[test]
+    fn gaps_are_what_no_range_covers() {
+        assert_eq!(gaps([2..5, 5..7, 9..10].into_iter(), 12), vec![0..2, 7..9, 10..12]);
+        assert_eq!(gaps(std::iter::empty(), 3), vec![0..3]);
+        assert_eq!(gaps([0..3].into_iter(), 3), Vec::<Range<usize>>::new());
     }
-    let budget = ((opts.recompute_budget.clamp(0.0, 1.0) * reused.len() as f32).round() as usize).min(reused.len());
-    let reused_positions: Vec<u32> = reused.iter().map(|&r| positions[r]).collect();
-    let selected = policy.select(&SelectInput {
-        deviations: &deviations,
-        positions: &reused_positions,
-        chunk_starts: &chunk_starts,
-        budget,
-    });
-
-    // The remaining layers over the selected reused tokens, every missed token and the final
-    // chunk, in position order.
-    let mut recompute: Vec<usize> = selected.iter().map(|&i| reused[i as usize]).collect();
-    recompute.extend(misses.iter().flat_map(|c| c.clone()));
-    recompute.extend(chunks[chunks.len() - 1].clone());
-    recompute.sort_unstable();
-    let hidden = model.config().hidden;
-    let mut xs: Vec<f32> = recompute.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
-    let sub_positions: Vec<u32> = recompute.iter().map(|&r| positions[r]).collect();
-    model.run_layers(check + 1..layers, &mut xs, &sub_positions, &recompute, &mut cache, Weights::F32)?;
-    let logits = model.logits(&xs, &[recompute.len() - 1])?;
-    let t_recompute = t0.elapsed();
-
-    // What a missed chunk cost: its share of the layers run over every token, plus its share
-    // of the recomputed ones.
-    let cost = (t_check - t_splice).as_micros() as u64 / n as u64
-        + (t_recompute - t_check).as_micros() as u64 / recompute.len() as u64;
-    for c in &misses {
-        let kv = extract(model, &cache, ids, c.clone(), false);
-        store.put(ChunkKey::compose(fp, &ids[c.clone()]), kv, cost * c.len() as u64);
-    }
-    let report = ReuseReport {
-        reused_tokens: reused.len(),
-        recomputed_tokens: selected.len(),
-        computed_tokens: n - reused.len(),
-        chunks_hit: hits.len(),
-        chunks_total: looked_up.len(),
-    };
-    tracing::debug!(
-        splice_ms = t_splice.as_secs_f64() * 1e3,
-        check_ms = (t_check - t_splice).as_secs_f64() * 1e3,
-        recompute_ms = (t_recompute - t_check).as_secs_f64() * 1e3,
-        store_ms = (t0.elapsed() - t_recompute).as_secs_f64() * 1e3,
-        recomputed = recompute.len(),
-        "compose prefill"
-    );
-    Ok(Prefill { cache, logits, report })
 }

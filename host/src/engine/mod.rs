@@ -29,7 +29,9 @@ pub use model::{ForwardOutput, KvCache, LogitsFor, Model, ModelConfig, Weights};
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::Tokenizer;
-pub use worker::{Engine, EngineOptions, EngineStats, Event, FinishReason, GenerateRequest, Prompt, TokenEvent, Usage};
+pub use worker::{
+    Engine, EngineOptions, EngineStats, Event, FinishReason, GenerateRequest, Prompt, PromptToken, TokenEvent, Usage,
+};
 
 /// What can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]

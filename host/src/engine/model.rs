@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::EngineError;
 use super::attention::{self, Heads, Keys, Rope};
+use super::sampling::{self, TokenLogprob};
 
 /// `Model::forward` batches of at most this many rows (decode steps) use the Q8_0 weights;
 /// larger ones the f32 weights. Measured: Q8_0 wins while a matmul is a handful of
@@ -424,13 +425,64 @@ impl Model {
         cache: &mut KvCache,
         w: Weights,
     ) -> Result<(), EngineError> {
+        if rows.len() != positions.len() || rows.iter().any(|&r| r >= cache.len()) {
+            return Err(EngineError::Internal("run_layers: rows and hidden states do not match".into()));
+        }
+        self.layers(layers, x, positions, CacheAccess::Write { cache, rows }, w)
+    }
+
+    /// Log-probabilities of every token of a prompt but the first, given the tokens before it,
+    /// as the model sees them with the KV that `cache` holds for the prompt (row `i` at
+    /// position `i`, however it got there: computed, or spliced from the chunk store). A
+    /// forward pass over every token that reads the cache and writes nothing to it, f32
+    /// throughout, in blocks so that logits never exceed a block's rows × vocabulary. Entry
+    /// `i` is token `from + i`'s logprob and the `top` most likely tokens at its position
+    /// (`from` ≥ 1: nothing predicts the first token).
+    pub fn score(
+        &self,
+        tokens: &[u32],
+        from: usize,
+        cache: &KvCache,
+        top: usize,
+    ) -> Result<Vec<(TokenLogprob, Vec<TokenLogprob>)>, EngineError> {
+        const BLOCK: usize = 128;
+        let n = tokens.len();
+        if cache.len() < n || cache.positions[..n].iter().enumerate().any(|(i, &p)| p as usize != i) {
+            return Err(EngineError::Internal("score: the cache does not hold the prompt in order".into()));
+        }
+        let vocab = self.cfg.vocab;
+        let mut out = Vec::with_capacity(n.saturating_sub(from));
+        for start in (from.max(1) - 1..n.saturating_sub(1)).step_by(BLOCK) {
+            let end = (start + BLOCK).min(n - 1);
+            let positions: Vec<u32> = (start as u32..end as u32).collect();
+            let mut x = self.embed(&tokens[start..end], &positions)?;
+            self.layers(0..self.cfg.layers, &mut x, &positions, CacheAccess::Read(cache), Weights::F32)?;
+            let rows: Vec<usize> = (0..end - start).collect();
+            let logits = self.logits_with(&x, &rows, Weights::F32)?;
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                out.push(sampling::logprobs(row, tokens[start + i + 1], top));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The layer loop: each token's rotated K and its V go into its cache row before it
+    /// attends (`Write`), or the cache is read as it is (`Read`: the tokens already sit in it).
+    fn layers(
+        &self,
+        layers: std::ops::Range<usize>,
+        x: &mut [f32],
+        positions: &[u32],
+        mut access: CacheAccess,
+        w: Weights,
+    ) -> Result<(), EngineError> {
         let cfg = &self.cfg;
         let (hidden, kv_dim, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
         let n = positions.len();
-        if x.len() != n * hidden || rows.len() != n || rows.iter().any(|&r| r >= cache.len()) {
+        if x.len() != n * hidden {
             return Err(EngineError::Internal("run_layers: rows and hidden states do not match".into()));
         }
-        let sorted = cache.sorted();
+        let sorted = access.cache().sorted();
         let mut h = vec![0f32; n * hidden];
         let mut q = vec![0f32; n * hidden];
         let mut k = vec![0f32; n * kv_dim];
@@ -439,20 +491,27 @@ impl Model {
         let row = hidden + 2 * kv_dim;
         for l in layers {
             let layer = &self.layers[l];
-            let kv = &mut cache.layers[l];
             rms_norm(x, &layer.attn_norm, cfg.rms_eps, &mut h);
             layer.qkv.forward(&h, n, w, |qkv| {
                 for (i, r) in qkv.chunks_exact(row).enumerate() {
                     q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
                     k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
-                    kv.v[rows[i] * kv_dim..(rows[i] + 1) * kv_dim].copy_from_slice(&r[hidden + kv_dim..]);
+                    if let CacheAccess::Write { cache, rows } = &mut access {
+                        let v = &mut cache.layers[l].v;
+                        v[rows[i] * kv_dim..(rows[i] + 1) * kv_dim].copy_from_slice(&r[hidden + kv_dim..]);
+                    }
                 }
             })?;
             self.rope.rotate(&mut q, positions, 1.0);
             self.rope.rotate(&mut k, positions, 1.0);
-            for (i, &r) in rows.iter().enumerate() {
-                kv.k[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
+            if let CacheAccess::Write { cache, rows } = &mut access {
+                let kv = &mut cache.layers[l].k;
+                for (i, &r) in rows.iter().enumerate() {
+                    kv[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
+                }
             }
+            let cache = access.cache();
+            let kv = &cache.layers[l];
             let keys = Keys { k: &kv.k, v: &kv.v, positions: &cache.positions, sorted };
             attention::attention(cfg.heads(), &q, positions, &keys, &mut attn, w == Weights::Q8);
             layer.out.forward(&attn, n, w, |o| add_assign(x, o))?;
@@ -472,6 +531,11 @@ impl Model {
 
     /// Logits (`rows.len() × vocab`) of the hidden states `x` at `rows`.
     pub fn logits(&self, x: &[f32], rows: &[usize]) -> Result<Vec<f32>, EngineError> {
+        // One row of logits is a matrix-vector product: Q8_0, whatever produced the row.
+        self.logits_with(x, rows, if rows.len() <= QUANTIZED_MAX_ROWS { Weights::Q8 } else { Weights::F32 })
+    }
+
+    fn logits_with(&self, x: &[f32], rows: &[usize], w: Weights) -> Result<Vec<f32>, EngineError> {
         let hidden = self.cfg.hidden;
         let n = x.len() / hidden;
         if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
@@ -482,11 +546,26 @@ impl Model {
             let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
             let mut normed = vec![0f32; picked.len()];
             rms_norm(&picked, &self.out_norm, self.cfg.rms_eps, &mut normed);
-            // One row of logits is a matrix-vector product: Q8_0, whatever produced the row.
-            let w = if rows.len() <= QUANTIZED_MAX_ROWS { Weights::Q8 } else { Weights::F32 };
             self.lm_head.forward(&normed, rows.len(), w, |l| logits.extend_from_slice(l))?;
         }
         Ok(logits)
+    }
+}
+
+/// How a pass of the layers uses the cache.
+enum CacheAccess<'a> {
+    /// The tokens' K/V are written into these rows, then attended to with the rest.
+    Write { cache: &'a mut KvCache, rows: &'a [usize] },
+    /// The tokens already sit in the cache; it is only read.
+    Read(&'a KvCache),
+}
+
+impl CacheAccess<'_> {
+    fn cache(&self) -> &KvCache {
+        match self {
+            CacheAccess::Write { cache, .. } => cache,
+            CacheAccess::Read(cache) => cache,
+        }
     }
 }
 

@@ -21,6 +21,8 @@ pub struct ChatMessage {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The Jinja source (`/tokenizer_info` hands it to clients that render prompts themselves).
+    source: String,
     bos: String,
     eos: String,
 }
@@ -33,9 +35,15 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
             Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned("chat", source.unwrap_or(CHATML).to_string())
+        let source = source.unwrap_or(CHATML).to_string();
+        env.add_template_owned("chat", source.clone())
             .map_err(|e| EngineError::Model(format!("chat template does not compile: {e}")))?;
-        Ok(Self { env, bos: bos.to_string(), eos: eos.to_string() })
+        Ok(Self { env, source, bos: bos.to_string(), eos: eos.to_string() })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `messages` followed by the assistant's generation prompt.

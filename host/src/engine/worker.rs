@@ -42,6 +42,11 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// `Some(n)`: report each token's log-probability and the `n` most likely tokens.
     pub logprobs: Option<usize>,
+    /// Send the prompt's tokens back first ([`Event::Prompt`]), with their log-probabilities
+    /// when `logprobs` is set (`/v1/completions`' `echo`).
+    pub echo: bool,
+    /// With `echo`, the first prompt token whose logprob is computed (earlier: `None`).
+    pub score_from: usize,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
     /// How this request may use the chunk cache (`None`: the server's defaults).
@@ -110,9 +115,20 @@ pub struct TokenEvent {
     pub logprob: Option<(TokenLogprob, Vec<TokenLogprob>)>,
 }
 
+/// A prompt token as echoed back: its log-probability given the tokens before it and the
+/// most likely alternatives, as the model sees them with the KV the cache mode gave it
+/// (`None` for the first token, and when no logprobs were asked for).
+#[derive(Debug, Clone)]
+pub struct PromptToken {
+    pub id: u32,
+    pub logprob: Option<(TokenLogprob, Vec<TokenLogprob>)>,
+}
+
 /// What the engine sends back for a request.
 #[derive(Debug)]
 pub enum Event {
+    /// The prompt, when echo was asked for; before any token.
+    Prompt(Vec<PromptToken>),
     Token(TokenEvent),
     /// Text left over at the end, then the reason and the counts. Always the last event.
     Done {
@@ -141,18 +157,41 @@ impl Default for EngineOptions {
 }
 
 /// What the engine itself counts (the API counts what it answers).
-#[derive(Debug, Default)]
 pub struct EngineStats {
     /// Tokens generated, including those of requests abandoned by their client.
     pub generated_tokens: AtomicU64,
     /// Requests dropped because their client went away.
     pub cancelled: AtomicU64,
-    /// Chunks looked up in the cache, and found.
-    pub chunk_queries: AtomicU64,
-    pub chunk_hits: AtomicU64,
+    /// Prompt tokens looked up in the cache (prefix and compose modes), as vLLM counts them.
+    pub cache_queried_tokens: AtomicU64,
+    /// Runs spliced from stored chunks: whole chunks, and runs inside one.
+    pub spans_whole: AtomicU64,
+    pub spans_partial: AtomicU64,
+    /// New chunks stored.
+    pub chunks_stored: AtomicU64,
+    /// Time to find the stored runs of a prompt.
+    pub lookup_seconds: crate::metrics::Histogram,
     /// Prompt tokens whose KV came from the cache, and those of them recomputed.
     pub prompt_tokens_cached: AtomicU64,
     pub prompt_tokens_recomputed: AtomicU64,
+}
+
+const LOOKUP_BOUNDS: &[f64] = &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05];
+
+impl Default for EngineStats {
+    fn default() -> Self {
+        Self {
+            generated_tokens: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            cache_queried_tokens: AtomicU64::new(0),
+            spans_whole: AtomicU64::new(0),
+            spans_partial: AtomicU64::new(0),
+            chunks_stored: AtomicU64::new(0),
+            lookup_seconds: crate::metrics::Histogram::new(LOOKUP_BOUNDS),
+            prompt_tokens_cached: AtomicU64::new(0),
+            prompt_tokens_recomputed: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Work for the engine thread, in queue order.
@@ -208,25 +247,31 @@ impl Engine {
         self.policies.as_ref()
     }
 
-    /// Renders and tokenizes a request and checks that it fits in the context.
-    pub fn prepare(&self, request: GenerateRequest) -> Result<Prepared, EngineError> {
+    /// The token ids of a prompt, as a request with it would be prefilled.
+    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        Ok(self.encode(prompt)?.0)
+    }
+
+    /// Token ids and the token indices where chat messages start.
+    fn encode(&self, prompt: &Prompt) -> Result<(Vec<u32>, Vec<usize>), EngineError> {
         let m = &self.model;
-        let mut segment_starts = vec![0];
-        let ids = match &request.prompt {
-            Prompt::Text(t) => m.tokenizer.encode_prompt(t)?.ids,
-            Prompt::Chat(msgs) => {
-                let (ids, starts) = m.encode_chat(msgs)?;
-                segment_starts = starts;
-                ids
-            }
+        match prompt {
+            Prompt::Text(t) => Ok((m.tokenizer.encode_prompt(t)?.ids, vec![0])),
+            Prompt::Chat(msgs) => m.encode_chat(msgs),
             Prompt::Tokens(ids) => {
                 let vocab = m.tokenizer.vocab_size();
                 if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
                     return Err(EngineError::InvalidToken { id: bad, vocab });
                 }
-                ids.clone()
+                Ok((ids.clone(), vec![0]))
             }
-        };
+        }
+    }
+
+    /// Renders and tokenizes a request and checks that it fits in the context.
+    pub fn prepare(&self, request: GenerateRequest) -> Result<Prepared, EngineError> {
+        let m = &self.model;
+        let (ids, segment_starts) = self.encode(&request.prompt)?;
         if ids.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -343,8 +388,27 @@ impl Worker {
             prefill_seconds: started.elapsed().as_secs_f64(),
             ..Usage::default()
         };
-        self.record(&prefill.report);
+        if mode != CacheMode::Off {
+            self.record(&prefill.report);
+        }
         let (mut cache, mut logits) = (prefill.cache, prefill.logits);
+        if request.echo {
+            let from = request.score_from.clamp(1, ids.len());
+            let scored = match request.logprobs {
+                Some(top) => m.model.score(&ids, from, &cache, top)?,
+                None => Vec::new(),
+            };
+            let mut scored = scored.into_iter();
+            let prompt = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| PromptToken { id, logprob: if i < from { None } else { scored.next() } })
+                .collect();
+            if events.send(Event::Prompt(prompt)).is_err() {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
         let decode_started = Instant::now();
 
         let mut sampler = Sampler::new(request.sampling.clone());
@@ -385,8 +449,11 @@ impl Worker {
 
     fn record(&self, r: &ReuseReport) {
         let s = &self.stats;
-        s.chunk_queries.fetch_add(r.chunks_total as u64, Ordering::Relaxed);
-        s.chunk_hits.fetch_add(r.chunks_hit as u64, Ordering::Relaxed);
+        s.cache_queried_tokens.fetch_add((r.reused_tokens + r.computed_tokens) as u64, Ordering::Relaxed);
+        s.spans_whole.fetch_add((r.spans - r.partial_spans) as u64, Ordering::Relaxed);
+        s.spans_partial.fetch_add(r.partial_spans as u64, Ordering::Relaxed);
+        s.chunks_stored.fetch_add(r.chunks_stored as u64, Ordering::Relaxed);
+        s.lookup_seconds.observe(r.timings.lookup_us as f64 * 1e-6);
         s.prompt_tokens_cached.fetch_add(r.reused_tokens as u64, Ordering::Relaxed);
         s.prompt_tokens_recomputed.fetch_add(r.recomputed_tokens as u64, Ordering::Relaxed);
     }

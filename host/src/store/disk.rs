@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::evict::{self, Evictor};
 use super::payload::{self, HEADER_LEN, Layout};
 use super::segment::{Extent, Extents, Release, SegmentFiles};
-use super::{ChunkKey, ChunkKv, ChunkStats, StoreError, TierStats};
+use super::{ChunkKey, ChunkKv, ChunkStats, StoreError, TierStats, Use};
 
 /// One index entry (sled value, JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,7 +32,13 @@ struct IndexEntry {
     created_ms: u64,
     last_access_ms: u64,
     hits: u32,
+    /// Hits that used only a run inside the chunk.
+    #[serde(default)]
+    partial_hits: u32,
     cost_us: u64,
+    /// For a prefix-cache chunk, the key (hex) of the chunk before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
 }
 
 impl IndexEntry {
@@ -43,8 +49,19 @@ impl IndexEntry {
             created_ms: self.created_ms,
             last_access_ms: self.last_access_ms,
             hits: self.hits,
+            partial_hits: self.partial_hits,
             cost_us: self.cost_us,
         }
+    }
+
+    fn parent(&self) -> Option<ChunkKey> {
+        self.parent.as_deref().and_then(ChunkKey::from_hex)
+    }
+
+    fn record_hit(&mut self, now_ms: u64, used: Use) {
+        self.last_access_ms = now_ms;
+        self.hits += 1;
+        self.partial_hits += (used == Use::Part) as u32;
     }
 }
 
@@ -170,8 +187,27 @@ impl DiskTier {
         self.state.lock().unwrap().entries.contains_key(key)
     }
 
+    /// Every chunk of this model with its tokens and parent (what the span index is rebuilt
+    /// from). The tokens are read without the checksum: a payload that fails it later is a
+    /// miss then, and a hit is checked token by token before it is used.
+    pub fn indexed(&self) -> Vec<(ChunkKey, Vec<u32>, Option<ChunkKey>)> {
+        let entries: Vec<(ChunkKey, IndexEntry)> =
+            self.state.lock().unwrap().entries.iter().map(|(k, e)| (*k, e.clone())).collect();
+        let mut out = Vec::with_capacity(entries.len());
+        for (key, e) in entries.into_iter().filter(|(_, e)| e.model == self.model_hex) {
+            let mut buf = vec![0u8; HEADER_LEN + 4 * e.tokens as usize];
+            if self.files.read_at(e.extent.segment, e.extent.offset, &mut buf).is_err() {
+                continue;
+            }
+            if let Ok(tokens) = payload::tokens(&buf, &key, &self.layout) {
+                out.push((key, tokens, e.parent()));
+            }
+        }
+        out
+    }
+
     /// Reads and verifies a chunk; a hit updates its statistics.
-    pub fn get(&self, key: &ChunkKey, now_ms: u64) -> Lookup {
+    pub fn get(&self, key: &ChunkKey, now_ms: u64, used: Use) -> Lookup {
         let Some(entry) = self.state.lock().unwrap().entries.get(key).cloned() else { return Lookup::Miss };
         let x = entry.extent;
         let mut buf = vec![0u8; x.len as usize];
@@ -180,10 +216,10 @@ impl DiskTier {
         let mut st = self.state.lock().unwrap();
         let still_there = st.entries.get(key).is_some_and(|e| e.extent == x);
         match decoded {
-            Ok(kv) if still_there => {
+            Ok(mut kv) if still_there => {
                 let e = st.entries.get_mut(key).unwrap();
-                e.last_access_ms = now_ms;
-                e.hits += 1;
+                e.record_hit(now_ms, used);
+                kv.parent = e.parent();
                 let stats = e.stats();
                 let _ = self.index.insert(key.0, serde_json::to_vec(&*e).unwrap());
                 Lookup::Hit(kv, stats)
@@ -201,11 +237,10 @@ impl DiskTier {
     }
 
     /// Records a use served from a faster tier.
-    pub fn touch(&self, key: &ChunkKey, now_ms: u64) {
+    pub fn touch(&self, key: &ChunkKey, now_ms: u64, used: Use) {
         let mut st = self.state.lock().unwrap();
         if let Some(e) = st.entries.get_mut(key) {
-            e.last_access_ms = now_ms;
-            e.hits += 1;
+            e.record_hit(now_ms, used);
             let _ = self.index.insert(key.0, serde_json::to_vec(&*e).unwrap());
         }
     }
@@ -219,19 +254,19 @@ impl DiskTier {
         stats: ChunkStats,
         evictor: &dyn Evictor,
         tier: &TierStats,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Vec<ChunkKey>, StoreError> {
         if self.contains(&key) {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let (bytes, checksum) = payload::encode(&key, kv, &self.layout);
         let len = bytes.len() as u64;
         if len > self.budget {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let (extent, evicted) = {
             let mut st = self.state.lock().unwrap();
             let over = (st.bytes + len).saturating_sub(self.budget);
-            let mut evicted = 0;
+            let mut evicted = Vec::new();
             if over > 0 {
                 let keys: Vec<ChunkKey> = st.entries.keys().copied().collect();
                 let cands: Vec<_> = keys.iter().map(|k| st.entries[k].stats().candidate()).collect();
@@ -242,7 +277,7 @@ impl DiskTier {
                         self.index.remove(keys[i].0)?;
                         st.bytes -= e.extent.len;
                         freed.push(e.extent);
-                        evicted += 1;
+                        evicted.push(keys[i]);
                     }
                 }
                 // The removals are durable before the space can be reused.
@@ -268,7 +303,9 @@ impl DiskTier {
             created_ms: stats.created_ms,
             last_access_ms: stats.last_access_ms,
             hits: 0,
+            partial_hits: 0,
             cost_us: stats.cost_us,
+            parent: kv.parent.map(|p| p.to_hex()),
         };
         let indexed = written.and_then(|()| Ok(self.index.insert(key.0, serde_json::to_vec(&entry).unwrap())?));
         let mut st = self.state.lock().unwrap();

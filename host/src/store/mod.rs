@@ -18,12 +18,15 @@
 //! - [`disk`]: the sled-indexed disk tier, its recovery.
 //! - [`ram`]: the RAM tier.
 //! - [`evict`]: the eviction seam and least-recently-used.
+//! - [`span`]: the span index — which stored chunk holds a run of tokens, wherever it sits
+//!   — and the tree of prefix-cache chunks.
 
 pub mod disk;
 pub mod evict;
 pub mod payload;
 mod ram;
 pub mod segment;
+pub mod span;
 #[cfg(test)]
 mod tests;
 
@@ -39,6 +42,8 @@ use disk::{DiskTier, Lookup};
 pub use evict::{Candidate, Evictor, LeastRecentlyUsed};
 pub use payload::{KvDtype, Layout};
 use ram::RamTier;
+use span::Tier;
+pub use span::{SpanIndex, SpanMatch};
 
 /// A chunk's identity: a hash of the model fingerprint, a namespace and token ids (see
 /// `blend::chunk` for how keys are made).
@@ -80,6 +85,8 @@ pub struct ChunkKv {
     /// which only ever return to the same positions, keep K exact this way (a rotation and
     /// its inverse are not bit-exact in f32).
     pub rotated_at: Option<u32>,
+    /// For a prefix-cache chunk, the chunk before it (the tree prefix reuse walks).
+    pub parent: Option<ChunkKey>,
     /// Per layer, `tokens × kv_dim` K.
     pub k: Vec<Vec<f32>>,
     /// Per layer, `tokens × kv_dim` V.
@@ -103,6 +110,8 @@ pub struct ChunkStats {
     pub last_access_ms: u64,
     /// Times served from the tier.
     pub hits: u32,
+    /// Of those, times only a run inside it was used.
+    pub partial_hits: u32,
     /// What computing it cost, microseconds.
     pub cost_us: u64,
 }
@@ -120,12 +129,31 @@ impl ChunkStats {
     }
 }
 
+/// How much of a chunk a hit uses (kept in its statistics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    Whole,
+    /// A run inside it.
+    Part,
+}
+
 /// Where chunk KV is kept by key: the seam `blend` reads and extends.
 pub trait ChunkStore: Send + Sync {
-    /// The chunk, if held (a hit counts as a use).
-    fn get(&self, key: &ChunkKey) -> Option<Arc<ChunkKv>>;
+    /// The chunk, if held; counts the hit as `used`.
+    fn fetch(&self, key: &ChunkKey, used: Use) -> Option<Arc<ChunkKv>>;
+    /// The chunk, if held (a whole-chunk hit).
+    fn get(&self, key: &ChunkKey) -> Option<Arc<ChunkKv>> {
+        self.fetch(key, Use::Whole)
+    }
     /// Keeps a chunk that cost `cost_us` to compute, evicting others if a budget requires.
     fn put(&self, key: ChunkKey, kv: Arc<ChunkKv>, cost_us: u64);
+    /// Covers `prompt` with the longest runs that equal runs inside held chunks (see
+    /// [`SpanIndex::find`]).
+    fn find_spans(&self, prompt: &[u32]) -> Vec<SpanMatch>;
+    /// The longest prefix of `prompt` held by prefix-cache chunks chained from `root`.
+    fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32]) -> Vec<SpanMatch>;
+    /// Whether some tier holds `key`.
+    fn contains(&self, key: &ChunkKey) -> bool;
 }
 
 /// Errors of the store's own I/O; callers log them, requests never see them.
@@ -209,12 +237,16 @@ pub struct StoreOptions {
     pub disk_budget_bytes: u64,
     /// Appending to a segment file stops at this size.
     pub segment_bytes: u64,
-    /// Element type of stored K/V (also applied to RAM copies, so tiers agree).
+    /// Element type of stored K/V of compose chunks (also applied to RAM copies, so tiers agree).
     pub dtype: KvDtype,
+    /// Element type of prefix-cache chunks (f32: exact).
+    pub prefix_dtype: KvDtype,
     /// Chunks waiting for the disk writer; beyond it a chunk is not written.
     pub write_queue: usize,
     /// After a failed write, how long the disk is left alone before the next attempt.
     pub retry_after: Duration,
+    /// Shortest run of tokens the span index finds.
+    pub min_span: usize,
 }
 
 impl Default for StoreOptions {
@@ -225,8 +257,10 @@ impl Default for StoreOptions {
             disk_budget_bytes: 16 << 30,
             segment_bytes: 256 << 20,
             dtype: KvDtype::F32,
+            prefix_dtype: KvDtype::F32,
             write_queue: 64,
             retry_after: Duration::from_secs(2),
+            min_span: 16,
         }
     }
 }
@@ -254,7 +288,11 @@ pub struct Store {
     writer: Option<(SyncSender<WriteJob>, JoinHandle<()>)>,
     evictor: Arc<RwLock<Arc<dyn Evictor>>>,
     dtype: KvDtype,
+    prefix_dtype: KvDtype,
     stats: Arc<StoreStats>,
+    /// Every chunk some tier holds, by content (shared with the writer, which reports what
+    /// reaches and leaves the disk).
+    spans: Arc<RwLock<SpanIndex>>,
 }
 
 fn now_ms() -> u64 {
@@ -303,6 +341,14 @@ impl Store {
         let stats = Arc::new(StoreStats::default());
         stats.ram.budget.store(options.ram_budget_bytes, Ordering::Relaxed);
         let evictor: Arc<RwLock<Arc<dyn Evictor>>> = Arc::new(RwLock::new(Arc::new(LeastRecentlyUsed)));
+        let mut index = SpanIndex::new(options.min_span);
+        if let Some(d) = &disk {
+            // The index is rebuilt from what the disk holds, so a restart keeps every hit.
+            for (key, tokens, parent) in d.indexed() {
+                index.held(key, &tokens, parent, Tier::Disk);
+            }
+        }
+        let spans = Arc::new(RwLock::new(index));
         let disk = disk.map(Arc::new);
         let writer = disk.as_ref().map(|d| {
             stats.disk_enabled.store(1, Ordering::Relaxed);
@@ -313,6 +359,7 @@ impl Store {
                 stats: stats.clone(),
                 evictor: evictor.clone(),
                 retry_after: options.retry_after,
+                spans: spans.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name("kvgate-store-writer".into())
@@ -326,7 +373,9 @@ impl Store {
             writer,
             evictor,
             dtype: options.dtype,
+            prefix_dtype: options.prefix_dtype,
             stats,
+            spans,
         };
         store.refresh_gauges();
         store
@@ -369,6 +418,7 @@ impl Store {
         if let Some(d) = &self.disk {
             keys.extend(d.clear());
         }
+        self.spans.write().unwrap().clear();
         keys.sort_unstable();
         keys.dedup();
         self.refresh_gauges();
@@ -380,6 +430,7 @@ impl Store {
         self.sync();
         let in_ram = self.ram.lock().unwrap().remove(key);
         let on_disk = self.disk.as_ref().is_some_and(|d| d.remove(key));
+        self.spans.write().unwrap().remove(key);
         self.refresh_gauges();
         in_ram || on_disk
     }
@@ -408,6 +459,24 @@ impl Store {
         (page, more)
     }
 
+    /// Whether some tier holds `key` (RAM, or disk when it is open).
+    pub fn holds(&self, key: &ChunkKey) -> bool {
+        self.ram.lock().unwrap().contains(key) || self.disk.as_ref().is_some_and(|d| d.contains(key))
+    }
+
+    /// The span index (tests check it against the tiers).
+    pub fn spans(&self) -> std::sync::RwLockReadGuard<'_, SpanIndex> {
+        self.spans.read().unwrap()
+    }
+
+    /// Reports chunks a tier evicted to the span index.
+    fn evicted(&self, keys: &[ChunkKey], tier: Tier) {
+        if !keys.is_empty() {
+            let mut spans = self.spans.write().unwrap();
+            keys.iter().for_each(|k| spans.dropped(k, tier));
+        }
+    }
+
     /// The disk tier, if open.
     pub fn disk(&self) -> Option<&DiskTier> {
         self.disk.as_deref()
@@ -426,50 +495,71 @@ impl Store {
 }
 
 impl ChunkStore for Store {
-    fn get(&self, key: &ChunkKey) -> Option<Arc<ChunkKv>> {
+    fn fetch(&self, key: &ChunkKey, used: Use) -> Option<Arc<ChunkKv>> {
         let now = now_ms();
         let s = &self.stats;
-        if let Some(kv) = self.ram.lock().unwrap().get(key, now) {
+        if let Some(kv) = self.ram.lock().unwrap().get(key, now, used) {
             s.ram.hits.fetch_add(1, Ordering::Relaxed);
             if let Some(d) = &self.disk {
-                d.touch(key, now);
+                d.touch(key, now, used);
             }
             return Some(kv);
         }
         s.ram.misses.fetch_add(1, Ordering::Relaxed);
-        let disk = self.disk.as_ref()?;
+        let Some(disk) = self.disk.as_ref() else {
+            self.spans.write().unwrap().dropped(key, Tier::Ram);
+            return None;
+        };
         let started = Instant::now();
-        match disk.get(key, now) {
+        match disk.get(key, now, used) {
             Lookup::Hit(kv, stats) => {
                 s.disk_load_seconds.observe(started.elapsed().as_secs_f64());
                 s.disk.hits.fetch_add(1, Ordering::Relaxed);
                 let kv = Arc::new(kv);
                 let evicted = self.ram.lock().unwrap().insert(*key, kv.clone(), stats, &*self.evictor(), &s.ram);
-                s.ram.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
+                s.ram.evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+                self.spans.write().unwrap().held(*key, &kv.tokens, kv.parent, Tier::Ram);
+                self.evicted(&evicted, Tier::Ram);
                 self.refresh_gauges();
                 Some(kv)
             }
             Lookup::Miss => {
                 s.disk.misses.fetch_add(1, Ordering::Relaxed);
+                // Whatever the index believed, no tier holds it.
+                self.spans.write().unwrap().remove(key);
                 None
             }
             Lookup::Corrupt => {
                 s.disk.misses.fetch_add(1, Ordering::Relaxed);
                 s.corruptions.fetch_add(1, Ordering::Relaxed);
+                self.spans.write().unwrap().remove(key);
                 self.refresh_gauges();
                 None
             }
         }
     }
 
+    fn find_spans(&self, prompt: &[u32]) -> Vec<SpanMatch> {
+        self.spans.read().unwrap().find(prompt)
+    }
+
+    fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32]) -> Vec<SpanMatch> {
+        self.spans.read().unwrap().longest_prefix(root, prompt)
+    }
+
+    fn contains(&self, key: &ChunkKey) -> bool {
+        self.spans.read().unwrap().contains(key)
+    }
+
     fn put(&self, key: ChunkKey, kv: Arc<ChunkKv>, cost_us: u64) {
-        // Compositional-reuse chunks are rounded to the stored type now, so RAM and disk serve
-        // the same values; prefix-cache chunks stay exact (see `Layout::dtype_for`).
+        // Chunks are rounded to the stored type now, so RAM and disk serve the same values;
+        // prefix-cache chunks stay exact unless told otherwise (see `Layout::dtype_for`).
         let mut kv = kv;
-        if self.dtype != KvDtype::F32 && kv.rotated_at.is_none() {
+        let dtype = if kv.rotated_at.is_some() { self.prefix_dtype } else { self.dtype };
+        if dtype != KvDtype::F32 {
             // In place when the caller handed over its only reference (blend does).
             let owned = Arc::make_mut(&mut kv);
-            owned.k.iter_mut().chain(owned.v.iter_mut()).for_each(|l| self.dtype.round(l));
+            owned.k.iter_mut().chain(owned.v.iter_mut()).for_each(|l| dtype.round(l));
         }
         let now = now_ms();
         let stats = ChunkStats {
@@ -478,10 +568,15 @@ impl ChunkStore for Store {
             created_ms: now,
             last_access_ms: now,
             hits: 0,
+            partial_hits: 0,
             cost_us,
         };
         let evicted = self.ram.lock().unwrap().insert(key, kv.clone(), stats, &*self.evictor(), &self.stats.ram);
-        self.stats.ram.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
+        self.stats.ram.evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        if self.ram.lock().unwrap().contains(&key) {
+            self.spans.write().unwrap().held(key, &kv.tokens, kv.parent, Tier::Ram);
+        }
+        self.evicted(&evicted, Tier::Ram);
         if let Some((tx, _)) = &self.writer {
             if let Err(TrySendError::Full(_)) = tx.try_send(WriteJob::Put(key, kv, stats)) {
                 self.stats.writes_skipped.fetch_add(1, Ordering::Relaxed);
@@ -507,6 +602,7 @@ struct Writer {
     stats: Arc<StoreStats>,
     evictor: Arc<RwLock<Arc<dyn Evictor>>>,
     retry_after: Duration,
+    spans: Arc<RwLock<SpanIndex>>,
 }
 
 impl Writer {
@@ -527,7 +623,13 @@ impl Writer {
             let evictor = self.evictor.read().unwrap().clone();
             match self.disk.put(key, &kv, stats, &*evictor, &self.stats.disk) {
                 Ok(evicted) => {
-                    self.stats.disk.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
+                    self.stats.disk.evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+                    let mut spans = self.spans.write().unwrap();
+                    if self.disk.contains(&key) {
+                        spans.held(key, &kv.tokens, kv.parent, Tier::Disk);
+                    }
+                    evicted.iter().for_each(|k| spans.dropped(k, Tier::Disk));
+                    drop(spans);
                     if failing_since.take().is_some() {
                         self.stats.degraded.store(0, Ordering::Relaxed);
                         tracing::info!("chunk store: disk writes succeed again; storing resumed");

@@ -88,8 +88,10 @@ impl std::str::FromStr for KvDtype {
 }
 
 /// What every payload of one store must agree on. `dtype` is the element type of
-/// compositional-reuse chunks; prefix-cache chunks (K already rotated) are always f32: their
-/// whole point is reuse that is exactly a full prefill, which rounding would break.
+/// compositional-reuse chunks; prefix-cache chunks (K already rotated) are `prefix_dtype`,
+/// f32 unless told otherwise: their whole point is reuse that is exactly a full prefill, which
+/// rounding would break (f16 prefix chunks measure what that rounding costs — the floor every
+/// production server accepts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     /// sha256 of the model fingerprint.
@@ -98,6 +100,7 @@ pub struct Layout {
     pub kv_heads: u16,
     pub head_dim: u16,
     pub dtype: KvDtype,
+    pub prefix_dtype: KvDtype,
 }
 
 impl Layout {
@@ -108,16 +111,23 @@ impl Layout {
             kv_heads: kv_heads as u16,
             head_dim: head_dim as u16,
             dtype,
+            prefix_dtype: KvDtype::F32,
         }
+    }
+
+    /// The same layout with prefix-cache chunks stored as `dtype`.
+    pub fn with_prefix_dtype(mut self, dtype: KvDtype) -> Self {
+        self.prefix_dtype = dtype;
+        self
     }
 
     fn kv_dim(&self) -> usize {
         self.kv_heads as usize * self.head_dim as usize
     }
 
-    /// The element type a chunk is stored in: `dtype`, or f32 for prefix-cache chunks.
+    /// The element type a chunk is stored in: `dtype`, or `prefix_dtype` for prefix-cache chunks.
     pub fn dtype_for(&self, kv: &ChunkKv) -> KvDtype {
-        if kv.rotated_at.is_some() { KvDtype::F32 } else { self.dtype }
+        if kv.rotated_at.is_some() { self.prefix_dtype } else { self.dtype }
     }
 
     /// Payload bytes of a compositional-reuse chunk of `tokens` tokens.
@@ -221,7 +231,8 @@ pub fn header(bytes: &[u8], layout: &Layout) -> Result<Header, PayloadError> {
     if version != VERSION {
         return Err(PayloadError::Version(version));
     }
-    let dtype = KvDtype::from_code(bytes[10]).filter(|&d| d == layout.dtype || d == KvDtype::F32);
+    let dtype =
+        KvDtype::from_code(bytes[10]).filter(|&d| d == layout.dtype || d == layout.prefix_dtype || d == KvDtype::F32);
     let same_layout = u16_at(16) == layout.layers
         && u16_at(18) == layout.kv_heads
         && u16_at(20) == layout.head_dim
@@ -238,7 +249,8 @@ pub fn header(bytes: &[u8], layout: &Layout) -> Result<Header, PayloadError> {
     Ok(Header { key: ChunkKey(bytes[40..72].try_into().unwrap()), total_len, tokens, dtype })
 }
 
-/// Decodes and verifies a whole payload read for `key`.
+/// Decodes and verifies a whole payload read for `key`. A prefix-cache chunk's `parent` is
+/// not part of the payload (the disk index keeps it), so it comes back `None` here.
 pub fn decode(bytes: &[u8], key: &ChunkKey, layout: &Layout) -> Result<ChunkKv, PayloadError> {
     let h = header(bytes, layout)?;
     if h.key != *key {
@@ -266,7 +278,19 @@ pub fn decode(bytes: &[u8], key: &ChunkKey, layout: &Layout) -> Result<ChunkKv, 
         v.push(get_values(&body[at + width..at + 2 * width], h.dtype));
         at += 2 * width;
     }
-    Ok(ChunkKv { tokens, rotated_at, k, v })
+    Ok(ChunkKv { tokens, rotated_at, parent: None, k, v })
+}
+
+/// The token ids of the payload for `key`, from its header and token section alone (no
+/// checksum: that needs the whole payload).
+pub fn tokens(bytes: &[u8], key: &ChunkKey, layout: &Layout) -> Result<Vec<u32>, PayloadError> {
+    let h = header(bytes, layout)?;
+    if h.key != *key {
+        return Err(PayloadError::Key);
+    }
+    let end = HEADER_LEN + 4 * h.tokens as usize;
+    let section = bytes.get(HEADER_LEN..end).ok_or(PayloadError::Short(bytes.len()))?;
+    Ok(section.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect())
 }
 
 fn get_values(bytes: &[u8], dtype: KvDtype) -> Vec<f32> {
@@ -298,6 +322,7 @@ mod tests {
         ChunkKv {
             tokens: (0..n as u32).collect(),
             rotated_at: None,
+            parent: None,
             k: (0..layout.layers).map(|l| vals(l as f32)).collect(),
             v: (0..layout.layers).map(|l| vals(-(l as f32))).collect(),
         }

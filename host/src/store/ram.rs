@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::evict::{self, Candidate, Evictor};
-use super::{ChunkKey, ChunkKv, ChunkStats, TierStats};
+use super::{ChunkKey, ChunkKv, ChunkStats, TierStats, Use};
 
 struct Entry {
     kv: Arc<ChunkKv>,
@@ -24,15 +24,20 @@ impl RamTier {
     }
 
     /// The chunk, if held; counts the hit.
-    pub fn get(&mut self, key: &ChunkKey, now_ms: u64) -> Option<Arc<ChunkKv>> {
+    pub fn get(&mut self, key: &ChunkKey, now_ms: u64, used: Use) -> Option<Arc<ChunkKv>> {
         let e = self.entries.get_mut(key)?;
         e.stats.last_access_ms = now_ms;
         e.stats.hits += 1;
+        e.stats.partial_hits += (used == Use::Part) as u32;
         Some(e.kv.clone())
     }
 
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.entries.contains_key(key)
+    }
+
     /// Keeps a chunk, first evicting through `evictor` until it fits. A chunk larger than
-    /// the whole budget is not kept. Returns how many chunks were evicted.
+    /// the whole budget is not kept. Returns the chunks evicted.
     pub fn insert(
         &mut self,
         key: ChunkKey,
@@ -40,24 +45,24 @@ impl RamTier {
         mut stats: ChunkStats,
         evictor: &dyn Evictor,
         tier: &TierStats,
-    ) -> usize {
+    ) -> Vec<ChunkKey> {
         let size = kv.bytes() as u64;
         stats.bytes = size;
         if let Some(old) = self.entries.remove(&key) {
             self.bytes -= old.stats.bytes;
         }
         if size > self.budget {
-            return 0;
+            return Vec::new();
         }
         let over = (self.bytes + size).saturating_sub(self.budget);
-        let mut evicted = 0;
+        let mut evicted = Vec::new();
         if over > 0 {
             let keys: Vec<ChunkKey> = self.entries.keys().copied().collect();
             let cands: Vec<Candidate> = keys.iter().map(|k| self.entries[k].stats.candidate()).collect();
             for i in evict::choose(evictor, &cands, over, stats.last_access_ms, &tier.evictor_fallbacks) {
                 if let Some(e) = self.entries.remove(&keys[i]) {
                     self.bytes -= e.stats.bytes;
-                    evicted += 1;
+                    evicted.push(keys[i]);
                 }
             }
         }

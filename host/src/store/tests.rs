@@ -39,6 +39,7 @@ fn chunk(i: u32, tokens: usize) -> (ChunkKey, Arc<ChunkKv>) {
     let kv = ChunkKv {
         tokens: ids.clone(),
         rotated_at: None,
+        parent: None,
         k: (0..LAYERS).map(|l| layer(l, 0.5)).collect(),
         v: (0..LAYERS).map(|l| layer(l, -0.5)).collect(),
     };
@@ -54,6 +55,8 @@ fn options(dir: &Path, ram: u64, disk: u64) -> StoreOptions {
         dtype: KvDtype::F16,
         write_queue: 1024,
         retry_after: Duration::from_millis(20),
+        min_span: 16,
+        prefix_dtype: KvDtype::F32,
     }
 }
 
@@ -93,6 +96,11 @@ fn chunks_survive_a_reopen_and_load_from_disk() {
     assert_eq!(get(&s.stats().ram.hits), 1);
     let (listed, more) = s.list(None, 10);
     assert_eq!((listed.len(), more), (5, false));
+    // The span index came back with them: a run inside chunk 3 is found from the disk alone.
+    let (k3, kv3) = chunk(3, 40);
+    let found = s.find_spans(&[&[9, 9][..], &kv3.tokens[10..30]].concat());
+    assert_eq!(found.len(), 1);
+    assert_eq!((found[0].key, found[0].offset, found[0].prompt.clone()), (k3, 10, 2..22));
     assert!(listed.iter().all(|c| c.tiers == ["ram", "disk"] && c.stats.cost_us == 1000 && c.stats.tokens == 40));
 }
 
@@ -178,6 +186,39 @@ fn budgets_hold_in_ram_and_on_disk() {
     assert!(s.get(&chunk(29, 40).0).is_some() && s.get(&chunk(0, 40).0).is_none());
 }
 
+/// Evictions from either tier keep the span index exact: it names every chunk some tier
+/// holds and no other, and no anchor points at a missing chunk.
+#[test]
+fn evictions_leave_no_anchor_pointing_at_a_missing_chunk() {
+    let dir = temp_dir("span-evictions");
+    let one_ram = chunk(0, 40).1.bytes() as u64;
+    let one_disk = layout().payload_len(40) as u64;
+    let (s, _) = open(&dir, 3 * one_ram, 6 * one_disk);
+    for i in 0..40 {
+        let (k, kv) = chunk(i, 40);
+        s.put(k, kv, 10);
+        if i % 4 == 3 {
+            s.get(&chunk(i / 2, 40).0); // promotions from disk evict from RAM too
+        }
+    }
+    s.sync();
+    let spans = s.spans();
+    spans.check().unwrap();
+    let mut held = 0;
+    for i in 0..40 {
+        let (k, kv) = chunk(i, 40);
+        let found = spans.find(&kv.tokens[..39]);
+        match s.holds(&k) {
+            true => {
+                held += 1;
+                assert!(spans.contains(&k) && found.iter().any(|m| m.key == k), "chunk {i} is held but not found");
+            }
+            false => assert!(!spans.contains(&k) && found.is_empty(), "chunk {i} is gone but still indexed"),
+        }
+    }
+    assert_eq!(spans.len(), held);
+    assert!((6..=9).contains(&held), "{held} chunks held");
+}
 #[test]
 fn concurrent_readers_and_writers_lose_nothing() {
     let dir = temp_dir("concurrent");

@@ -39,6 +39,8 @@ fn chat_stream_frames_like_openai_and_matches_the_whole_response() {
     let mut body = question("Explain what a hash map is in one sentence.");
     body["model"] = json!(null);
     body.as_object_mut().unwrap().remove("model");
+    // Both prefilled in full, so that the second does not reuse what the first stored.
+    body["kvgate"] = json!({"cache": "off"});
     let (_, whole) = s.post("/v1/chat/completions", &body);
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
@@ -300,9 +302,9 @@ fn sigterm_shuts_down_cleanly() {
 fn cache_modes_per_request_and_reuse_reporting() {
     let s = test_server();
     let passages = [
-        "Cargo builds Rust code and fetches crates.",
-        "Traits define shared behaviour in Rust.",
-        "The borrow checker forbids dangling references.",
+        "Cargo builds Rust code, fetches crates from the registry and runs the tests of a package.",
+        "Traits define shared behaviour in Rust; generic functions are bounded by them at compile time.",
+        "The borrow checker forbids dangling references and data races before a program ever runs.",
     ];
     let body = |order: [usize; 3]| {
         let mut m = vec![json!({"role": "system", "content": "Answer from the passages."})];
@@ -327,7 +329,7 @@ fn cache_modes_per_request_and_reuse_reporting() {
     assert_eq!(first["kvgate"]["chunks_hit"], 0);
     let (_, again) = post(&body([2, 0, 1]), &[("x-kvgate-recompute-budget", "0.3")]);
     let k = &again["kvgate"];
-    assert_eq!(k["chunks_hit"], k["chunks_total"], "{k}");
+    assert!(k["spans"].as_u64().unwrap() >= 3, "every passage is reused: {k}");
     assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], k["reused_tokens"]);
     let reused = k["reused_tokens"].as_f64().unwrap();
     assert_eq!(k["recomputed_tokens"].as_f64().unwrap(), (0.3 * reused).round());
@@ -338,11 +340,130 @@ fn cache_modes_per_request_and_reuse_reporting() {
     streamed["stream"] = json!(true);
     let events = sse_events(&s.stream("/v1/chat/completions", &streamed));
     let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert_eq!(last["kvgate"]["chunks_hit"], last["kvgate"]["chunks_total"]);
+    assert!(last["kvgate"]["spans"].as_u64().unwrap() >= 3, "{}", last["kvgate"]);
     let (st, e) = post(&body([0, 1, 2]), &[("x-kvgate-cache", "sometimes")]);
     assert_error(st, &e, 400, "invalid_value");
     let (st, e) = post(&body([0, 1, 2]), &[("x-kvgate-recompute-budget", "-0.5")]);
     assert_error(st, &e, 400, "invalid_value");
-    assert!(s.metric("kvgate:cache_hits_total") >= 8.0, "two requests with four chunks each hit");
+    let hit = reused + last["kvgate"]["reused_tokens"].as_f64().unwrap();
+    assert_eq!(s.metric("kvgate:cache_hits_total"), hit, "prompt tokens reused, as vLLM counts them");
+    let spans =
+        s.metric("kvgate:cache_spans_total{kind=\"whole\"}") + s.metric("kvgate:cache_spans_total{kind=\"partial\"}");
+    assert!(spans >= 6.0, "two requests reused three runs each");
     assert!(s.metric("kvgate:prompt_tokens_recomputed_total") > 0.0);
+}
+
+/// `echo` with `logprobs` and `max_tokens: 0` on `/v1/completions` (lm-evaluation-harness'
+/// log-likelihood protocol): the prompt's tokens come back with the log-probability of each
+/// given those before it. Teacher-forced equals free-running: on the tokens the model itself
+/// generated, the echoed logprobs are the ones generation reported — exactly for the first
+/// (both come from the prefill's f32 hidden state), and within the decode path's Q8_0
+/// rounding for the rest.
+#[test]
+fn echo_scores_the_prompt_like_generation_scored_its_tokens() {
+    let s = test_server();
+    let prompt = "The capital of France is";
+    let off = json!({"cache": "off"});
+    let generate = json!({"prompt": prompt, "temperature": 0, "max_tokens": 12, "logprobs": 5, "ignore_eos": true,
+                     "return_tokens_as_token_ids": true, "kvgate": off});
+    let (st, g) = s.post("/v1/completions", &generate);
+    assert_eq!(st, 200, "{g}");
+    let ids_of = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().trim_start_matches("token_id:").parse().unwrap())
+            .collect()
+    };
+    let generated = ids_of(&g["choices"][0]["logprobs"]["tokens"]);
+    let generated_lp: Vec<f64> =
+        g["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let (_, tok) = s.post("/tokenize", &json!({"prompt": prompt}));
+    let mut all =
+        ids_of(&json!(tok["tokens"].as_array().unwrap().iter().map(|t| format!("token_id:{t}")).collect::<Vec<_>>()));
+    let n = all.len();
+    all.extend(&generated);
+    let score = json!({"prompt": all, "echo": true, "max_tokens": 0, "logprobs": 5, "temperature": 0,
+                       "return_tokens_as_token_ids": true, "kvgate": off});
+    let (st, e) = s.post("/v1/completions", &score);
+    assert_eq!(st, 200, "{e}");
+    let c = &e["choices"][0];
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(e["usage"]["completion_tokens"], 0);
+    let lp = &c["logprobs"];
+    assert_eq!(ids_of(&lp["tokens"]), all, "every prompt token comes back, in order");
+    let echoed: Vec<Value> = lp["token_logprobs"].as_array().unwrap().clone();
+    assert!(echoed[0].is_null() && lp["top_logprobs"][0].is_null(), "nothing predicts the first token");
+    assert_eq!(lp["top_logprobs"][1].as_object().unwrap().len(), 5);
+    let echoed: Vec<f64> = echoed[n..].iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(echoed.len(), generated_lp.len());
+    assert!((echoed[0] - generated_lp[0]).abs() < 0.05, "first token: {} vs {}", echoed[0], generated_lp[0]);
+    let mean = echoed.iter().zip(&generated_lp).map(|(a, b)| (a - b).abs()).sum::<f64>() / echoed.len() as f64;
+    assert!(mean < 0.15, "teacher-forced and free-running logprobs differ by {mean:.3} on average");
+    // Greedy: what was generated is what the echoed distributions rank first.
+    for (i, top) in lp["top_logprobs"].as_array().unwrap()[n..].iter().enumerate() {
+        let best = top
+            .as_object()
+            .unwrap()
+            .iter()
+            .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+            .unwrap();
+        let margin = {
+            let mut v: Vec<f64> = top.as_object().unwrap().values().map(|x| x.as_f64().unwrap()).collect();
+            v.sort_by(|a, b| b.total_cmp(a));
+            v[0] - v[1]
+        };
+        if margin > 3.0 {
+            assert_eq!(best.0, &format!("token_id:{}", generated[i]), "step {i}");
+        }
+    }
+    // The text is the prompt's, then nothing.
+    let (_, text) = s.post("/detokenize", &json!({"tokens": all}));
+    assert_eq!(c["text"], text["prompt"]);
+}
+
+/// Echo in every cache mode: prefix reuse is exact (the echoed logprobs equal `off`'s bit for
+/// bit), compose reports what it reused and scores every token from the blended cache.
+#[test]
+fn echo_works_in_every_cache_mode_and_reports_reuse() {
+    let s = test_server();
+    let passage = "Cargo builds Rust code, fetches crates from the registry and runs the tests of a package. \
+                   Traits define shared behaviour in Rust; generic functions are bounded by them at compile time.";
+    let score = |prompt: String, mode: &str| {
+        let body = json!({"prompt": prompt, "echo": true, "max_tokens": 0, "logprobs": 2, "kvgate": {"cache": mode}});
+        let (st, r) = s.post("/v1/completions", &body);
+        assert_eq!(st, 200, "{r}");
+        r
+    };
+    let prompt = format!("{passage}\n\nQuestion: what does Cargo do?");
+    let off = score(prompt.clone(), "off");
+    for mode in ["prefix", "compose"] {
+        score(format!("{passage}\n\nQuestion: what are traits?"), mode); // stores the passage
+        let r = score(prompt.clone(), mode);
+        let k = &r["kvgate"];
+        assert_eq!(k["mode"], mode);
+        assert!(k["reused_tokens"].as_u64().unwrap() >= 30, "{mode}: {k}");
+        let lps = r["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+        assert_eq!(lps.len(), off["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().len());
+        assert!(lps[1..].iter().all(|x| x.as_f64().is_some_and(|l| l <= 0.0)), "{mode}: every token scored");
+        if mode == "prefix" {
+            assert_eq!(r["choices"][0]["logprobs"], off["choices"][0]["logprobs"], "exact reuse scores exactly");
+        }
+    }
+}
+
+#[test]
+fn echo_refuses_what_it_cannot_do_with_a_400_naming_the_field() {
+    let s = test_server();
+    for (body, param) in [
+        (json!({"prompt": "hi", "echo": true, "max_tokens": 0, "n": 2}), "n"),
+        (json!({"prompt": "hi", "echo": true, "max_tokens": 0, "logprobs": 21}), "logprobs"),
+        (json!({"prompt": "hi", "echo": true, "max_tokens": 0, "logprobs": -1}), "logprobs"),
+        (json!({"prompt": "hi", "max_tokens": 0}), "max_tokens"),
+        (json!({"prompt": "hi", "echo": true, "max_tokens": -1}), "max_tokens"),
+    ] {
+        let (st, e) = s.post("/v1/completions", &body);
+        assert_error(st, &e, 400, "invalid_value");
+        assert_eq!(e["error"]["param"], param, "{body}: {e}");
+    }
 }

@@ -1,10 +1,11 @@
 //! Test component (chunker world): `cut` tries to escape the sandbox, reading `/etc/passwd` and
 //! creating `/tmp/kvgate-plugin-escape`.
 //!
-//! If either succeeds, `cut` answers the single cut point `[1]` as the signal; otherwise it cuts
+//! If either succeeds, `cut` answers the cut point `[0]` as the signal — an answer the host
+//! refuses (at load, on its canned request; at run time, counted as invalid); otherwise it cuts
 //! validly (segment starts and every `target-tokens`). The host gives components no filesystem,
-//! so its tests expect fixed-size cuts, and never `[1]` (nor the file). `self-test` succeeds
-//! either way, so the component loads and the tests reach `cut`.
+//! so its tests expect the component to load and every answer to be valid (and no file).
+//! `self-test` succeeds either way, so the component reaches `cut`.
 
 use test_support::fixed_cuts;
 
@@ -32,8 +33,8 @@ impl Guest for Component {
     }
 
     fn cut(request: ChunkRequest) -> Vec<u32> {
-        if escaped() && request.tokens.len() > 1 {
-            return vec![1];
+        if escaped() {
+            return vec![0];
         }
         fixed_cuts(request.tokens.len(), &request.segment_starts, request.target_tokens)
     }
