@@ -62,7 +62,9 @@ crate_name() { sed -n 's/^name *= *"\(.*\)"/\1/p' "$1/Cargo.toml" | head -n 1; }
 
 build "$root/plugins/Cargo.toml"
 install_component cdc-chunker "$out/chunker.wasm"
-install_component deviation-selector "$out/selector.wasm"
+install_component attention-selector "$out/selector.wasm"
+# The previous default, for operators who want CacheBlend's pure top deviation.
+install_component deviation-selector "$examples_out/deviation-selector.wasm"
 install_component cost-evictor "$out/evictor.wasm"
 for dir in "$root"/plugins/testing/test-*/; do
     is_component "$dir" || continue

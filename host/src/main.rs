@@ -138,6 +138,43 @@ enum BenchCommand {
     Store(BenchStoreArgs),
     /// Policy plugins: call overhead, chunking and eviction hit rates.
     Policies(BenchPoliciesArgs),
+    /// Ways of choosing the tokens compose recomputes, compared in this process (exact KL).
+    Denoise(BenchDenoiseArgs),
+}
+
+#[derive(Parser)]
+struct BenchDenoiseArgs {
+    /// GGUF model. Default: the embedded SmolLM2-135M-Instruct.
+    #[arg(long, env = "KVGATE_MODEL")]
+    model: Option<PathBuf>,
+    /// Inference threads (0: one per core).
+    #[arg(long, env = "KVGATE_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// Directory of .txt/.md/.html files to draw passages from.
+    #[arg(long)]
+    corpus: PathBuf,
+    /// Trace shape (as `bench rag --traces`).
+    #[arg(long, default_value = "joined:passage")]
+    trace: String,
+    #[arg(long, default_value_t = 12)]
+    warmup: usize,
+    #[arg(long, default_value_t = 12)]
+    requests: usize,
+    /// deviation, even, random, heads:N, starts, oracle.
+    #[arg(long, value_delimiter = ',', default_values_t = ["deviation".to_string(), "even".into(), "starts".into(), "oracle".into()])]
+    strategies: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_values_t = [0.05, 0.15, 0.3])]
+    budgets: Vec<f32>,
+    #[arg(long, value_delimiter = ',', default_values_t = [1])]
+    check_layers: Vec<usize>,
+    /// Tokens of `off`'s answer scored teacher-forced.
+    #[arg(long, default_value_t = 32)]
+    answer_tokens: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser)]
@@ -278,6 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Rag(args)) => bench_rag(args),
         Command::Bench(BenchCommand::Store(args)) => bench_store(args),
         Command::Bench(BenchCommand::Policies(args)) => bench_policies(args),
+        Command::Bench(BenchCommand::Denoise(args)) => bench_denoise(args),
         Command::Plugin(cmd) => plugin(cmd),
         Command::Info => {
             println!("kvgate {}", env!("CARGO_PKG_VERSION"));
@@ -421,12 +459,12 @@ fn plugin(cmd: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::Check { file, timeout_ms, memory } => {
             let timeout = std::time::Duration::from_millis(timeout_ms);
             match Policies::check_file(&file, timeout, memory as usize) {
-                Ok((kind, name, version, sha)) => {
+                Ok(c) => {
                     println!("{}: ok", file.display());
-                    println!("  world:    kvgate:policy/{}@0.1.0", kind.as_str());
-                    println!("  name:     {name} {version}");
-                    println!("  sha256:   {sha}");
-                    println!("  install:  copy it to the plugins directory as {}", kind.file_name());
+                    println!("  world:    kvgate:policy/{}@{}", c.kind.as_str(), c.wit);
+                    println!("  name:     {} {}", c.name, c.version);
+                    println!("  sha256:   {}", c.sha256);
+                    println!("  install:  copy it to the plugins directory as {}", c.kind.file_name());
                     Ok(())
                 }
                 Err(e) => bail!("{}: {e}", file.display()),
@@ -492,6 +530,34 @@ fn bench_policies(args: BenchPoliciesArgs) -> anyhow::Result<()> {
     match args.json {
         true => println!("{}", serde_json::to_string_pretty(&f)?),
         false => print!("{}", kvgate::bench::policies::table(&f)),
+    }
+    Ok(())
+}
+
+fn bench_denoise(args: BenchDenoiseArgs) -> anyhow::Result<()> {
+    set_threads(args.threads);
+    init_logging("warn");
+    let (_, model) = bench_model(args.model)?;
+    let opts = kvgate::bench::denoise::DenoiseOptions {
+        corpus: args.corpus,
+        shape: args.trace.parse().map_err(anyhow::Error::msg)?,
+        warmup: args.warmup,
+        requests: args.requests,
+        budgets: args.budgets,
+        strategies: args
+            .strategies
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, String>>()
+            .map_err(anyhow::Error::msg)?,
+        check_layers: args.check_layers,
+        answer_tokens: args.answer_tokens.max(1),
+        seed: args.seed,
+    };
+    let r = kvgate::bench::denoise::run(&model, &opts, |s| eprintln!("bench denoise: {s}"))?;
+    match args.json {
+        true => println!("{}", serde_json::to_string_pretty(&r)?),
+        false => print!("{}", kvgate::bench::denoise::table(&r)),
     }
     Ok(())
 }

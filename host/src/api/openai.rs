@@ -49,6 +49,8 @@ struct KvgateOptions {
     /// earlier ones come back with `null` logprobs), so scoring an answer after a long prompt
     /// costs what the answer costs.
     score_from: Option<usize>,
+    /// `false`: reuse what the chunk store holds, but store nothing from this request.
+    store: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +193,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
             logprobs,
             echo,
             score_from: kv.score_from.unwrap_or(1),
+            store: kv.store.unwrap_or(true),
             ignore_eos: common.ignore_eos,
             cache_mode,
             recompute_budget,

@@ -44,6 +44,9 @@ pub struct Timings {
 #[derive(Debug, Clone, Default)]
 pub struct Forced {
     pub steps: Vec<(f64, Vec<(u32, f64)>)>,
+    /// For a prompt with a planted fact: whether the right answer was the most likely of the
+    /// candidates.
+    pub chose_right: Option<bool>,
 }
 
 /// How a configuration talks to the server.
@@ -152,7 +155,46 @@ pub fn force(mode: &Mode, prompt: &[u32], answer: &[u32]) -> anyhow::Result<Forc
             (chosen[i].as_f64().unwrap_or(f64::NEG_INFINITY), top.unwrap_or_default())
         })
         .collect();
-    Ok(Forced { steps })
+    Ok(Forced { steps, chose_right: None })
+}
+
+/// Token ids of a raw text, without special tokens (`POST /tokenize`).
+pub fn tokenize_text(url: &str, text: &str) -> anyhow::Result<Vec<u32>> {
+    let resp: Value = ureq::post(&format!("{url}/tokenize"))
+        .send_string(&json!({"prompt": text, "add_special_tokens": false}).to_string())
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+        .into_json()?;
+    let ids = resp["tokens"].as_array().ok_or_else(|| anyhow::anyhow!("/tokenize answered {resp}"))?;
+    Ok(ids.iter().map(|t| t.as_u64().unwrap_or(0) as u32).collect())
+}
+
+/// Which of `answers` (token ids of whole answers) the model finds most likely after
+/// `prompt`, by the log-likelihood of the tokens where they differ — multiple choice the way
+/// evaluation harnesses score it. Nothing is stored (`store: false`), so every candidate
+/// sees the same cache.
+pub fn choose(mode: &Mode, prompt: &[u32], answers: &[Vec<u32>]) -> anyhow::Result<usize> {
+    let common = answers
+        .iter()
+        .skip(1)
+        .fold(answers[0].len(), |n, a| n.min(a.iter().zip(&answers[0]).take_while(|(x, y)| x == y).count()));
+    let mut best = (f64::NEG_INFINITY, 0);
+    for (i, a) in answers.iter().enumerate() {
+        let mut ids = prompt.to_vec();
+        ids.extend_from_slice(a);
+        let body = json!({"prompt": ids, "echo": true, "max_tokens": 0, "logprobs": 0, "temperature": 0,
+                          "kvgate": {"score_from": prompt.len() + common, "store": false}});
+        let v: Value = mode
+            .post("/v1/completions")
+            .send_string(&body.to_string())
+            .map_err(|e| anyhow::anyhow!("scoring failed: {e}"))?
+            .into_json()?;
+        let lps = v["choices"][0]["logprobs"]["token_logprobs"].as_array().cloned().unwrap_or_default();
+        let ll: f64 = lps.iter().skip(prompt.len() + common).filter_map(Value::as_f64).sum();
+        if ll > best.0 {
+            best = (ll, i);
+        }
+    }
+    Ok(best.1)
 }
 
 /// Empties the server's chunk store.

@@ -10,6 +10,7 @@
 //! - [`policies`] measures the policy plugins: call overhead, chunking and eviction hit rates.
 
 pub mod client;
+pub mod denoise;
 pub mod oracle;
 pub mod policies;
 pub mod quality;

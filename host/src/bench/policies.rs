@@ -146,6 +146,7 @@ pub fn run(
         deviations: &deviations,
         positions: &positions,
         chunk_starts: &chunk_starts,
+        attention: &deviations,
         budget: n * 15 / 100,
     };
     overhead.push(Overhead {

@@ -35,8 +35,11 @@ pub struct ModeFigures {
     pub tf_kl: Option<f64>,
     /// Teacher-forced mean change of the answer tokens' logprobs (this − off), nats per token.
     pub tf_dll: Option<f64>,
-    /// Share of fact questions answered with the fact.
+    /// Share of fact questions answered with the fact (greedy, free-running).
     pub fact_accuracy: Option<f64>,
+    /// Share of fact questions whose right answer is the most likely of four candidates
+    /// (log-likelihood, teacher-forced).
+    pub fact_choice_accuracy: Option<f64>,
     pub fact_questions: usize,
     /// Mean spans spliced per request.
     pub mean_spans: f64,
@@ -131,6 +134,10 @@ pub fn figures(label: &str, mode: &str, budget: Option<f32>, selector: Option<St
         tf_kl,
         tf_dll,
         fact_accuracy: (!asked.is_empty()).then(|| right as f64 / asked.len() as f64),
+        fact_choice_accuracy: r.forced.and_then(|f| {
+            let chosen: Vec<bool> = f.iter().filter_map(|x| x.chose_right).collect();
+            (!chosen.is_empty()).then(|| chosen.iter().filter(|&&c| c).count() as f64 / chosen.len() as f64)
+        }),
         fact_questions: asked.len(),
         mean_spans: runs.iter().map(|s| s.spans as f64).sum::<f64>() / n,
         lookup_us_p50: percentile(&runs.iter().map(|s| s.timings.lookup_us).collect::<Vec<_>>(), 0.5),
@@ -158,7 +165,7 @@ mod tests {
 
     #[test]
     fn teacher_forced_figures_compare_the_same_steps() {
-        let forced = |lp: f64| Forced { steps: vec![(lp, vec![(7, lp), (8, -3.0)])] };
+        let forced = |lp: f64| Forced { steps: vec![(lp, vec![(7, lp), (8, -3.0)])], chose_right: Some(lp > -0.3) };
         let sample = |t: u32, text: &str| Sample {
             tokens: vec![t],
             tops: vec![vec![(t, -0.1)]],
@@ -167,7 +174,7 @@ mod tests {
         };
         let off = [sample(7, "it is 4817")];
         let (a, o) = ([forced(-0.5)], [forced(-0.1)]);
-        let facts = [Some(Fact { question: "q".into(), answer: "4817".into() })];
+        let facts = [Some(Fact { question: "q".into(), answer: "4817".into(), lead: "l".into(), distractors: vec![] })];
         let r = Runs {
             samples: &[sample(7, "4817!")],
             forced: Some(&a),
@@ -179,5 +186,6 @@ mod tests {
         assert!((f.tf_dll.unwrap() + 0.4).abs() < 1e-9);
         assert!(f.tf_kl.unwrap() > 0.0);
         assert_eq!((f.fact_accuracy, f.fact_questions, f.first_token_agreement), (Some(1.0), 1, 1.0));
+        assert_eq!(f.fact_choice_accuracy, Some(0.0));
     }
 }

@@ -108,10 +108,25 @@ impl Trace {
         self.measured.iter().map(|r| client::chat(mode, &r.body, max_tokens)).collect()
     }
 
-    /// `answers` scored after each measured prompt (after a flush and the warm-up).
+    /// `answers` scored after each measured prompt (after a flush and the warm-up); before
+    /// that, a prompt with a planted fact has its candidate answers ranked.
     fn force(&self, mode: &Mode, answers: &[Sample]) -> anyhow::Result<Vec<Forced>> {
         self.fill(mode)?;
-        self.measured_ids.iter().zip(answers).map(|(ids, a)| client::force(mode, ids, &a.tokens)).collect()
+        let mut out = Vec::with_capacity(answers.len());
+        for ((ids, a), fact) in self.measured_ids.iter().zip(answers).zip(&self.facts) {
+            let chose_right = match fact {
+                Some(f) => {
+                    let mut candidates = vec![client::tokenize_text(mode.url, &format!("{} {}.", f.lead, f.answer))?];
+                    for d in &f.distractors {
+                        candidates.push(client::tokenize_text(mode.url, &format!("{} {d}.", f.lead))?);
+                    }
+                    Some(client::choose(mode, ids, &candidates)? == 0)
+                }
+                None => None,
+            };
+            out.push(Forced { chose_right, ..client::force(mode, ids, &a.tokens)? });
+        }
+        Ok(out)
     }
 }
 
@@ -231,7 +246,7 @@ pub fn table(r: &RagReport) -> String {
             t.prefix_oracle_rate * 100.0
         ));
         out.push_str(&format!(
-            "{:<30} {:>8} {:>8} {:>6} {:>7} {:>5} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6}\n",
+            "{:<30} {:>8} {:>8} {:>6} {:>7} {:>5} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>9} {:>6}\n",
             "config",
             "TTFT p50",
             "p95",
@@ -249,9 +264,10 @@ pub fn table(r: &RagReport) -> String {
         ));
         let base = t.results.first().map(|f| f.ttft_p50_s).unwrap_or(1.0);
         for f in &t.results {
-            let facts = f.fact_accuracy.map_or("-".to_string(), |a| format!("{:.0}%", a * 100.0));
+            let pct = |x: Option<f64>| x.map_or("-".to_string(), |a| format!("{:.0}%", a * 100.0));
+            let facts = format!("{}/{}", pct(f.fact_accuracy), pct(f.fact_choice_accuracy));
             out.push_str(&format!(
-                "{:<30} {:>6.0}ms {:>6.0}ms {:>5.1}% {:>6.0}% {:>5.1} {:>5.1}% {:>5.0}% {:>6.0}% {:>7.4} {:>7} {:>7} {:>6} {:>4.0}us  ({:.1}x)\n",
+                "{:<30} {:>6.0}ms {:>6.0}ms {:>5.1}% {:>6.0}% {:>5.1} {:>5.1}% {:>5.0}% {:>6.0}% {:>7.4} {:>7} {:>7} {:>9} {:>4.0}us  ({:.1}x)\n",
                 f.label,
                 f.ttft_p50_s * 1e3,
                 f.ttft_p95_s * 1e3,
@@ -282,7 +298,10 @@ pub fn table(r: &RagReport) -> String {
             ));
         }
         if let Some(n) = t.results.first().map(|f| f.fact_questions).filter(|&n| n > 0) {
-            out.push_str(&format!("  facts: accuracy on the {n} measured prompts that ask for a planted fact\n"));
+            out.push_str(&format!(
+                "  facts: on the {n} measured prompts that ask for a planted fact, share answered right \
+                 (greedy) / share whose right answer is the likeliest of four (teacher-forced)\n"
+            ));
         }
     }
     out

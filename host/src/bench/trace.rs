@@ -87,6 +87,11 @@ pub struct Fact {
     pub question: String,
     /// What a right answer contains.
     pub answer: String,
+    /// The start of an answer, after which the code follows (for scoring candidates).
+    pub lead: String,
+    /// Other codes, scored against the right one (a four-way choice, as evaluation harnesses
+    /// score multiple-choice questions by log-likelihood).
+    pub distractors: Vec<String>,
 }
 
 /// One request of a trace: the body to send, and the fact it asks for, if any.
@@ -106,10 +111,12 @@ fn fact(p: usize) -> Option<(String, Fact)> {
         return None;
     }
     let color = COLORS[(p / 4) % COLORS.len()];
-    let code = 1000 + (p * 7919) % 9000;
-    let sentence = format!("The access code for the {color} door is {code}.");
+    let code = |p: usize| 1000 + (p * 7919) % 9000;
+    let sentence = format!("The access code for the {color} door is {}.", code(p));
     let question = format!("What is the access code for the {color} door? Answer with the number.");
-    Some((sentence, Fact { question, answer: code.to_string() }))
+    let lead = format!("The access code for the {color} door is");
+    let distractors = (1..=3).map(|k| code(p + 4 * k).to_string()).collect();
+    Some((sentence, Fact { question, answer: code(p).to_string(), lead, distractors }))
 }
 
 /// Passage `p` as every prompt carries it: with its fact after its first sentence, if any.

@@ -5,7 +5,8 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use super::{
-    BlendOptions, CutInput, Policy, Prefill, ReuseReport, SelectInput, Timings, extract, gaps, micros, pieces, splice,
+    ATTENTION_QUERIES, BlendOptions, CutInput, Policy, Prefill, ReuseReport, SelectInput, Timings, extract, gaps,
+    micros, pieces, splice,
 };
 use crate::blend::chunk::ChunkKey;
 use crate::engine::{EngineError, Model, Weights};
@@ -65,7 +66,13 @@ pub(super) fn prefill(
                 (cache.layers[check].k[r * d..(r + 1) * d].to_vec(), cache.layers[check].v[r * d..(r + 1) * d].to_vec())
             })
             .collect();
-        model.run_layers(0..check + 1, &mut x, &positions, &all_rows, &mut cache, Weights::F32)?;
+        model.run_layers(0..check, &mut x, &positions, &all_rows, &mut cache, Weights::F32)?;
+        let hidden = model.config().hidden;
+        let queries = n.saturating_sub(ATTENTION_QUERIES)..n;
+        let xq = x[queries.start * hidden..].to_vec();
+        model.run_layers(check..check + 1, &mut x, &positions, &all_rows, &mut cache, Weights::F32)?;
+        let mass = model.attention_mass(check, &xq, &positions[queries], &cache)?;
+        let attention: Vec<f32> = reused.iter().map(|&r| mass[r]).collect();
         let deviations: Vec<f32> = reused
             .iter()
             .zip(&spliced)
@@ -87,6 +94,7 @@ pub(super) fn prefill(
             deviations: &deviations,
             positions: &reused_positions,
             chunk_starts: &chunk_starts,
+            attention: &attention,
             budget,
         });
 
@@ -96,7 +104,6 @@ pub(super) fn prefill(
         let mut recompute: Vec<usize> = selected.iter().map(|&i| reused[i as usize]).collect();
         recompute.extend(uncovered.iter().flat_map(|r| r.clone()));
         recompute.sort_unstable();
-        let hidden = model.config().hidden;
         let mut xs: Vec<f32> =
             recompute.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
         let sub_positions: Vec<u32> = recompute.iter().map(|&r| positions[r]).collect();

@@ -146,8 +146,14 @@ pub struct SelectInput<'a> {
     pub positions: &'a [u32],
     /// Index into `deviations` where each reused chunk begins.
     pub chunk_starts: &'a [u32],
+    /// Per reused token, the attention it receives at the check layer from the prompt's last
+    /// tokens (averaged over heads and tokens): how much the question reads it.
+    pub attention: &'a [f32],
     pub budget: usize,
 }
+
+/// The prompt's last tokens whose attention weighs the reused ones ([`SelectInput::attention`]).
+pub const ATTENTION_QUERIES: usize = 32;
 
 /// The policy seams of a prefill: where to cut, what to recompute. `policy` answers them with
 /// plugins; [`BuiltinPolicy`] is the in-process default.
@@ -158,7 +164,8 @@ pub trait Policy {
     fn select(&self, input: &SelectInput) -> Vec<u32>;
 }
 
-/// Fixed-size cuts within segments; top deviation (optionally after EPIC-style chunk heads).
+/// Fixed-size cuts within segments; the most-read tokens then the largest deviations (or,
+/// with `chunk_head_tokens`, EPIC-style chunk heads then the largest deviations).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BuiltinPolicy {
     pub chunk_head_tokens: usize,
@@ -171,7 +178,7 @@ impl Policy for BuiltinPolicy {
 
     fn select(&self, i: &SelectInput) -> Vec<u32> {
         match self.chunk_head_tokens {
-            0 => select::top_deviation(i.deviations, i.chunk_starts, i.budget),
+            0 => select::attention_then_deviation(i.deviations, i.attention, i.budget, select::ATTENTION_FIRST),
             head => select::chunk_heads_then_deviation(i.deviations, i.chunk_starts, i.budget, head),
         }
     }

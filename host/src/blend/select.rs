@@ -1,8 +1,11 @@
-//! Choosing which reused tokens to recompute (the fallback of the future `selector` plugin).
+//! Choosing which reused tokens to recompute (what the `selector` plugin does, built in).
 //!
 //! CacheBlend's observation: the tokens whose KV deviates most from what full recompute
 //! would give, measured at an early layer, are the ones that matter for cross-chunk
-//! attention. Recomputing those in the later layers recovers most of the quality.
+//! attention. kvgate's measurement (`kvgate bench denoise`) adds: a deviation matters as far
+//! as the question reads it — recomputing the tokens the prompt's last tokens attend to most,
+//! then the largest deviations, halves the teacher-forced KL of pure top deviation at 5–30 %
+//! budgets.
 
 /// The `budget` tokens with the largest `deviations`, as indices into `deviations`, ascending.
 /// `chunk_starts` (indices where each reused chunk begins) is part of the signature for
@@ -16,6 +19,24 @@ pub fn top_deviation(deviations: &[f32], _chunk_starts: &[u32], budget: usize) -
     order.truncate(budget);
     order.sort_unstable();
     order
+}
+
+/// The most-read tokens recomputed before any deviation counts (within the budget).
+pub const ATTENTION_FIRST: usize = 64;
+
+/// The `first` tokens with the most `attention` (within the budget), then the largest
+/// `deviations` among the others; indices ascending.
+pub fn attention_then_deviation(deviations: &[f32], attention: &[f32], budget: usize, first: usize) -> Vec<u32> {
+    let n = deviations.len();
+    let mut chosen = vec![false; n];
+    let read = top_deviation(&attention[..n.min(attention.len())], &[], first.min(budget));
+    read.iter().for_each(|&t| chosen[t as usize] = true);
+    let rest: Vec<u32> = (0..n as u32).filter(|&t| !chosen[t as usize]).collect();
+    let rest_dev: Vec<f32> = rest.iter().map(|&t| deviations[t as usize]).collect();
+    for i in top_deviation(&rest_dev, &[], budget.min(n) - read.len()) {
+        chosen[rest[i as usize] as usize] = true;
+    }
+    (0..n as u32).filter(|&t| chosen[t as usize]).collect()
 }
 
 /// EPIC-style: the first `head` tokens of every chunk (where a chunk computed elsewhere put
@@ -70,6 +91,16 @@ mod tests {
         assert!(validate(&[1, 3], 5, 2).is_ok());
         assert!(validate(&[1, 1], 5, 2).is_err());
         assert!(validate(&[7], 5, 2).is_err());
+    }
+
+    #[test]
+    fn the_most_read_tokens_come_first_then_deviations() {
+        let d = [0.1, 5.0, 0.3, 9.0, 0.0];
+        let a = [0.9, 0.0, 0.0, 0.0, 0.1];
+        assert_eq!(attention_then_deviation(&d, &a, 2, 1), vec![0, 3]);
+        assert_eq!(attention_then_deviation(&d, &a, 3, 2), vec![0, 3, 4]);
+        assert_eq!(attention_then_deviation(&d, &a, 9, 1), vec![0, 1, 2, 3, 4]);
+        assert_eq!(attention_then_deviation(&d, &a, 0, 1), Vec::<u32>::new());
     }
 
     #[test]

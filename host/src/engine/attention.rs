@@ -90,6 +90,40 @@ impl Rope {
     }
 }
 
+/// The attention each key receives from a few queries, summed over heads and queries and
+/// divided by their count: softmax(q·k / √d) over the keys at positions `≤` each query's.
+/// A probe, not a kernel: plain loops, for a handful of query rows.
+pub fn attention_mass(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>) -> Vec<f32> {
+    let Heads { q_heads, kv_heads, head_dim: hd } = heads;
+    let (t, group, scale) = (keys.positions.len(), q_heads / kv_heads, 1.0 / (hd as f32).sqrt());
+    let mut mass = vec![0f32; t];
+    let mut scores = vec![0f32; t];
+    for (i, &p) in q_pos.iter().enumerate() {
+        for h in 0..q_heads {
+            let qh = &q[(i * q_heads + h) * hd..][..hd];
+            let g = h / group;
+            let mut max = f32::NEG_INFINITY;
+            for (r, s) in scores.iter_mut().enumerate() {
+                *s = match keys.positions[r] <= p {
+                    true => {
+                        let k = &keys.k[(r * kv_heads + g) * hd..][..hd];
+                        qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                    }
+                    false => f32::NEG_INFINITY,
+                };
+                max = max.max(*s);
+            }
+            let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
+            for (m, s) in mass.iter_mut().zip(&scores) {
+                *m += (s - max).exp() / sum;
+            }
+        }
+    }
+    let n = (q_pos.len() * q_heads).max(1) as f32;
+    mass.iter_mut().for_each(|m| *m /= n);
+    mass
+}
+
 /// Head layout of one attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct Heads {

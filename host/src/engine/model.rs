@@ -466,6 +466,32 @@ impl Model {
         Ok(out)
     }
 
+    /// How much attention each cache row receives at `layer` from the tokens whose hidden
+    /// states entering that layer are `x` (at `positions`), averaged over heads and tokens —
+    /// what the selector of compose mode may weigh deviations by. The cache's K at `layer`
+    /// must be filled for every row that should count.
+    pub fn attention_mass(
+        &self,
+        layer: usize,
+        x: &[f32],
+        positions: &[u32],
+        cache: &KvCache,
+    ) -> Result<Vec<f32>, EngineError> {
+        let cfg = &self.cfg;
+        let n = positions.len();
+        let mut h = vec![0f32; x.len()];
+        rms_norm(x, &self.layers[layer].attn_norm, cfg.rms_eps, &mut h);
+        let row = cfg.hidden + 2 * cfg.kv_dim();
+        let mut q = Vec::with_capacity(n * cfg.hidden);
+        self.layers[layer].qkv.forward(&h, n, Weights::F32, |qkv| {
+            qkv.chunks_exact(row).for_each(|r| q.extend_from_slice(&r[..cfg.hidden]));
+        })?;
+        self.rope.rotate(&mut q, positions, 1.0);
+        let kv = &cache.layers[layer];
+        let keys = Keys { k: &kv.k, v: &kv.v, positions: &cache.positions, sorted: false };
+        Ok(attention::attention_mass(cfg.heads(), &q, positions, &keys))
+    }
+
     /// The layer loop: each token's rotated K and its V go into its cache row before it
     /// attends (`Write`), or the cache is read as it is (`Read`: the tokens already sit in it).
     fn layers(

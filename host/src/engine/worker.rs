@@ -47,6 +47,8 @@ pub struct GenerateRequest {
     pub echo: bool,
     /// With `echo`, the first prompt token whose logprob is computed (earlier: `None`).
     pub score_from: usize,
+    /// Whether what this prompt brings new is stored in the chunk cache.
+    pub store: bool,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
     /// How this request may use the chunk cache (`None`: the server's defaults).
@@ -368,17 +370,14 @@ impl Worker {
             segment_starts: &segment_starts,
             chunk_tokens: opts.chunk_tokens,
         };
+        let read_only = crate::store::ReadOnly(&*self.store);
+        let store: &dyn crate::store::ChunkStore = if request.store { &*self.store } else { &read_only };
         let prefill = match &self.policies {
             // The versions serving now stay with this request whatever reloads meanwhile.
-            Some(p) => blend::prefill_with(
-                &m.model,
-                &input,
-                mode,
-                &opts,
-                &*self.store,
-                &p.for_request(opts.chunk_head_tokens),
-            )?,
-            None => blend::prefill(&m.model, &ids, &segment_starts, mode, &opts, &*self.store)?,
+            Some(p) => {
+                blend::prefill_with(&m.model, &input, mode, &opts, store, &p.for_request(opts.chunk_head_tokens))?
+            }
+            None => blend::prefill(&m.model, &ids, &segment_starts, mode, &opts, store)?,
         };
         let mut usage = Usage {
             prompt_tokens: ids.len(),

@@ -139,6 +139,17 @@ pub struct ReloadOutcome {
     pub error: Option<String>,
 }
 
+/// What `kvgate plugin check` found a component to be.
+#[derive(Debug, Clone)]
+pub struct CheckedComponent {
+    pub kind: PluginKind,
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    /// The `kvgate:policy` version it was built against.
+    pub wit: &'static str,
+}
+
 /// One slot as `GET /admin/plugins` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PluginStatus {
@@ -150,6 +161,8 @@ pub struct PluginStatus {
     pub name: Option<String>,
     pub version: Option<String>,
     pub sha256: Option<String>,
+    /// The `kvgate:policy` version the component was built against.
+    pub wit: Option<&'static str>,
     pub loaded_at_ms: Option<u64>,
     pub calls: u64,
     pub traps: u64,
@@ -225,16 +238,12 @@ impl Policies {
 
     /// Checks a component file offline: which world it implements, its info, self-test and
     /// canned check. Nothing is loaded anywhere.
-    pub fn check_file(
-        path: &Path,
-        timeout: Duration,
-        memory_bytes: usize,
-    ) -> Result<(PluginKind, String, String, String), LoadError> {
+    pub fn check_file(path: &Path, timeout: Duration, memory_bytes: usize) -> Result<CheckedComponent, LoadError> {
         let bytes =
             std::fs::read(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
         let runtime = Runtime::new(Limits { timeout, memory_bytes }).map_err(|e| LoadError::Compile(e.to_string()))?;
         let c = runtime.load(&bytes, None)?;
-        Ok((c.kind, c.name, c.version, c.sha256))
+        Ok(CheckedComponent { kind: c.kind, name: c.name, version: c.version, sha256: c.sha256, wit: c.wit })
     }
 
     /// Re-reads the directory: each kind's file is loaded if it changed, and swapped in only
@@ -320,6 +329,7 @@ impl Policies {
                     name: cur.as_ref().map(|p| p.component.name.clone()),
                     version: cur.as_ref().map(|p| p.component.version.clone()),
                     sha256: cur.as_ref().map(|p| p.component.sha256.clone()),
+                    wit: cur.as_ref().map(|p| p.component.wit),
                     loaded_at_ms: cur.as_ref().map(|p| p.loaded_at_ms),
                     calls: count(|s| &s.calls),
                     traps: count(|s| &s.traps),
@@ -471,6 +481,7 @@ fn canned_check(rt: &Runtime, c: &LoadedComponent) -> Result<(), CallError> {
                 deviations: (0..n).map(|i| ((i * 37) % 11) as f32).collect(),
                 positions: (100..100 + n).collect(),
                 chunk_starts: vec![0, 20, 45],
+                attention: (0..n).map(|i| ((i * 13) % 7) as f32 / 100.0).collect(),
                 budget: 10,
             };
             let sel = rt.select(c, &req)?;
@@ -585,6 +596,7 @@ impl Policy for RequestPolicy {
             deviations: input.deviations.to_vec(),
             positions: input.positions.to_vec(),
             chunk_starts: input.chunk_starts.to_vec(),
+            attention: input.attention.to_vec(),
             budget: input.budget as u32,
         };
         let valid = |sel: &Vec<u32>| blend::select::validate(sel, n, input.budget);

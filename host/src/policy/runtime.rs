@@ -31,6 +31,23 @@ pub mod evictor {
     wasmtime::component::bindgen!({ world: "evictor", path: "../wit" });
 }
 
+/// Bindings of `kvgate:policy@0.1.0`, whose components keep loading: their requests are the
+/// current ones less what 0.2.0 added.
+pub mod v1 {
+    /// The 0.1.0 `chunker` world.
+    pub mod chunker {
+        wasmtime::component::bindgen!({ world: "chunker", path: "../wit/v0.1.0" });
+    }
+    /// The 0.1.0 `selector` world (no `attention` in its request).
+    pub mod selector {
+        wasmtime::component::bindgen!({ world: "selector", path: "../wit/v0.1.0" });
+    }
+    /// The 0.1.0 `evictor` world.
+    pub mod evictor {
+        wasmtime::component::bindgen!({ world: "evictor", path: "../wit/v0.1.0" });
+    }
+}
+
 pub use chunker::kvgate::policy::types::ChunkRequest;
 pub use evictor::kvgate::policy::types::{Candidate as WitCandidate, EvictRequest};
 pub use selector::kvgate::policy::types::SelectRequest;
@@ -159,6 +176,9 @@ pub enum Pre {
     Chunker(chunker::ChunkerPre<State>),
     Selector(selector::SelectorPre<State>),
     Evictor(evictor::EvictorPre<State>),
+    ChunkerV1(v1::chunker::ChunkerPre<State>),
+    SelectorV1(v1::selector::SelectorPre<State>),
+    EvictorV1(v1::evictor::EvictorPre<State>),
 }
 
 /// A loaded component: what it is and how to run it.
@@ -167,6 +187,8 @@ pub struct LoadedComponent {
     pub name: String,
     pub version: String,
     pub sha256: String,
+    /// The `kvgate:policy` version it was built against.
+    pub wit: &'static str,
     pre: Pre,
 }
 
@@ -225,10 +247,19 @@ impl Runtime {
         let mut last = String::new();
         let mut found = None;
         for k in kinds.iter().copied() {
+            // The current version first, then 0.1.0.
             let pre = match k {
-                PluginKind::Chunker => chunker::ChunkerPre::new(instance_pre.clone()).map(Pre::Chunker),
-                PluginKind::Selector => selector::SelectorPre::new(instance_pre.clone()).map(Pre::Selector),
-                PluginKind::Evictor => evictor::EvictorPre::new(instance_pre.clone()).map(Pre::Evictor),
+                PluginKind::Chunker => chunker::ChunkerPre::new(instance_pre.clone())
+                    .map(Pre::Chunker)
+                    .or_else(|e| v1::chunker::ChunkerPre::new(instance_pre.clone()).map(Pre::ChunkerV1).map_err(|_| e)),
+                PluginKind::Selector => {
+                    selector::SelectorPre::new(instance_pre.clone()).map(Pre::Selector).or_else(|e| {
+                        v1::selector::SelectorPre::new(instance_pre.clone()).map(Pre::SelectorV1).map_err(|_| e)
+                    })
+                }
+                PluginKind::Evictor => evictor::EvictorPre::new(instance_pre.clone())
+                    .map(Pre::Evictor)
+                    .or_else(|e| v1::evictor::EvictorPre::new(instance_pre.clone()).map(Pre::EvictorV1).map_err(|_| e)),
             };
             match pre {
                 Ok(p) => {
@@ -243,7 +274,11 @@ impl Runtime {
             message: last,
         })?;
         let (name, version) = self.info(&pre).map_err(|e| LoadError::SelfTest(format!("info(): {e}")))?;
-        let loaded = LoadedComponent { kind, name, version, sha256, pre };
+        let wit = match pre {
+            Pre::Chunker(_) | Pre::Selector(_) | Pre::Evictor(_) => "0.2.0",
+            Pre::ChunkerV1(_) | Pre::SelectorV1(_) | Pre::EvictorV1(_) => "0.1.0",
+        };
+        let loaded = LoadedComponent { kind, name, version, sha256, wit, pre };
         match self.self_test(&loaded.pre) {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => return Err(LoadError::SelfTest(msg)),
@@ -264,6 +299,18 @@ impl Runtime {
                 let i = p.instantiate(&mut *store)?.call_info(&mut *store)?;
                 Ok(chunker::kvgate::policy::types::PluginInfo { name: i.name, version: i.version })
             }
+            Pre::ChunkerV1(p) => {
+                let i = p.instantiate(&mut *store)?.call_info(&mut *store)?;
+                Ok(chunker::kvgate::policy::types::PluginInfo { name: i.name, version: i.version })
+            }
+            Pre::SelectorV1(p) => {
+                let i = p.instantiate(&mut *store)?.call_info(&mut *store)?;
+                Ok(chunker::kvgate::policy::types::PluginInfo { name: i.name, version: i.version })
+            }
+            Pre::EvictorV1(p) => {
+                let i = p.instantiate(&mut *store)?.call_info(&mut *store)?;
+                Ok(chunker::kvgate::policy::types::PluginInfo { name: i.name, version: i.version })
+            }
         })?;
         Ok((info.name, info.version))
     }
@@ -273,6 +320,9 @@ impl Runtime {
             Pre::Chunker(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
             Pre::Selector(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
             Pre::Evictor(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
+            Pre::ChunkerV1(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
+            Pre::SelectorV1(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
+            Pre::EvictorV1(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
         })
     }
 
@@ -293,18 +343,63 @@ impl Runtime {
     }
 
     pub fn cut(&self, c: &LoadedComponent, req: &ChunkRequest) -> Result<Vec<u32>, CallError> {
-        let Pre::Chunker(p) = &c.pre else { return Err(CallError::Invalid("not a chunker".into())) };
-        self.run(|store| p.instantiate(&mut *store)?.call_cut(&mut *store, req))
+        match &c.pre {
+            Pre::Chunker(p) => self.run(|store| p.instantiate(&mut *store)?.call_cut(&mut *store, req)),
+            Pre::ChunkerV1(p) => {
+                let req = v1::chunker::kvgate::policy::types::ChunkRequest {
+                    tokens: req.tokens.clone(),
+                    offsets: req.offsets.clone(),
+                    text: req.text.clone(),
+                    segment_starts: req.segment_starts.clone(),
+                    target_tokens: req.target_tokens,
+                };
+                self.run(|store| p.instantiate(&mut *store)?.call_cut(&mut *store, &req))
+            }
+            _ => Err(CallError::Invalid("not a chunker".into())),
+        }
     }
 
     pub fn select(&self, c: &LoadedComponent, req: &SelectRequest) -> Result<Vec<u32>, CallError> {
-        let Pre::Selector(p) = &c.pre else { return Err(CallError::Invalid("not a selector".into())) };
-        self.run(|store| p.instantiate(&mut *store)?.call_select(&mut *store, req))
+        match &c.pre {
+            Pre::Selector(p) => self.run(|store| p.instantiate(&mut *store)?.call_select(&mut *store, req)),
+            Pre::SelectorV1(p) => {
+                let req = v1::selector::kvgate::policy::types::SelectRequest {
+                    deviations: req.deviations.clone(),
+                    positions: req.positions.clone(),
+                    chunk_starts: req.chunk_starts.clone(),
+                    budget: req.budget,
+                };
+                self.run(|store| p.instantiate(&mut *store)?.call_select(&mut *store, &req))
+            }
+            _ => Err(CallError::Invalid("not a selector".into())),
+        }
     }
 
     pub fn victims(&self, c: &LoadedComponent, req: &EvictRequest) -> Result<Vec<u32>, CallError> {
-        let Pre::Evictor(p) = &c.pre else { return Err(CallError::Invalid("not an evictor".into())) };
-        self.run(|store| p.instantiate(&mut *store)?.call_victims(&mut *store, req))
+        match &c.pre {
+            Pre::Evictor(p) => self.run(|store| p.instantiate(&mut *store)?.call_victims(&mut *store, req)),
+            Pre::EvictorV1(p) => {
+                use v1::evictor::kvgate::policy::types as old;
+                let req = old::EvictRequest {
+                    candidates: req
+                        .candidates
+                        .iter()
+                        .map(|c| old::Candidate {
+                            bytes: c.bytes,
+                            tokens: c.tokens,
+                            created_ms: c.created_ms,
+                            last_access_ms: c.last_access_ms,
+                            hits: c.hits,
+                            cost_us: c.cost_us,
+                        })
+                        .collect(),
+                    bytes_to_free: req.bytes_to_free,
+                    now_ms: req.now_ms,
+                };
+                self.run(|store| p.instantiate(&mut *store)?.call_victims(&mut *store, &req))
+            }
+            _ => Err(CallError::Invalid("not an evictor".into())),
+        }
     }
 }
 

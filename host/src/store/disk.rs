@@ -307,7 +307,12 @@ impl DiskTier {
             cost_us: stats.cost_us,
             parent: kv.parent.map(|p| p.to_hex()),
         };
-        let indexed = written.and_then(|()| Ok(self.index.insert(key.0, serde_json::to_vec(&entry).unwrap())?));
+        // The entry is flushed too: a chunk counted on disk survives a crash (this runs on the
+        // writer thread, never on a request's path).
+        let indexed = written.and_then(|()| {
+            self.index.insert(key.0, serde_json::to_vec(&entry).unwrap())?;
+            Ok(self.index.flush()?)
+        });
         let mut st = self.state.lock().unwrap();
         match indexed {
             Ok(_) => {

@@ -156,6 +156,26 @@ pub trait ChunkStore: Send + Sync {
     fn contains(&self, key: &ChunkKey) -> bool;
 }
 
+/// A store read through and never written: a request that must not add to the cache (and
+/// benchmarks that compare runs on the same contents).
+pub struct ReadOnly<'a>(pub &'a dyn ChunkStore);
+
+impl ChunkStore for ReadOnly<'_> {
+    fn fetch(&self, key: &ChunkKey, used: Use) -> Option<Arc<ChunkKv>> {
+        self.0.fetch(key, used)
+    }
+    fn put(&self, _: ChunkKey, _: Arc<ChunkKv>, _: u64) {}
+    fn find_spans(&self, prompt: &[u32]) -> Vec<SpanMatch> {
+        self.0.find_spans(prompt)
+    }
+    fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32]) -> Vec<SpanMatch> {
+        self.0.longest_prefix(root, prompt)
+    }
+    fn contains(&self, key: &ChunkKey) -> bool {
+        self.0.contains(key)
+    }
+}
+
 /// Errors of the store's own I/O; callers log them, requests never see them.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

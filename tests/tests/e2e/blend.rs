@@ -153,6 +153,7 @@ fn engine_reports_reuse_per_request() {
             logprobs: None,
             echo: false,
             score_from: 1,
+            store: true,
             ignore_eos: false,
             cache_mode: Some(mode),
             recompute_budget: None,

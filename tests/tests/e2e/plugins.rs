@@ -107,10 +107,11 @@ fn the_default_plugins_serve_and_report() {
     ask(&s, &rag([0, 1, 2]), &[]);
     let r = ask(&s, &rag([2, 0, 1]), &[]);
     assert!(spans(&r) >= 3, "every passage is found again: {}", r["kvgate"]);
-    for (kind, name) in [("chunker", "cdc-chunker"), ("selector", "deviation-selector"), ("evictor", "cost-evictor")] {
+    for (kind, name) in [("chunker", "cdc-chunker"), ("selector", "attention-selector"), ("evictor", "cost-evictor")] {
         let st = status(&s, kind);
         assert_eq!((st["serving"].as_str(), st["name"].as_str()), (Some("plugin"), Some(name)), "{st}");
         assert_eq!(st["sha256"].as_str().unwrap().len(), 64);
+        assert_eq!(st["wit"], "0.2.0", "{st}");
     }
     let chunker_calls = status(&s, "chunker")["calls"].as_u64().unwrap();
     assert!(chunker_calls >= 1, "the first prompt's new content was cut by the plugin");
@@ -152,6 +153,7 @@ fn swapping_the_selector_under_load_changes_behaviour_and_fails_nothing() {
     assert_ne!(first_logprob(&before), first_logprob(&after), "another selection, another prefill");
     let st = status(&s, "selector");
     assert!(st["calls"].as_u64().unwrap() >= 1 && st["previous_version"].is_string(), "{st}");
+    assert_eq!(st["wit"], "0.1.0", "a component built against kvgate:policy@0.1.0 still loads and serves");
     assert_eq!(s.metric("kvgate:request_errors_total{status=\"5xx\"}"), 0.0);
 }
 
@@ -206,14 +208,14 @@ fn repeated_failures_roll_back_to_the_previous_version() {
         ask(&s, &rag([1, 2, 0]), &[("x-kvgate-recompute-budget", &seven)]);
     }
     let st = status(&s, "selector");
-    assert_eq!((st["name"].as_str(), st["rollbacks"].as_u64()), (Some("deviation-selector"), Some(1)), "{st}");
+    assert_eq!((st["name"].as_str(), st["rollbacks"].as_u64()), (Some("attention-selector"), Some(1)), "{st}");
     assert!(st["last_rejected"].as_str().unwrap().contains("rolled back"), "{st}");
     let r = ask(&s, &rag([1, 2, 0]), &[("x-kvgate-recompute-budget", &seven)]);
     assert_eq!(r["kvgate"]["recomputed_tokens"], 7, "the restored selector answers again");
     // The same bad file is not reloaded on the next reload.
     let again: Value = ureq::post(&s.url("/admin/plugins/reload")).call().unwrap().into_json().unwrap();
     assert_eq!(again["data"][1]["outcome"], "rejected", "{again}");
-    assert_eq!(status(&s, "selector")["name"], "deviation-selector");
+    assert_eq!(status(&s, "selector")["name"], "attention-selector");
 }
 
 #[test]
@@ -268,7 +270,7 @@ fn a_corrupt_wasm_dropped_in_leaves_the_old_plugin_serving() {
     std::fs::write(&tmp, b"\0asm\x0d\0\x01\0 this is not a component").unwrap();
     std::fs::rename(&tmp, dir.join("selector.wasm")).unwrap();
     let st = wait_for(&s, "selector", |st| st["last_rejected"].is_string());
-    assert_eq!(st["name"], "deviation-selector", "{st}");
+    assert_eq!(st["name"], "attention-selector", "{st}");
     assert!(st["last_rejected"].as_str().unwrap().contains("not a valid WebAssembly component"), "{st}");
     ask(&s, &rag([0, 1, 2]), &[]);
     let r = ask(&s, &rag([2, 0, 1]), &[]);
@@ -284,7 +286,7 @@ fn plugin_check_and_reload_on_the_command_line() {
     };
     let selector = installed().join("selector.wasm");
     let (ok, text) = run(&["plugin", "check", selector.to_str().unwrap()]);
-    assert!(ok && text.contains("kvgate:policy/selector") && text.contains("deviation-selector"), "{text}");
+    assert!(ok && text.contains("kvgate:policy/selector@0.2.0") && text.contains("attention-selector"), "{text}");
     let bad = test_component("test-bad-chunker");
     let (ok, text) = run(&["plugin", "check", bad.to_str().unwrap()]);
     assert!(!ok && text.contains("outside"), "{text}");

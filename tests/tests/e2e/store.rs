@@ -103,6 +103,14 @@ fn a_server_killed_mid_write_restarts_and_serves() {
         let mut body = rag(order, &format!("Question number {i}: what is Rust?"));
         body["messages"][1]["content"] = json!(format!("Passage set {i}. {}", PASSAGES[order[0]]));
         assert_eq!(s.post("/v1/chat/completions", &body).0, 200);
+        if i == 0 {
+            // The first request's chunks are on disk (and so durable) before the others.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while s.metric("kvgate:chunk_store_entries{tier=\"disk\"}") < 1.0 {
+                assert!(std::time::Instant::now() < deadline, "nothing reached the disk");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
     }
     s.child.kill().unwrap(); // SIGKILL: no shutdown, the disk writer may be mid-payload
     s.child.wait().unwrap();

@@ -1,10 +1,11 @@
-//! Test component (selector world): a valid selector that ignores the deviations and picks the
-//! first `budget` tokens (`0..budget`).
+//! Test component (selector world of `kvgate:policy@0.1.0`): a valid selector that ignores the
+//! deviations and picks the first `budget` tokens (`0..budget`).
 //!
 //! Its answers differ from the default selector's on any input whose largest deviations are not
-//! at the front, which lets the host's hot-swap tests see which selector served a request.
+//! at the front, which lets the host's hot-swap tests see which selector served a request. Built
+//! against the previous WIT version on purpose: the host keeps loading 0.1.0 components.
 
-wit_bindgen::generate!({ path: "../../../wit", world: "selector" });
+wit_bindgen::generate!({ path: "../../../wit/v0.1.0", world: "selector" });
 
 /// The policy: `0..min(budget, tokens)`.
 fn first_tokens(tokens: usize, budget: u32) -> Vec<u32> {
