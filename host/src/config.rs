@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::blend::{BlendOptions, CacheMode};
-use crate::engine::EngineOptions;
+use crate::scheduler::SchedulerOptions;
 use crate::store::{KvDtype, StoreOptions};
 
 /// Errors reading the configuration: each says which file and what is wrong with it.
@@ -36,8 +36,15 @@ pub struct Config {
     pub model_name: Option<String>,
     /// Inference threads; 0 = one per core.
     pub threads: usize,
-    /// Requests that may wait for the engine; beyond it requests get 429.
+    /// Requests that may wait for admission; beyond it requests get 429.
     pub queue_capacity: usize,
+    /// Requests running at once (prefilling or decoding); their decode steps share one batch.
+    pub max_running: usize,
+    /// KV bytes the running requests may hold; beyond it requests wait for admission.
+    #[serde(deserialize_with = "bytes_setting")]
+    pub kv_budget_bytes: u64,
+    /// Tokens of prefill per scheduler turn, between decode steps (0: whole prompts at once).
+    pub prefill_chunk_tokens: usize,
     /// Largest request body, bytes; beyond it requests get 413.
     pub max_body_bytes: usize,
     /// Log filter (`tracing` syntax), unless `RUST_LOG` is set.
@@ -88,6 +95,9 @@ impl Default for Config {
             model_name: None,
             threads: 0,
             queue_capacity: 64,
+            max_running: SchedulerOptions::default().max_running,
+            kv_budget_bytes: SchedulerOptions::default().kv_budget_bytes,
+            prefill_chunk_tokens: SchedulerOptions::default().prefill_chunk_tokens,
             max_body_bytes: 8 << 20,
             log: "info".into(),
             cache_mode: CacheMode::Compose,
@@ -167,6 +177,9 @@ pub struct Overrides {
     pub model_name: Option<String>,
     pub threads: Option<usize>,
     pub queue_capacity: Option<usize>,
+    pub max_running: Option<usize>,
+    pub kv_budget_bytes: Option<u64>,
+    pub prefill_chunk_tokens: Option<usize>,
     pub max_body_bytes: Option<usize>,
     pub log: Option<String>,
     pub cache_mode: Option<CacheMode>,
@@ -185,9 +198,10 @@ pub struct Overrides {
 }
 
 impl Config {
-    /// The engine's options from these settings.
-    pub fn engine_options(&self) -> EngineOptions {
-        EngineOptions {
+    /// The scheduler's options from these settings (`layers`: the model's, which turns tokens
+    /// of prefill into the token-layers the scheduler counts).
+    pub fn scheduler_options(&self) -> SchedulerOptions {
+        SchedulerOptions {
             queue_capacity: self.queue_capacity,
             cache_mode: self.cache_mode,
             blend: BlendOptions {
@@ -197,6 +211,10 @@ impl Config {
                 chunk_head_tokens: self.chunk_head_tokens,
                 min_span: self.min_span,
             },
+            max_running: self.max_running,
+            kv_budget_bytes: self.kv_budget_bytes,
+            reserve_tokens: SchedulerOptions::default().reserve_tokens,
+            prefill_chunk_tokens: self.prefill_chunk_tokens,
         }
     }
 
@@ -245,6 +263,15 @@ impl Config {
         }
         if let Some(v) = o.queue_capacity {
             self.queue_capacity = v;
+        }
+        if let Some(v) = o.max_running {
+            self.max_running = v;
+        }
+        if let Some(v) = o.kv_budget_bytes {
+            self.kv_budget_bytes = v;
+        }
+        if let Some(v) = o.prefill_chunk_tokens {
+            self.prefill_chunk_tokens = v;
         }
         if let Some(v) = o.max_body_bytes {
             self.max_body_bytes = v;
@@ -311,6 +338,12 @@ impl Config {
                 key: "min_span",
                 message: format!("must be at least {} tokens", crate::store::span::ANCHOR_TOKENS),
             });
+        }
+        if self.max_running == 0 {
+            return Err(ConfigError::Invalid { key: "max_running", message: "must be at least 1".into() });
+        }
+        if self.kv_budget_bytes < 1 << 20 {
+            return Err(ConfigError::Invalid { key: "kv_budget_bytes", message: "must be at least 1MiB".into() });
         }
         if self.queue_capacity == 0 {
             return Err(ConfigError::Invalid { key: "queue_capacity", message: "must be at least 1".into() });

@@ -2,11 +2,14 @@
 //!
 //! # Layout
 //! - [`engine`]: the candle inference core — GGUF model, our llama forward with explicit
-//!   positions, tokenizer, chat template, sampling, the request worker. Never async.
+//!   positions (batched decode, read-only scoring), tokenizer, chat template, sampling.
+//!   Never async.
 //! - [`api`]: the hyper server — OpenAI-compatible endpoints, SSE, health, metrics. The
 //!   only module that knows hyper.
-//! - [`blend`]: compositional reuse — chunking, splicing cached KV at new positions,
-//!   selective recompute.
+//! - [`scheduler`]: admission, batched decode of every running sequence, prefills sliced
+//!   between decode steps; above `engine` and `blend`, the one place that decides what runs.
+//! - [`blend`]: compositional reuse — finding stored runs, splicing cached KV at new
+//!   positions, selective recompute; one prompt's prefill as resumable work.
 //! - [`store`]: the chunk store — RAM tier, sled-indexed disk tier, eviction, recovery. The
 //!   only module that knows sled.
 //! - [`policy`]: the wasmtime host — chunker, selector and evictor components, sandboxed,
@@ -22,4 +25,5 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod policy;
+pub mod scheduler;
 pub mod store;

@@ -7,8 +7,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use kvgate::api::{self, AppState};
 use kvgate::config::{Config, Overrides};
-use kvgate::engine::{Engine, LoadedModel};
+use kvgate::engine::LoadedModel;
 use kvgate::policy::{self, Policies};
+use kvgate::scheduler::Scheduler;
 use kvgate::store::{Layout, Store};
 
 #[derive(Parser)]
@@ -78,9 +79,18 @@ struct ServeArgs {
     /// Inference threads (0: one per core).
     #[arg(long, env = "KVGATE_THREADS")]
     threads: Option<usize>,
-    /// Requests that may wait for the engine before new ones get 429.
+    /// Requests that may wait for admission before new ones get 429.
     #[arg(long, env = "KVGATE_QUEUE_CAPACITY")]
     queue_capacity: Option<usize>,
+    /// Requests running at once (prefilling or decoding); their decode steps share one batch.
+    #[arg(long, env = "KVGATE_MAX_RUNNING")]
+    max_running: Option<usize>,
+    /// KV memory the running requests may hold (e.g. 4GiB); beyond it requests wait.
+    #[arg(long, env = "KVGATE_KV_BUDGET_BYTES", value_parser = kvgate::config::parse_bytes)]
+    kv_budget_bytes: Option<u64>,
+    /// Tokens of prefill per scheduler turn, between decode steps (0: whole prompts at once).
+    #[arg(long, env = "KVGATE_PREFILL_CHUNK_TOKENS")]
+    prefill_chunk_tokens: Option<usize>,
     /// Largest request body in bytes (413 above).
     #[arg(long, env = "KVGATE_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
@@ -140,6 +150,54 @@ enum BenchCommand {
     Policies(BenchPoliciesArgs),
     /// Ways of choosing the tokens compose recomputes, compared in this process (exact KL).
     Denoise(BenchDenoiseArgs),
+    /// Concurrent streaming clients against any OpenAI-compatible server: TTFT, inter-token
+    /// latency and throughput per concurrency.
+    Load(BenchLoadArgs),
+}
+
+#[derive(Parser)]
+struct BenchLoadArgs {
+    /// Base URL of the server (kvgate, llama.cpp's server, vLLM, ...).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Concurrent clients, one level each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16])]
+    clients: Vec<usize>,
+    /// `short` (a one-line question each: decode throughput) or a RAG trace shape (as
+    /// `bench rag --traces`; needs --corpus).
+    #[arg(long, default_value = "joined:passage")]
+    trace: String,
+    /// Directory of .txt/.md/.html files to draw passages from.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Requests per level (0: four per client, at least 16).
+    #[arg(long, default_value_t = 0)]
+    requests: usize,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Generate --max-tokens tokens whatever the model says.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Passages per request.
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    /// Words per passage (~1.3 tokens per word).
+    #[arg(long, default_value_t = 150)]
+    passage_words: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Do not empty the chunk store before each level (needed for servers other than kvgate).
+    #[arg(long)]
+    no_flush: bool,
+    /// Extra request header, `name: value` (repeatable), e.g. `x-kvgate-cache: off`.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Name of this configuration in the report.
+    #[arg(long, default_value = "kvgate")]
+    label: String,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -316,6 +374,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Store(args)) => bench_store(args),
         Command::Bench(BenchCommand::Policies(args)) => bench_policies(args),
         Command::Bench(BenchCommand::Denoise(args)) => bench_denoise(args),
+        Command::Bench(BenchCommand::Load(args)) => bench_load(args),
         Command::Plugin(cmd) => plugin(cmd),
         Command::Info => {
             println!("kvgate {}", env!("CARGO_PKG_VERSION"));
@@ -362,6 +421,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_name: args.model_name,
         threads: args.threads,
         queue_capacity: args.queue_capacity,
+        max_running: args.max_running,
+        kv_budget_bytes: args.kv_budget_bytes,
+        prefill_chunk_tokens: args.prefill_chunk_tokens,
         max_body_bytes: args.max_body_bytes,
         log: args.log,
         cache_mode: args.cache_mode,
@@ -408,9 +470,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             true => Some(policy::watch::watch(&policies).context("cannot watch the plugins directory")?),
             false => None,
         };
-        let engine = Engine::start(model, config.engine_options(), store, Some(policies));
-        if state.engine.set(engine).is_err() {
-            bail!("engine started twice");
+        let scheduler = Scheduler::start(model, config.scheduler_options(), store, Some(policies));
+        if state.scheduler.set(scheduler).is_err() {
+            bail!("the scheduler started twice");
         }
         server.await?;
         Ok(())
@@ -449,6 +511,10 @@ fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
             "decode  {:>5} tokens: {:>7.1} tok/s (after a {}-token prompt)",
             f.decode_tokens, f.decode_tok_s, f.decode_context
         );
+        let one = f.batched_decode.first().map_or(1.0, |b| b.1);
+        for (b, tps) in &f.batched_decode {
+            println!("decode  {b:>2} sequences, batched: {tps:>7.1} tok/s ({:.2}x one sequence)", tps / one);
+        }
     }
     Ok(())
 }
@@ -571,6 +637,45 @@ fn bench_store(args: BenchStoreArgs) -> anyhow::Result<()> {
     match args.json {
         true => println!("{}", serde_json::to_string_pretty(&f)?),
         false => print!("{}", kvgate::bench::store::table(&f)),
+    }
+    Ok(())
+}
+
+fn bench_load(args: BenchLoadArgs) -> anyhow::Result<()> {
+    init_logging("warn");
+    let shape = match args.trace.as_str() {
+        "short" => None,
+        t => Some(t.parse().map_err(|e: String| anyhow::anyhow!("--trace: {e}, or short"))?),
+    };
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| match h.split_once(':') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => anyhow::bail!("--header `{h}`: expected `name: value`"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let opts = kvgate::bench::load::LoadOptions {
+        url: args.url.trim_end_matches('/').to_string(),
+        corpus: args.corpus,
+        shape,
+        clients: args.clients,
+        requests: args.requests,
+        max_tokens: args.max_tokens,
+        ignore_eos: args.ignore_eos,
+        k: args.k,
+        passage_words: args.passage_words,
+        seed: args.seed,
+        flush: !args.no_flush,
+        headers,
+        label: args.label,
+    };
+    let report = kvgate::bench::load::run(&opts, |stage| eprintln!("bench load: {stage}"))?;
+    print!("{}", kvgate::bench::load::table(&report));
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("bench load: report written to {}", path.display());
     }
     Ok(())
 }

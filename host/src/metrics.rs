@@ -90,7 +90,7 @@ impl Metrics {
     /// Prometheus text exposition, with the engine's own counters when it is running.
     pub fn render(
         &self,
-        engine: Option<&crate::engine::EngineStats>,
+        engine: Option<&crate::scheduler::SchedulerStats>,
         store: Option<&crate::store::StoreStats>,
     ) -> String {
         let mut out = String::new();
@@ -158,6 +158,18 @@ impl Metrics {
                 &[("{kind=\"whole\"}", get(&e.spans_whole)), ("{kind=\"partial\"}", get(&e.spans_partial))],
             );
             counter("kvgate:chunks_stored_total", "New chunks stored.", &[("", get(&e.chunks_stored))]);
+            counter("kvgate:decode_steps_total", "Batched decode steps.", &[("", get(&e.decode_steps))]);
+            counter(
+                "kvgate:decode_rows_total",
+                "Sequences advanced by decode steps (divided by the steps: the mean batch).",
+                &[("", get(&e.decode_rows))],
+            );
+            for (name, help, v) in [
+                ("kvgate:num_requests_running", "Requests prefilling or decoding.", get(&e.running)),
+                ("kvgate:num_requests_waiting", "Requests waiting for admission.", get(&e.waiting)),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            }
             e.lookup_seconds.render(&mut out, "kvgate:cache_lookup_seconds", "Time to find a prompt's stored runs.");
         }
         if let Some(s) = store {

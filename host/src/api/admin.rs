@@ -106,7 +106,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn policies(state: &AppState) -> Result<Arc<Policies>, ApiError> {
-    let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+    let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
     engine
         .policies()
         .cloned()
@@ -114,7 +114,7 @@ fn policies(state: &AppState) -> Result<Arc<Policies>, ApiError> {
 }
 
 fn store(state: &AppState) -> Result<Arc<Store>, ApiError> {
-    Ok(state.engine.get().ok_or_else(ApiError::not_ready)?.store().clone())
+    Ok(state.scheduler.get().ok_or_else(ApiError::not_ready)?.store().clone())
 }
 
 /// `GET /admin/chunks?limit=N&after=KEY`: a page of chunks in key order.

@@ -1,8 +1,8 @@
 //! The HTTP front: an OpenAI-compatible API on hyper, plus health, readiness and metrics.
 //!
 //! Owns sockets, routing, request bodies, JSON and SSE framing. The only module that knows
-//! hyper. It never runs model work: requests are validated here, handed to the engine's
-//! queue, and answered from the engine's event channel.
+//! hyper. It never runs model work: requests are validated here, handed to the scheduler's
+//! queue, and answered from the scheduler's event channel.
 //!
 //! - [`openai`]: request validation and response shapes.
 //! - [`admin`]: the operator endpoints (chunk store), behind the admin token.
@@ -34,8 +34,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, Event, FinishReason, LoadedModel, PromptToken, Usage};
+use crate::engine::LoadedModel;
 use crate::metrics::Metrics;
+use crate::scheduler::{Event, FinishReason, PromptToken, Scheduler, Usage};
 use error::ApiError;
 use openai::{Endpoint, Logprobs, ParsedRequest};
 
@@ -47,7 +48,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// What every request handler shares.
 pub struct AppState {
     /// Set once the model is loaded; until then `/ready` and the API answer 503.
-    pub engine: OnceLock<Engine>,
+    pub scheduler: OnceLock<Scheduler>,
     pub metrics: Metrics,
     /// Largest request body accepted (413 above).
     pub max_body_bytes: usize,
@@ -57,7 +58,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(max_body_bytes: usize, admin_token: Option<String>) -> Self {
-        Self { engine: OnceLock::new(), metrics: Metrics::default(), max_body_bytes, admin_token }
+        Self { scheduler: OnceLock::new(), metrics: Metrics::default(), max_body_bytes, admin_token }
     }
 }
 
@@ -124,23 +125,23 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
     }
     match path.as_str() {
         "/health" => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
-        "/ready" => match state.engine.get() {
+        "/ready" => match state.scheduler.get() {
             Some(_) => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
             None => Err(ApiError::not_ready()),
         },
         "/metrics" => Ok(Response::builder()
             .header(CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(full({
-                let engine = state.engine.get();
-                let mut text = state.metrics.render(engine.map(Engine::stats), engine.map(|e| &**e.store().stats()));
-                if let Some(p) = engine.and_then(Engine::policies) {
+                let engine = state.scheduler.get();
+                let mut text = state.metrics.render(engine.map(Scheduler::stats), engine.map(|e| &**e.store().stats()));
+                if let Some(p) = engine.and_then(Scheduler::policies) {
                     text.push_str(&p.metrics());
                 }
                 text
             }))
             .expect("valid response")),
         "/v1/models" => {
-            let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+            let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
             let m = engine.model();
             Ok(json_response(
                 StatusCode::OK,
@@ -152,11 +153,11 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
         }
         "/v1/chat/completions" => generate(state, req, Endpoint::Chat).await,
         "/tokenize" => {
-            let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+            let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
             let body = read_body(req, state.max_body_bytes).await?;
             let (prompt, special) = openai::parse_tokenize(&body, &engine.model().name)?;
             let ids = match (&prompt, special) {
-                (crate::engine::Prompt::Text(t), false) => engine.model().tokenizer.encode(t)?.ids,
+                (crate::scheduler::Prompt::Text(t), false) => engine.model().tokenizer.encode(t)?.ids,
                 _ => engine.tokenize(&prompt)?,
             };
             let max_model_len = engine.model().model.config().context_length;
@@ -166,7 +167,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
             ))
         }
         "/tokenizer_info" => {
-            let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+            let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
             let m = engine.model();
             let text = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
             Ok(json_response(
@@ -179,7 +180,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
             ))
         }
         "/detokenize" => {
-            let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+            let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
             let body = read_body(req, state.max_body_bytes).await?;
             let ids = openai::parse_detokenize(&body)?;
             let m = engine.model();
@@ -215,7 +216,7 @@ async fn generate(
     endpoint: Endpoint,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
-    let engine = state.engine.get().ok_or_else(ApiError::not_ready)?;
+    let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
     let headers = req.headers().clone();
     let body = read_body(req, state.max_body_bytes).await?;
     let parsed = openai::parse(endpoint, &body, &engine.model().name)?;
@@ -231,13 +232,14 @@ async fn generate(
         })?;
         generate.recompute_budget = Some(openai::parse_budget(b)?);
     }
+    let n = generate.n;
     let prepared = engine.prepare(generate)?;
     let events = engine.submit(prepared).inspect_err(|e| {
         if matches!(e, crate::engine::EngineError::QueueFull) {
             state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
         }
     })?;
-    let reply = Reply::new(endpoint, engine.model().clone(), include_usage, token_ids);
+    let reply = Reply::new(endpoint, engine.model().clone(), include_usage, token_ids, n);
     let tracker = InFlight::new(state.clone(), started);
     if stream {
         let (tx, rx) = mpsc::channel(64);
@@ -300,15 +302,18 @@ struct Reply {
     include_usage: bool,
     /// Tokens in logprobs as `token_id:<id>`.
     token_ids: bool,
-    /// Text already sent (completions' `text_offset`).
-    offset: usize,
+    /// Choices (`n`).
+    n: usize,
+    /// Per choice, text already sent (completions' `text_offset`).
+    offsets: Vec<usize>,
 }
 
 impl Reply {
-    fn new(endpoint: Endpoint, model: Arc<LoadedModel>, include_usage: bool, token_ids: bool) -> Self {
+    fn new(endpoint: Endpoint, model: Arc<LoadedModel>, include_usage: bool, token_ids: bool, n: usize) -> Self {
         let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
         let id = format!("{prefix}-{:032x}", rand::random::<u128>());
-        Self { endpoint, model, id, created: unix_now(), include_usage, token_ids, offset: 0 }
+        let n = n.max(1);
+        Self { endpoint, model, id, created: unix_now(), include_usage, token_ids, n, offsets: vec![0; n] }
     }
 
     fn logprobs(&self) -> Logprobs {
@@ -325,20 +330,21 @@ impl Reply {
         (self.model.tokenizer.decode(&ids), lp)
     }
 
-    fn logprobs_json(&mut self, lp: &Logprobs) -> Value {
+    fn logprobs_json(&self, lp: &Logprobs, offset: usize) -> Value {
         if lp.is_empty() {
             return Value::Null;
         }
         match self.endpoint {
             Endpoint::Chat => lp.chat_json(&self.model.tokenizer),
-            Endpoint::Completion => lp.completion_json(&self.model.tokenizer, self.offset),
+            Endpoint::Completion => lp.completion_json(&self.model.tokenizer, offset),
         }
     }
 
-    /// One streamed chunk: `text` and its tokens' logprobs, `finish` on the last.
-    fn chunk(&mut self, text: &str, lp: &Logprobs, finish: Option<FinishReason>, first: bool) -> Value {
-        let logprobs = self.logprobs_json(lp);
-        self.offset += text.len();
+    /// One streamed chunk of choice `index`: `text` and its tokens' logprobs, `finish` on its
+    /// last.
+    fn chunk(&mut self, index: usize, text: &str, lp: &Logprobs, finish: Option<FinishReason>, first: bool) -> Value {
+        let logprobs = self.logprobs_json(lp, self.offsets[index]);
+        self.offsets[index] += text.len();
         let finish = finish.map(FinishReason::as_str);
         let mut v = match self.endpoint {
             Endpoint::Chat => {
@@ -348,11 +354,11 @@ impl Reply {
                     (false, false) => json!({"content": text}),
                 };
                 json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model.name,
-                       "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+                       "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
             }
             Endpoint::Completion => json!({"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model.name,
-                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}),
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}),
         };
         if self.include_usage {
             v["usage"] = Value::Null;
@@ -367,19 +373,26 @@ impl Reply {
                "choices": [], "usage": openai::usage_json(usage), "kvgate": openai::kvgate_json(usage)})
     }
 
-    /// A whole (non-streamed) response.
-    fn whole(&mut self, text: &str, lp: &Logprobs, finish: FinishReason, usage: &Usage) -> Value {
-        let logprobs = self.logprobs_json(lp);
-        let choice = match self.endpoint {
-            Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                                     "logprobs": logprobs, "finish_reason": finish.as_str()}),
-            Endpoint::Completion => {
-                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str()})
-            }
-        };
+    /// A whole (non-streamed) response of every choice.
+    fn whole(&mut self, answers: &mut [Answer], usage: &Usage) -> Value {
+        let choices: Vec<Value> = answers
+            .iter()
+            .enumerate()
+            .map(|(index, a)| {
+                let logprobs = self.logprobs_json(&a.lp, 0);
+                let finish = a.finish.map(|f| f.0.as_str());
+                match self.endpoint {
+                    Endpoint::Chat => json!({"index": index, "message": {"role": "assistant", "content": a.text},
+                                             "logprobs": logprobs, "finish_reason": finish}),
+                    Endpoint::Completion => {
+                        json!({"index": index, "text": a.text, "logprobs": logprobs, "finish_reason": finish})
+                    }
+                }
+            })
+            .collect();
         let object = if self.endpoint == Endpoint::Chat { "chat.completion" } else { "text_completion" };
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model.name,
-               "choices": [choice], "usage": openai::usage_json(usage), "kvgate": openai::kvgate_json(usage)})
+               "choices": choices, "usage": openai::usage_json(usage), "kvgate": openai::kvgate_json(usage)})
     }
 }
 
@@ -388,27 +401,63 @@ async fn collect_events(
     mut events: mpsc::UnboundedReceiver<Event>,
     mut tracker: InFlight,
 ) -> Result<Response<Body>, ApiError> {
-    let mut text = String::new();
-    let mut lp = reply.logprobs();
+    let mut choices: Vec<Answer> = (0..reply.n).map(|_| Answer::new(&reply)).collect();
+    let mut done = 0;
     while let Some(event) = events.recv().await {
         match event {
-            Event::Prompt(tokens) => (text, lp) = reply.prompt(&tokens),
-            Event::Token(t) => {
+            Event::Prompt(tokens) => {
+                // Echo comes with one choice only (the API refuses `echo` with `n` > 1).
+                let (text, lp) = reply.prompt(&tokens);
+                choices[0].text = text;
+                choices[0].lp = lp;
+            }
+            Event::Token { index, token } => {
                 tracker.token();
-                text.push_str(&t.text);
-                if let Some(l) = t.logprob {
-                    lp.push(l);
+                let a = &mut choices[index];
+                a.text.push_str(&token.text);
+                if let Some(l) = token.logprob {
+                    a.lp.push(l);
                 }
             }
-            Event::Done { text: rest, finish_reason, usage } => {
-                text.push_str(&rest);
-                tracker.done(finish_reason, &usage);
-                return Ok(json_response(StatusCode::OK, &reply.whole(&text, &lp, finish_reason, &usage)));
+            Event::Done { index, text, finish_reason, usage } => {
+                let a = &mut choices[index];
+                a.text.push_str(&text);
+                a.finish = Some((finish_reason, usage));
+                done += 1;
+                if done == choices.len() {
+                    let usage = total_usage(choices.iter().filter_map(|a| a.finish.map(|f| f.1)));
+                    tracker.done(finish_reason, &usage);
+                    return Ok(json_response(StatusCode::OK, &reply.whole(&mut choices, &usage)));
+                }
             }
             Event::Error(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::internal("the engine dropped the request"))
+    Err(ApiError::internal("the scheduler dropped the request"))
+}
+
+/// One choice of a whole response, as it accumulates.
+struct Answer {
+    text: String,
+    lp: Logprobs,
+    finish: Option<(FinishReason, Usage)>,
+}
+
+impl Answer {
+    fn new(reply: &Reply) -> Self {
+        Self { text: String::new(), lp: reply.logprobs(), finish: None }
+    }
+}
+
+/// The usage of a request from its choices': one prompt, every choice's completion tokens.
+fn total_usage(choices: impl Iterator<Item = Usage>) -> Usage {
+    choices
+        .reduce(|mut a, b| {
+            a.completion_tokens += b.completion_tokens;
+            a.decode_seconds = a.decode_seconds.max(b.decode_seconds);
+            a
+        })
+        .unwrap_or_default()
 }
 
 async fn stream_events(
@@ -418,37 +467,46 @@ async fn stream_events(
     mut tracker: InFlight,
 ) {
     let send = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
-    let mut first = true;
+    let mut first = vec![true; reply.n];
+    let mut finished: Vec<Usage> = Vec::new();
     while let Some(event) = events.recv().await {
         let frames = match event {
             Event::Prompt(tokens) => {
                 let (text, lp) = reply.prompt(&tokens);
-                let chunk = reply.chunk(&text, &lp, None, first);
-                first = false;
+                let chunk = reply.chunk(0, &text, &lp, None, first[0]);
+                first[0] = false;
                 vec![send(&chunk)]
             }
-            Event::Token(t) => {
+            Event::Token { index, token } => {
                 tracker.token();
                 let mut lp = reply.logprobs();
-                if let Some(l) = t.logprob {
+                if let Some(l) = token.logprob {
                     lp.push(l);
                 }
-                if t.text.is_empty() && lp.is_empty() && !first {
+                if token.text.is_empty() && lp.is_empty() && !first[index] {
                     continue;
                 }
-                let chunk = reply.chunk(&t.text, &lp, None, first);
-                first = false;
+                let chunk = reply.chunk(index, &token.text, &lp, None, first[index]);
+                first[index] = false;
                 vec![send(&chunk)]
             }
-            Event::Done { text, finish_reason, usage } => {
-                tracker.done(finish_reason, &usage);
-                let mut last = reply.chunk(&text, &reply.logprobs(), Some(finish_reason), first);
-                last["kvgate"] = openai::kvgate_json(&usage);
-                let mut frames = vec![send(&last)];
-                if reply.include_usage {
-                    frames.push(send(&reply.usage_chunk(&usage)));
+            Event::Done { index, text, finish_reason, usage } => {
+                finished.push(usage);
+                let mut last = reply.chunk(index, &text, &reply.logprobs(), Some(finish_reason), first[index]);
+                first[index] = false;
+                let mut frames = Vec::new();
+                if finished.len() == reply.n {
+                    let usage = total_usage(finished.iter().copied());
+                    tracker.done(finish_reason, &usage);
+                    last["kvgate"] = openai::kvgate_json(&usage);
+                    frames.push(send(&last));
+                    if reply.include_usage {
+                        frames.push(send(&reply.usage_chunk(&usage)));
+                    }
+                    frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                } else {
+                    frames.push(send(&last));
                 }
-                frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
                 frames
             }
             Event::Error(e) => {
@@ -458,7 +516,7 @@ async fn stream_events(
         };
         for f in frames {
             if tx.send(f).await.is_err() {
-                return; // client gone: dropping `events` tells the engine to stop
+                return; // client gone: dropping `events` tells the scheduler to stop
             }
         }
     }

@@ -9,10 +9,14 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use crate::engine::{ChatMessage, GenerateRequest, Prompt, SamplingParams, TokenLogprob, Tokenizer, Usage};
+use crate::engine::{ChatMessage, SamplingParams, TokenLogprob, Tokenizer};
+use crate::scheduler::{GenerateRequest, Prompt, Usage};
 
 /// Largest `top_logprobs` / `logprobs` accepted (vLLM's default limit).
 const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Most choices one request may ask for (`n`): they share one prefill, each decodes.
+const MAX_CHOICES: usize = 16;
 
 /// Fields shared by both endpoints.
 #[derive(Debug, Deserialize)]
@@ -137,8 +141,13 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
             return Err(ApiError::model_not_found(model, served_model));
         }
     }
-    if common.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("n", "only `n: 1` is supported"));
+    let n = match common.n {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+        Some(n) => return Err(ApiError::invalid("n", format!("`n` must be between 1 and {MAX_CHOICES}, got {n}"))),
+    };
+    if echo && n > 1 {
+        return Err(ApiError::invalid("n", "`echo` is supported with `n: 1` only"));
     }
     let max_tokens = match common.max_completion_tokens.or(common.max_tokens) {
         None => None,
@@ -193,6 +202,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
             logprobs,
             echo,
             score_from: kv.score_from.unwrap_or(1),
+            n,
             store: kv.store.unwrap_or(true),
             ignore_eos: common.ignore_eos,
             cache_mode,
@@ -498,7 +508,8 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#, "temperature"),
             (r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#, "top_p"),
             (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "n"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"n":0}"#, "n"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"n":17}"#, "n"),
             (r#"{"messages":[{"role":"user","content":"x"}],"stop":7}"#, "stop"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":50}"#, "top_logprobs"),
             (

@@ -8,9 +8,12 @@
 //!   agent turns, memory.
 //! - [`store`] times loading a chunk from each store tier against recomputing it.
 //! - [`policies`] measures the policy plugins: call overhead, chunking and eviction hit rates.
+//! - [`load`] runs many streaming clients at once against any OpenAI-compatible server:
+//!   TTFT, inter-token latency and throughput per concurrency.
 
 pub mod client;
 pub mod denoise;
+pub mod load;
 pub mod oracle;
 pub mod policies;
 pub mod quality;
@@ -31,6 +34,8 @@ pub struct EngineFigures {
     pub decode_tok_s: f64,
     pub decode_context: usize,
     pub decode_tokens: usize,
+    /// (sequences, total tokens per second) of batched decode steps, best of the repetitions.
+    pub batched_decode: Vec<(usize, f64)>,
 }
 
 /// A deterministic prompt of `n` ordinary tokens (no specials).
@@ -76,5 +81,33 @@ pub fn engine(m: &LoadedModel, lengths: &[usize], reps: usize, decode_tokens: us
         }
         decode_tok_s = decode_tok_s.max(decode_tokens as f64 / t.elapsed().as_secs_f64());
     }
-    Ok(EngineFigures { prefill, decode_tok_s, decode_context: ctx, decode_tokens })
+    // The scheduler's decode: every running sequence one token per step, in one batch.
+    let mut batched_decode = Vec::new();
+    for b in [1, 2, 4, 8, 16] {
+        let mut best = 0f64;
+        for _ in 0..reps.max(1) {
+            let mut caches: Vec<crate::engine::KvCache> = Vec::new();
+            let mut next = Vec::new();
+            for s in 0..b {
+                let mut cache = m.model.new_cache();
+                // Sequences differ (a token of their own), as a server's do.
+                let mut own = ids.clone();
+                own[ctx - 1] = ids[s % ctx];
+                let logits = m.model.forward(&own, &pos, &mut cache, &LogitsFor::Last, false)?.logits;
+                next.push(sampling::argmax(&logits));
+                caches.push(cache);
+            }
+            let vocab = m.model.config().vocab;
+            let t = Instant::now();
+            for i in 0..decode_tokens {
+                let positions = vec![(ctx + i) as u32; b];
+                let mut refs: Vec<&mut crate::engine::KvCache> = caches.iter_mut().collect();
+                let logits = m.model.decode_batch(&next, &positions, &mut refs)?;
+                next = logits.chunks_exact(vocab).map(sampling::argmax).collect();
+            }
+            best = best.max((b * decode_tokens) as f64 / t.elapsed().as_secs_f64());
+        }
+        batched_decode.push((b, best));
+    }
+    Ok(EngineFigures { prefill, decode_tok_s, decode_context: ctx, decode_tokens, batched_decode })
 }

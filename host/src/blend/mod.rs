@@ -24,18 +24,20 @@
 //! context (pre-RoPE K and the policy's element type for compose; rotated f32 for prefix).
 //!
 //! - [`chunk`]: cutting prompts into chunks, chunk keys.
-//! - [`select`]: the recompute selection (top deviation).
-//! - [`compose`] and [`prefix`]: the two reusing modes.
+//! - [`select`]: the recompute selection (attention, then top deviation).
+//! - [`task`]: a prefill in any mode as resumable work ([`Prefilling`]), so the scheduler can
+//!   run it a slice at a time between decode steps.
 
 pub mod chunk;
-mod compose;
-mod prefix;
 pub mod select;
+mod task;
+
+pub use task::Prefilling;
 
 use std::ops::Range;
 use std::time::Instant;
 
-use crate::engine::{EngineError, KvCache, Model, Weights};
+use crate::engine::{EngineError, KvCache, Model};
 use crate::store::{ChunkKv, ChunkStore};
 
 /// How a request may use the chunk cache.
@@ -205,7 +207,7 @@ pub fn prefill(
     prefill_with(model, &input, mode, opts, store, &BuiltinPolicy { chunk_head_tokens: opts.chunk_head_tokens })
 }
 
-/// Prefills a prompt in `mode`, cutting and selecting through `policy`.
+/// Prefills a prompt in `mode`, cutting and selecting through `policy`, in one go.
 pub fn prefill_with(
     model: &Model,
     prompt: &CutInput,
@@ -214,38 +216,16 @@ pub fn prefill_with(
     store: &dyn ChunkStore,
     policy: &dyn Policy,
 ) -> Result<Prefill, EngineError> {
-    if prompt.ids.is_empty() {
-        return Err(EngineError::EmptyPrompt);
+    let mut task = Prefilling::new(model, prompt, mode, opts);
+    loop {
+        if let Some(done) = task.step(model, store, policy, usize::MAX)? {
+            return Ok(done);
+        }
     }
-    match mode {
-        CacheMode::Off => full(model, prompt.ids),
-        CacheMode::Prefix => prefix::prefill(model, prompt, store, policy),
-        CacheMode::Compose => compose::prefill(model, prompt, opts, store, policy),
-    }
-}
-
-fn full(model: &Model, ids: &[u32]) -> Result<Prefill, EngineError> {
-    let started = Instant::now();
-    let positions: Vec<u32> = (0..ids.len() as u32).collect();
-    let mut cache = model.new_cache();
-    let logits = extend(model, ids, &positions, &mut cache)?;
-    let timings = Timings { compute_us: micros(started), ..Default::default() };
-    let report = ReuseReport { computed_tokens: ids.len(), timings, ..Default::default() };
-    Ok(Prefill { cache, logits, report })
 }
 
 fn micros(since: Instant) -> u64 {
     since.elapsed().as_micros() as u64
-}
-
-/// Prefills `ids` at `positions` after what `cache` holds, with the f32 weights whatever the
-/// count (so a short remainder after a reused prefix computes exactly what a full prefill
-/// would); returns the last token's logits.
-fn extend(model: &Model, ids: &[u32], positions: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
-    let mut x = model.embed(ids, positions)?;
-    let rows: Vec<usize> = cache.push_rows(positions).collect();
-    model.run_layers(0..model.config().layers, &mut x, positions, &rows, cache, Weights::F32)?;
-    model.logits(&x, &[ids.len() - 1])
 }
 
 /// Writes the stored chunk's rows `from..` into cache rows `rows` (which sit at their own

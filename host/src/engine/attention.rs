@@ -149,6 +149,17 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The element at `i` (a method, so that closures capture the whole `Send` wrapper).
+    ///
+    /// # Safety
+    /// `i` must be inside the output, in a region only the calling task writes.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// `dst = scale · lhs · rhs` for row-major `dst` (m × n, rows `dst_rs` apart) and `lhs`
 /// (m × k, rows `lhs_rs` apart); `rhs` element (i, j) is at `rhs[i · rhs_rs + j · rhs_cs]`,
 /// so a transposed operand is just other strides. The one shape of gemm call kvgate makes.
@@ -227,7 +238,6 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
     // rows), so gemm sees the same shapes, picks the same kernels and sums in the same order
     // for a row whatever else is in the batch: see QUERY_BLOCK.
     let block = |bufs: &mut BlockBuffers, task: usize| {
-        let out_ptr = out_ptr;
         let (h, b) = (task / blocks, task % blocks);
         let g = h / group;
         let r0 = b * QUERY_BLOCK;
@@ -238,7 +248,7 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
         if kend == 0 {
             for r in r0..r1 {
                 // SAFETY: row r, head h belongs to this task only; in bounds by the asserts.
-                unsafe { std::ptr::write_bytes(out_ptr.0.add(r * q_stride + h * hd), 0, hd) };
+                unsafe { std::ptr::write_bytes(out_ptr.at(r * q_stride + h * hd), 0, hd) };
             }
             return;
         }
@@ -300,7 +310,7 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
         }
         for i in 0..rows {
             // SAFETY: row r0 + i, head h belongs to this task only; in bounds by the asserts.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add((r0 + i) * q_stride + h * hd), hd) };
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.at((r0 + i) * q_stride + h * hd), hd) };
             o.copy_from_slice(&out_pad[i * hd..(i + 1) * hd]);
         }
     };
@@ -308,35 +318,73 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
     if decode && n <= VECTOR_MAX_ROWS {
         // Decode: a handful of query rows. gemm pads such thin products to its tile size, so
         // plain dot products are several times faster here.
-        let row_task = |scores: &mut Vec<f32>, task: usize| {
-            let out_ptr = out_ptr;
-            let (i, h) = (task / q_heads, task % q_heads);
-            let g = h / group;
-            let qp = q_pos[i];
-            let lim = if keys.sorted { keys.positions.partition_point(|&p| p <= qp) } else { t };
-            let qh = &q[i * q_stride + h * hd..][..hd];
-            let k = &keys.k[g * hd..];
-            let v = &keys.v[g * hd..];
-            // SAFETY: row i, head h belongs to this task only; in bounds by the asserts.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(i * q_stride + h * hd), hd) };
-            let visible = |j: usize| keys.sorted || keys.positions[j] <= qp;
-            match hd {
-                64 => attend_one::<64>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
-                128 => attend_one::<128>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
-                _ => attend_one_dyn(qh, k, v, kv_stride, lim, scale, visible, scores, o),
-            }
-        };
-        // Decode runs between candle's quantized matmuls, whose barrier-pool workers are
-        // still spinning: handing them the heads costs nothing, waking rayon would.
+        // Decode runs between the Q8_0 matmuls, whose barrier-pool workers are still
+        // spinning: handing them the heads costs nothing, waking rayon would.
         candle_core::utils::barrier_pool().execute_chunked(n * q_heads, |tasks| {
             let mut scores = Vec::new();
-            tasks.for_each(|task| row_task(&mut scores, task));
+            tasks.for_each(|task| {
+                let (i, h) = (task / q_heads, task % q_heads);
+                // SAFETY: row i, head h belongs to this task only; in bounds by the asserts.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(i * q_stride + h * hd), hd) };
+                decode_head(heads, &q[i * q_stride..][..q_stride], q_pos[i], keys, h, &mut scores, o);
+            });
         });
     } else if n * t < SEQUENTIAL_MAX_WORK {
         let mut bufs = BlockBuffers::default();
         (0..tasks).for_each(|task| block(&mut bufs, task));
     } else {
         (0..tasks).into_par_iter().for_each_init(BlockBuffers::default, block);
+    }
+}
+
+/// One decode query per sequence, each against its own keys (`keys[i]` for row `i` of `q`,
+/// at `q_pos[i]`): the heads of every sequence in one dispatch to the pool. Each row's result
+/// is exactly what [`attention`] computes for it alone in decode.
+pub fn attention_decode_batch(heads: Heads, q: &[f32], q_pos: &[u32], keys: &[Keys<'_>], out: &mut [f32]) {
+    let Heads { q_heads, head_dim: hd, .. } = heads;
+    let q_stride = q_heads * hd;
+    let n = q_pos.len();
+    assert_eq!(q.len(), n * q_stride);
+    assert_eq!(out.len(), n * q_stride);
+    assert_eq!(keys.len(), n);
+    for k in keys {
+        let kv_stride = heads.kv_heads * hd;
+        assert_eq!(k.k.len(), k.positions.len() * kv_stride);
+        assert_eq!(k.v.len(), k.positions.len() * kv_stride);
+    }
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n * q_heads, |tasks| {
+        let mut scores = Vec::new();
+        tasks.for_each(|task| {
+            let (i, h) = (task / q_heads, task % q_heads);
+            // SAFETY: row i, head h belongs to this task only; in bounds by the asserts.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(i * q_stride + h * hd), hd) };
+            decode_head(heads, &q[i * q_stride..][..q_stride], q_pos[i], &keys[i], h, &mut scores, o);
+        });
+    });
+}
+
+/// Head `h` of one decode query row `q` (all heads) at `qp` against `keys`, into `o`.
+fn decode_head(heads: Heads, q: &[f32], qp: u32, keys: &Keys<'_>, h: usize, scores: &mut Vec<f32>, o: &mut [f32]) {
+    let Heads { q_heads, kv_heads, head_dim: hd } = heads;
+    let (kv_stride, g) = (kv_heads * hd, h / (q_heads / kv_heads));
+    let scale = 1.0 / (hd as f32).sqrt();
+    let t = keys.positions.len();
+    let lim = if keys.sorted { keys.positions.partition_point(|&p| p <= qp) } else { t };
+    let qh = &q[h * hd..][..hd];
+    let (k, v) = (&keys.k[g * hd..], &keys.v[g * hd..]);
+    let visible = |j: usize| keys.sorted || keys.positions[j] <= qp;
+    #[cfg(target_arch = "x86_64")]
+    if hd == 64 && *HAS_AVX512 {
+        // SAFETY: the CPU has AVX-512F (checked); keys 0..lim lie within k and v (lim ≤ t
+        // rows of kv_stride, head g's 64 values at g · 64 inside each row).
+        unsafe { attend_one_avx512(qh, k, v, kv_stride, lim, scale, visible, scores, o) };
+        return;
+    }
+    match hd {
+        64 => attend_one::<64>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+        128 => attend_one::<128>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+        _ => attend_one_dyn(qh, k, v, kv_stride, lim, scale, visible, scores, o),
     }
 }
 
@@ -385,6 +433,62 @@ fn attend_one<const HD: usize>(
         }
     }
     out.copy_from_slice(&acc);
+}
+
+/// Whether this CPU runs [`attend_one_avx512`].
+#[cfg(target_arch = "x86_64")]
+static HAS_AVX512: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::arch::is_x86_feature_detected!("avx512f"));
+
+/// [`attend_one`] for head dim 64 on AVX-512: a key's dot product in four registers and one
+/// reduction (the portable form's halving sums spill to the stack), the weighted sum of V in
+/// four accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_one_avx512(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    lim: usize,
+    scale: f32,
+    visible: impl Fn(usize) -> bool,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    assert!(q.len() == 64 && out.len() == 64);
+    assert!(lim == 0 || ((lim - 1) * stride + 64 <= k.len() && (lim - 1) * stride + 64 <= v.len()));
+    scores.clear();
+    scores.resize(lim, 0.0);
+    // SAFETY: the caller checked the CPU; every row read is inside k / v (asserted above).
+    unsafe {
+        let qv = [0, 16, 32, 48].map(|d| _mm512_loadu_ps(q.as_ptr().add(d)));
+        for (j, s) in scores.iter_mut().enumerate() {
+            if !visible(j) {
+                *s = f32::NEG_INFINITY;
+                continue;
+            }
+            let kr = k.as_ptr().add(j * stride);
+            let mut a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+            a = _mm512_fmadd_ps(qv[1], _mm512_loadu_ps(kr.add(16)), a);
+            a = _mm512_fmadd_ps(qv[2], _mm512_loadu_ps(kr.add(32)), a);
+            a = _mm512_fmadd_ps(qv[3], _mm512_loadu_ps(kr.add(48)), a);
+            *s = _mm512_reduce_add_ps(a) * scale;
+        }
+        softmax_prefix(scores, lim);
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for (j, &p) in scores.iter().enumerate() {
+            let (vr, pv) = (v.as_ptr().add(j * stride), _mm512_set1_ps(p));
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vr.add(16 * c)), *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *a);
+        }
+    }
 }
 
 /// [`attend_one`] for head dims without a specialisation.
@@ -589,6 +693,34 @@ mod tests {
             let want = naive(heads, &q, &q_pos, &k2, &v2, &k_pos);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "sorted={sorted}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod gemm_rows_tests {
+    use super::*;
+
+    /// The property batch invariance rests on: a row's product does not depend on how many
+    /// rows share the gemm call — except a lone row, which gemm multiplies on a matrix-vector
+    /// path (the linear layers never hand it one: see `Linear::forward`). Checked on the
+    /// default model's linear shapes (in × out: QKV, output, gate+up, down).
+    #[test]
+    fn a_rows_product_does_not_depend_on_the_row_count_but_for_one_row() {
+        let rows = 40;
+        for (k, n) in [(576usize, 960usize), (576, 576), (576, 3072), (1536, 576)] {
+            let lhs: Vec<f32> = (0..rows * k).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
+            let rhs: Vec<f32> = (0..n * k).map(|i| (i * 104729 % 997) as f32 / 498.0 - 1.0).collect();
+            let run = |m: usize| {
+                let mut out = vec![0f32; m * n];
+                // SAFETY: lhs is m × k (m ≤ rows), rhs is n × k read as its transpose, out is m × n.
+                unsafe { gemm_rows((m, n, k), out.as_mut_ptr(), n, lhs.as_ptr(), k, rhs.as_ptr(), (1, k), 1.0, 2) };
+                out
+            };
+            let full = run(rows);
+            for m in 2..rows {
+                assert!(run(m)[..] == full[..m * n], "{k} × {n}: {m} rows");
             }
         }
     }

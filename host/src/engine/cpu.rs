@@ -1,9 +1,10 @@
 //! What the inference kernels run with on this CPU.
 //!
 //! Logits of two machines of the same kind can differ in their last bits when their CPUs
-//! differ: gemm picks its microkernels at run time, candle's quantized kernels are chosen at
-//! compile time (`target-cpu=native`, `.cargo/config.toml`). A failure report that says which
-//! paths ran is one that can be reproduced. `kvgate info` prints this; `make test` prints it
+//! differ: gemm picks its microkernels at run time, and so does kvgate's Q8_0 decode kernel
+//! (`engine::q8`); the binary is compiled for the CPU it was built on (`target-cpu=native`,
+//! `.cargo/config.toml`). A failure report that says which paths ran is one that can be
+//! reproduced. `kvgate info` prints this; `make test` prints it
 //! once before the tests.
 
 /// The CPU and the SIMD paths the kernels take on it.
@@ -19,7 +20,7 @@ pub struct CpuReport {
     pub compiled: Vec<&'static str>,
     /// gemm's f32 microkernels (prefill linear layers, attention blocks).
     pub gemm: &'static str,
-    /// candle's quantized dot products (Q8_0 decode).
+    /// The int8 dot products of Q8_0 decode.
     pub quantized: &'static str,
 }
 
@@ -60,13 +61,7 @@ pub fn report() -> CpuReport {
         (false, true) => "baseline SSE microkernels",
         (false, false) => "the architecture's default microkernels",
     };
-    let quantized = if cfg!(target_feature = "avx2") {
-        "AVX2 (compiled in)"
-    } else if cfg!(target_feature = "avx") {
-        "AVX (compiled in)"
-    } else {
-        "portable scalar code"
-    };
+    let quantized = super::q8::Kernel::detect().name();
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -86,7 +81,7 @@ impl std::fmt::Display for CpuReport {
         writeln!(f, "detected:          {}", self.detected.join(" "))?;
         writeln!(f, "compiled for:      {}", self.compiled.join(" "))?;
         writeln!(f, "gemm (f32):        {}", self.gemm)?;
-        write!(f, "candle quantized:  {}", self.quantized)
+        write!(f, "Q8_0 decode:       {}", self.quantized)
     }
 }
 

@@ -1,26 +1,26 @@
-//! The inference core: model, tokenizer, chat template, sampling and the request worker.
+//! The inference core: model, tokenizer, chat template, sampling.
 //!
-//! Owns everything between "a request was accepted" and "tokens come out": tokenizing,
-//! the forward pass, generation, stop conditions. Runs on its own threads, fed by a
-//! bounded queue; it never awaits and never sees hyper. Results go back over a tokio
-//! channel whose sender never blocks.
+//! Owns turning text into tokens and tokens into logits: the GGUF model and its forward (one
+//! prompt, a batch of decode steps, a read-only scoring pass), the tokenizer, the chat
+//! template, sampling. Knows no cache store, no plugins, no HTTP and no scheduling (the
+//! `scheduler` decides what runs; `blend` drives prefills). It never awaits.
 //!
 //! Layout:
 //! - [`model`]: GGUF loading and our llama forward (explicit positions, caller-owned KV).
 //! - [`attention`]: RoPE at any position and blocked, position-masked attention.
+//! - [`q8`]: Q8_0 matrix products on int8 dot products (decode).
 //! - [`cpu`]: which SIMD paths the kernels take on this CPU (`kvgate info`).
 //! - [`tokenizer`]: byte-level BPE from GGUF metadata, streaming detokenizer.
 //! - [`template`]: the GGUF chat template.
 //! - [`sampling`]: greedy / temperature / top-k / top-p, log-probabilities.
-//! - [`worker`]: the queue and the generation loop.
 
 pub mod attention;
 pub mod cpu;
 pub mod model;
+pub mod q8;
 pub mod sampling;
 pub mod template;
 pub mod tokenizer;
-pub mod worker;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,9 +29,6 @@ pub use model::{ForwardOutput, KvCache, LogitsFor, Model, ModelConfig, Weights};
 pub use sampling::{SamplingParams, TokenLogprob};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::Tokenizer;
-pub use worker::{
-    Engine, EngineOptions, EngineStats, Event, FinishReason, GenerateRequest, Prompt, PromptToken, TokenEvent, Usage,
-};
 
 /// What can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]

@@ -14,12 +14,13 @@
 use std::fs::File;
 use std::path::Path;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
-use candle_core::{Device, Module, Storage, Tensor};
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Storage, Tensor};
 use sha2::{Digest, Sha256};
 
 use super::EngineError;
 use super::attention::{self, Heads, Keys, Rope};
+use super::q8::Q8Matrix;
 use super::sampling::{self, TokenLogprob};
 
 /// `Model::forward` batches of at most this many rows (decode steps) use the Q8_0 weights;
@@ -118,13 +119,14 @@ fn get<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value
 struct Linear {
     /// For prefill-sized batches.
     f32: Tensor,
-    /// For decode-sized batches.
-    q8: QMatMul,
+    /// For decode-sized batches: int8 dot products (see [`super::q8`]).
+    q8: Q8Matrix,
 }
 
 impl Linear {
     fn new(w: Tensor) -> Result<Self, EngineError> {
-        let q8 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+        let (out_dim, in_dim) = w.dims2()?;
+        let q8 = with_slice(&w, |v| Q8Matrix::quantize(v, out_dim, in_dim))?.map_err(EngineError::Model)?;
         Ok(Self { f32: w, q8 })
     }
 
@@ -133,27 +135,45 @@ impl Linear {
     /// The f32 path calls gemm straight into `THREAD_OUT`, a buffer reused across calls:
     /// prefill-sized outputs are tens of MB, and fresh ones cost page faults every layer.
     fn forward<R>(&self, x: &[f32], rows: usize, w: Weights, f: impl FnOnce(&[f32]) -> R) -> Result<R, EngineError> {
-        if w == Weights::Q8 {
-            let x = Tensor::from_slice(x, (rows, x.len() / rows), &Device::Cpu)?;
-            return with_slice(&self.q8.forward(&x)?, f);
-        }
-        let (out_dim, in_dim) = self.f32.dims2()?;
-        if x.len() != rows * in_dim {
-            return Err(EngineError::Internal(format!("linear: {} inputs for {rows} × {in_dim}", x.len())));
-        }
         thread_local! {
             static THREAD_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        let (out_dim, in_dim) = self.f32.dims2()?;
+        if w == Weights::Q8 {
+            if x.len() != rows * in_dim {
+                return Err(EngineError::Internal(format!("linear: {} inputs for {rows} × {in_dim}", x.len())));
+            }
+            return Ok(THREAD_OUT.with(|cell| {
+                let mut out = cell.borrow_mut();
+                out.resize(rows * out_dim, 0.0);
+                self.q8.matmul(x, rows, &mut out);
+                f(&out)
+            }));
+        }
+        if x.len() != rows * in_dim {
+            return Err(EngineError::Internal(format!("linear: {} inputs for {rows} × {in_dim}", x.len())));
+        }
+        // gemm takes a matrix-vector path for a single row, which sums in another order: a lone
+        // row is multiplied as two (itself twice), so that a row's result never depends on how
+        // many rows share the call (measured: every other count agrees bit for bit).
+        let doubled;
+        let (x, m) = match rows {
+            1 => {
+                doubled = [x, x].concat();
+                (doubled.as_slice(), 2)
+            }
+            _ => (x, rows),
+        };
         let threads = candle_core::utils::get_num_threads();
         with_slice(&self.f32, |w| {
             THREAD_OUT.with(|cell| {
                 let mut out = cell.borrow_mut();
-                out.resize(rows * out_dim, 0.0);
+                out.resize(m * out_dim, 0.0);
                 // SAFETY: x is rows × in_dim, w is out_dim × in_dim (read as its transpose),
                 // out is rows × out_dim, all row-major and checked above.
                 unsafe {
                     attention::gemm_rows(
-                        (rows, out_dim, in_dim),
+                        (m, out_dim, in_dim),
                         out.as_mut_ptr(),
                         out_dim,
                         x.as_ptr(),
@@ -164,7 +184,7 @@ impl Linear {
                         threads,
                     );
                 }
-                f(&out)
+                f(&out[..rows * out_dim])
             })
         })
     }
@@ -464,6 +484,71 @@ impl Model {
             }
         }
         Ok(out)
+    }
+
+    /// One decode step of several sequences at once: `tokens[i]` at `positions[i]` is appended
+    /// to `caches[i]`; returns `tokens.len() × vocab` logits. The linear layers multiply every
+    /// row in one pass over the Q8_0 weights (decode is memory-bound: the weights are read
+    /// once for the whole batch); attention runs per sequence over its own cache, all heads of
+    /// all sequences in one dispatch. A row's
+    /// result does not depend on the other rows — the quantized matmul quantizes and dots each
+    /// row on its own, and logits are always Q8_0 here — so a sequence decodes the same alone
+    /// or in any batch.
+    pub fn decode_batch(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<f32>, EngineError> {
+        let cfg = &self.cfg;
+        let (hidden, kv_dim, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
+        let b = tokens.len();
+        if positions.len() != b || caches.len() != b {
+            return Err(EngineError::Internal("decode_batch: tokens, positions and caches differ in number".into()));
+        }
+        let mut x = self.embed(tokens, positions)?;
+        let rows: Vec<usize> = caches.iter_mut().zip(positions).map(|(c, &p)| c.push_rows(&[p]).start).collect();
+        let sorted: Vec<bool> = caches.iter().map(|c| c.sorted()).collect();
+        let (mut h, mut q, mut k) = (vec![0f32; b * hidden], vec![0f32; b * hidden], vec![0f32; b * kv_dim]);
+        let mut attn = vec![0f32; b * hidden];
+        let mut act = vec![0f32; b * ffn];
+        let row = hidden + 2 * kv_dim;
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, cfg.rms_eps, &mut h);
+            layer.qkv.forward(&h, b, Weights::Q8, |qkv| {
+                for (i, r) in qkv.chunks_exact(row).enumerate() {
+                    q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
+                    k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
+                    let v = &mut caches[i].layers[l].v;
+                    v[rows[i] * kv_dim..(rows[i] + 1) * kv_dim].copy_from_slice(&r[hidden + kv_dim..]);
+                }
+            })?;
+            self.rope.rotate(&mut q, positions, 1.0);
+            self.rope.rotate(&mut k, positions, 1.0);
+            for i in 0..b {
+                caches[i].layers[l].k[rows[i] * kv_dim..(rows[i] + 1) * kv_dim]
+                    .copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
+            }
+            let keys: Vec<Keys> = caches
+                .iter()
+                .zip(&sorted)
+                .map(|(c, &sorted)| Keys { k: &c.layers[l].k, v: &c.layers[l].v, positions: &c.positions, sorted })
+                .collect();
+            attention::attention_decode_batch(cfg.heads(), &q, positions, &keys, &mut attn);
+            layer.out.forward(&attn, b, Weights::Q8, |o| add_assign(&mut x, o))?;
+            rms_norm(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
+            layer.gate_up.forward(&h, b, Weights::Q8, |gu| {
+                for (r, a) in gu.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
+                    let (gate, up) = r.split_at(ffn);
+                    for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+                        *a = g / (1.0 + attention::fast_exp(-g)) * u;
+                    }
+                }
+            })?;
+            layer.down.forward(&act, b, Weights::Q8, |d| add_assign(&mut x, d))?;
+        }
+        let all: Vec<usize> = (0..b).collect();
+        self.logits_with(&x, &all, Weights::Q8)
     }
 
     /// How much attention each cache row receives at `layer` from the tokens whose hidden

@@ -1,7 +1,8 @@
 //! Compositional reuse on the real model: splicing, rotation, selective recompute, modes.
 
 use kvgate::blend::{self, BlendOptions, CacheMode, Prefill};
-use kvgate::engine::{ChatMessage, Engine, EngineOptions, GenerateRequest, Prompt, SamplingParams, sampling};
+use kvgate::engine::{ChatMessage, sampling};
+use kvgate::scheduler::{Event, GenerateRequest, Prompt, Scheduler, SchedulerOptions};
 
 use kvgate::store::{Store, StoreOptions};
 
@@ -140,29 +141,21 @@ fn prefix_mode_reuses_the_longest_common_prefix_to_the_token() {
     assert_eq!(again.logits, off.logits);
 }
 
-/// Through the engine's queue, as the server runs it: the cache mode and budget per request.
+/// Through the scheduler, as the server runs it: the cache mode and budget per request.
 #[test]
-fn engine_reports_reuse_per_request() {
-    let engine = Engine::start(model(), EngineOptions::default(), std::sync::Arc::new(ram(1 << 30)), None);
+fn the_scheduler_reports_reuse_per_request() {
+    let scheduler = Scheduler::start(model(), SchedulerOptions::default(), std::sync::Arc::new(ram(1 << 30)), None);
     let ask = |order: &[usize], mode| {
         let req = GenerateRequest {
-            prompt: Prompt::Chat(rag(order, "What does Cargo do?")),
             max_tokens: Some(4),
-            sampling: SamplingParams { temperature: 0.0, ..Default::default() },
-            stop: vec![],
-            logprobs: None,
-            echo: false,
-            score_from: 1,
-            store: true,
-            ignore_eos: false,
             cache_mode: Some(mode),
-            recompute_budget: None,
+            ..GenerateRequest::new(Prompt::Chat(rag(order, "What does Cargo do?")))
         };
-        let mut rx = engine.submit(engine.prepare(req).unwrap()).unwrap();
+        let mut rx = scheduler.submit(scheduler.prepare(req).unwrap()).unwrap();
         loop {
             match rx.blocking_recv().unwrap() {
-                kvgate::engine::Event::Done { usage, .. } => return usage,
-                kvgate::engine::Event::Error(e) => panic!("{e}"),
+                Event::Done { usage, .. } => return usage,
+                Event::Error(e) => panic!("{e}"),
                 _ => {}
             }
         }

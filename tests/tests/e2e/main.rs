@@ -9,5 +9,6 @@ mod blend;
 mod engine;
 mod openai_python;
 mod plugins;
+mod scheduler;
 mod store;
 mod util;

@@ -1,0 +1,280 @@
+//! `kvgate bench load`: many clients at once, against any OpenAI-compatible server.
+//!
+//! At each concurrency C, C clients run closed loops — each sends a streaming chat request,
+//! reads it to the end, sends the next — over one shared list of prompts, until the list is
+//! used up. Per request it records when the first token arrived and the gap before every later
+//! one; per level, TTFT and inter-token latency percentiles, requests/s and output tokens/s
+//! over the level's wall time. The prompts are a RAG trace ([`super::trace`]) or short
+//! questions (decode throughput). Nothing in the requests is kvgate's own, so the same run
+//! measures llama.cpp's server or vLLM; the chunk store is flushed before each level when the
+//! server is kvgate (`flush`).
+
+use std::io::{BufRead, BufReader};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::trace::{self, Shape, TraceOptions};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Base URL of the server.
+    pub url: String,
+    /// Directory of .txt/.md/.html files (RAG traces).
+    pub corpus: Option<std::path::PathBuf>,
+    /// The trace, or `None` for short questions.
+    pub shape: Option<Shape>,
+    /// Concurrency levels.
+    pub clients: Vec<usize>,
+    /// Requests per level; 0: four per client, at least 16.
+    pub requests: usize,
+    pub max_tokens: usize,
+    /// Generate `max_tokens` whatever the model says (`ignore_eos`).
+    pub ignore_eos: bool,
+    /// Passages per RAG request, words per passage.
+    pub k: usize,
+    pub passage_words: usize,
+    pub seed: u64,
+    /// Empty kvgate's chunk store before each level.
+    pub flush: bool,
+    /// Extra headers on every request (e.g. `x-kvgate-cache: off`).
+    pub headers: Vec<(String, String)>,
+    /// Name of the configuration, for the report and plots.
+    pub label: String,
+}
+
+/// One request, as its client saw it.
+#[derive(Debug, Clone, Default)]
+struct Timed {
+    ttft_s: f64,
+    /// Gaps between successive token-carrying events, s.
+    gaps: Vec<f64>,
+    tokens: usize,
+}
+
+/// One concurrency level.
+#[derive(Debug, Clone, Serialize)]
+pub struct Level {
+    pub clients: usize,
+    pub requests: usize,
+    pub failed: usize,
+    pub wall_s: f64,
+    pub ttft_p50_s: f64,
+    pub ttft_p95_s: f64,
+    pub ttft_p99_s: f64,
+    pub itl_p50_s: f64,
+    pub itl_p99_s: f64,
+    pub requests_per_s: f64,
+    pub output_tokens_per_s: f64,
+    pub mean_prompt_chars: f64,
+    pub mean_output_tokens: f64,
+    /// The first failure's message, if any.
+    pub error: Option<String>,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub label: String,
+    pub url: String,
+    pub trace: String,
+    pub max_tokens: usize,
+    pub ignore_eos: bool,
+    pub levels: Vec<Level>,
+}
+
+/// Short questions, each different (a prefix cache cannot answer them): the decode shape.
+fn short_prompts(n: usize) -> Vec<Value> {
+    const TOPICS: [&str; 8] = ["rivers", "bridges", "owls", "glass", "tides", "maps", "bread", "comets"];
+    (0..n)
+        .map(|i| {
+            let question = format!("Tell me a story about {} number {i}.", TOPICS[i % TOPICS.len()]);
+            json!({"messages": [{"role": "user", "content": question}]})
+        })
+        .collect()
+}
+
+/// The value at quantile `q` (nearest rank) of `v`, sorted in place; 0 when empty.
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+/// Sends one streaming request and times its tokens.
+fn stream(o: &LoadOptions, body: &Value) -> anyhow::Result<Timed> {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(o.max_tokens);
+    body["temperature"] = json!(0);
+    body["stream_options"] = json!({"include_usage": true});
+    if o.ignore_eos {
+        body["ignore_eos"] = json!(true);
+    }
+    let mut req = ureq::post(&format!("{}/v1/chat/completions", o.url));
+    for (k, v) in &o.headers {
+        req = req.set(k, v);
+    }
+    let started = Instant::now();
+    let resp = req.send_string(&body.to_string()).map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
+    let mut timed = Timed::default();
+    let (mut last, mut events, mut usage) = (None::<Instant>, 0usize, None);
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data)?;
+        if v.get("error").is_some() {
+            anyhow::bail!("server error: {data}");
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            usage = Some(n as usize);
+        }
+        let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        if content.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        match last {
+            None => timed.ttft_s = (now - started).as_secs_f64(),
+            Some(t) => timed.gaps.push((now - t).as_secs_f64()),
+        }
+        last = Some(now);
+        events += 1;
+    }
+    if last.is_none() {
+        timed.ttft_s = started.elapsed().as_secs_f64();
+    }
+    timed.tokens = usage.unwrap_or(events);
+    Ok(timed)
+}
+
+/// Runs every level; `progress` hears what is running.
+pub fn run(o: &LoadOptions, progress: impl Fn(&str)) -> anyhow::Result<LoadReport> {
+    if o.clients.is_empty() || o.clients.contains(&0) {
+        anyhow::bail!("--clients needs one or more counts of at least 1");
+    }
+    let most = o.clients.iter().copied().max().unwrap_or(1);
+    let per_level = |c: usize| if o.requests > 0 { o.requests } else { (4 * c).max(16) };
+    let needed = o.clients.iter().map(|&c| per_level(c)).max().unwrap_or(16).max(most);
+    let bodies: Vec<Value> = match o.shape {
+        None => short_prompts(needed),
+        Some(shape) => {
+            let dir = o.corpus.as_ref().ok_or_else(|| anyhow::anyhow!("a RAG trace needs --corpus DIR"))?;
+            let passages = trace::passages(dir, o.passage_words)?;
+            let topts = TraceOptions { shape, k: o.k, pool: 40.min(passages.len()), zipf_s: 1.0, seed: o.seed };
+            trace::prompts(&passages, &topts, needed).into_iter().map(|r| r.body).collect()
+        }
+    };
+    let mut levels = Vec::new();
+    for &c in &o.clients {
+        if o.flush {
+            super::client::flush(&o.url)?;
+        }
+        let n = per_level(c);
+        progress(&format!("{c} clients, {n} requests"));
+        let next = AtomicUsize::new(0);
+        let done: Mutex<Vec<Result<Timed, String>>> = Mutex::new(Vec::new());
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..c {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        let r = stream(o, &bodies[i]).map_err(|e| format!("{e:#}"));
+                        done.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                    }
+                });
+            }
+        });
+        let wall_s = started.elapsed().as_secs_f64();
+        let results = done.into_inner().unwrap_or_else(|p| p.into_inner());
+        let error = results.iter().find_map(|r| r.as_ref().err().cloned());
+        let ok: Vec<Timed> = results.into_iter().filter_map(Result::ok).collect();
+        let mut ttft: Vec<f64> = ok.iter().map(|t| t.ttft_s).collect();
+        let mut gaps: Vec<f64> = ok.iter().flat_map(|t| t.gaps.iter().copied()).collect();
+        let tokens: usize = ok.iter().map(|t| t.tokens).sum();
+        let chars: usize = bodies[..n].iter().map(|b| b["messages"].to_string().len()).sum();
+        levels.push(Level {
+            clients: c,
+            requests: ok.len(),
+            failed: n - ok.len(),
+            wall_s,
+            ttft_p50_s: quantile(&mut ttft, 0.5),
+            ttft_p95_s: quantile(&mut ttft, 0.95),
+            ttft_p99_s: quantile(&mut ttft, 0.99),
+            itl_p50_s: quantile(&mut gaps, 0.5),
+            itl_p99_s: quantile(&mut gaps, 0.99),
+            requests_per_s: ok.len() as f64 / wall_s,
+            output_tokens_per_s: tokens as f64 / wall_s,
+            mean_prompt_chars: chars as f64 / n as f64,
+            mean_output_tokens: tokens as f64 / ok.len().max(1) as f64,
+            error,
+        });
+    }
+    let trace = o.shape.map_or("short", |s| s.name()).to_string();
+    Ok(LoadReport {
+        label: o.label.clone(),
+        url: o.url.clone(),
+        trace,
+        max_tokens: o.max_tokens,
+        ignore_eos: o.ignore_eos,
+        levels,
+    })
+}
+
+/// The report as a table.
+pub fn table(r: &LoadReport) -> String {
+    let mut s = format!(
+        "{} — {} trace, {} output tokens{}\n",
+        r.label,
+        r.trace,
+        r.max_tokens,
+        if r.ignore_eos { " (ignore_eos)" } else { "" }
+    );
+    s += "clients  requests  TTFT p50   p95      p99      ITL p50  p99      req/s   out tok/s\n";
+    for l in &r.levels {
+        s += &format!(
+            "{:>7}  {:>8}  {:>7.0}ms {:>6.0}ms {:>6.0}ms {:>6.1}ms {:>6.1}ms {:>6.2}  {:>9.1}{}\n",
+            l.clients,
+            l.requests,
+            1e3 * l.ttft_p50_s,
+            1e3 * l.ttft_p95_s,
+            1e3 * l.ttft_p99_s,
+            1e3 * l.itl_p50_s,
+            1e3 * l.itl_p99_s,
+            l.requests_per_s,
+            l.output_tokens_per_s,
+            match (&l.error, l.failed) {
+                (Some(e), f) => format!("  ({f} failed: {e})"),
+                _ => String::new(),
+            }
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let mut v = vec![5.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!(quantile(&mut v, 0.5), 3.0);
+        assert_eq!(quantile(&mut v, 0.95), 5.0);
+        assert_eq!(quantile(&mut v, 0.0), 1.0);
+        assert_eq!(quantile(&mut [], 0.5), 0.0);
+    }
+}

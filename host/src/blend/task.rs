@@ -1,0 +1,410 @@
+//! A prompt's prefill as resumable work, in any cache mode.
+//!
+//! The scheduler runs prefills a slice at a time between decode steps, so that running
+//! streams keep flowing while a long prompt starts. A [`Prefilling`] holds everything a
+//! prefill needs between slices (the cache, the hidden states of compose's check pass, what
+//! reuse found) and [`Prefilling::step`] advances it by at most a given amount of work,
+//! counted in token-layers (one token through one layer).
+//!
+//! Stages, each in position order so that every token sees exactly the rows at positions `≤`
+//! its own as they will be when the prefill completes:
+//!
+//! - `Start`: the lookup and the splice (compose: the span index; prefix: the prefix tree).
+//! - `Extend`: the tokens from a row on through every layer (`off`, the part of a `prefix`
+//!   prompt past its stored prefix, compose with nothing to reuse).
+//! - `Check` (compose): layers `0..=check_layer` over every token; then the deviations, the
+//!   attention from the prompt's last tokens, and the selector's choice.
+//! - `Recompute` (compose): the remaining layers over the chosen reused tokens and every
+//!   token no stored run covered.
+//!
+//! Kernels are batch-invariant (a row's result does not depend on the rows beside it), so a
+//! prefill run in slices is bit for bit the prefill run at once.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::chunk::ChunkKey;
+use super::{
+    ATTENTION_QUERIES, BlendOptions, CacheMode, CutInput, Policy, Prefill, ReuseReport, SelectInput, extract, gaps,
+    micros, pieces, splice,
+};
+use crate::engine::{EngineError, KvCache, Model, Weights};
+use crate::store::{ChunkStore, SpanMatch, Use};
+
+/// What a finished prefill stores.
+enum Keep {
+    Nothing,
+    /// Compose: what no stored run covered.
+    Compose {
+        uncovered: Vec<Range<usize>>,
+    },
+    /// Prefix: everything from `from` on, continuing the tree from `parent`.
+    Prefix {
+        from: usize,
+        parent: ChunkKey,
+    },
+}
+
+/// Compose's check pass in progress.
+struct Check {
+    spans: Vec<SpanMatch>,
+    reused: Vec<usize>,
+    uncovered: Vec<Range<usize>>,
+    /// Hidden states of every token (after the check layer once done).
+    x: Vec<f32>,
+    /// The spliced K and V of each reused token at the check layer, before the pass.
+    spliced: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Hidden states entering the check layer of the prompt's last tokens (the attention probe).
+    queries: Vec<f32>,
+    done: usize,
+}
+
+/// Compose's recompute pass in progress.
+struct Recompute {
+    /// Cache rows recomputed, in position order (the last row of the prompt last).
+    rows: Vec<usize>,
+    xs: Vec<f32>,
+    done: usize,
+    logits: Vec<f32>,
+}
+
+enum Stage {
+    Start,
+    Extend { done: usize, logits: Vec<f32> },
+    Check(Box<Check>),
+    Recompute(Box<Recompute>),
+    Done,
+}
+
+/// A prompt's prefill, run a slice at a time.
+pub struct Prefilling {
+    ids: Vec<u32>,
+    /// For the chunker: byte offsets of the tokens in `text`, and message starts.
+    offsets: Vec<u32>,
+    text: String,
+    segment_starts: Vec<usize>,
+    mode: CacheMode,
+    opts: BlendOptions,
+    cache: KvCache,
+    stage: Stage,
+    keep: Keep,
+    report: ReuseReport,
+}
+
+impl Prefilling {
+    /// A prefill of `prompt` in `mode`, not started.
+    pub fn new(model: &Model, prompt: &CutInput, mode: CacheMode, opts: &BlendOptions) -> Self {
+        Self {
+            ids: prompt.ids.to_vec(),
+            offsets: prompt.offsets.to_vec(),
+            text: prompt.text.to_string(),
+            segment_starts: prompt.segment_starts.to_vec(),
+            mode,
+            opts: opts.clone(),
+            cache: model.new_cache(),
+            stage: Stage::Start,
+            keep: Keep::Nothing,
+            report: ReuseReport::default(),
+        }
+    }
+
+    /// Token-layers left before the prefill completes (an estimate before the lookup).
+    pub fn remaining_work(&self, layers: usize) -> usize {
+        let n = self.ids.len();
+        match &self.stage {
+            Stage::Start => n * layers,
+            Stage::Extend { done, .. } => (n - done) * layers,
+            Stage::Check(c) => (n - c.done) * (self.opts.check_layer + 1) + (n - c.reused.len()) * layers,
+            Stage::Recompute(r) => (r.rows.len() - r.done) * (layers - self.opts.check_layer - 1),
+            Stage::Done => 0,
+        }
+    }
+
+    /// Advances the prefill by about `work` token-layers (at least one token of the current
+    /// stage); returns the finished prefill once the last token's logits exist.
+    pub fn step(
+        &mut self,
+        model: &Model,
+        store: &dyn ChunkStore,
+        policy: &dyn Policy,
+        work: usize,
+    ) -> Result<Option<Prefill>, EngineError> {
+        if self.ids.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let layers = model.config().layers;
+        let check = self.opts.check_layer.min(layers - 1);
+        let mut left = work.max(1);
+        loop {
+            match std::mem::replace(&mut self.stage, Stage::Done) {
+                Stage::Start => self.stage = self.start(model, store, check)?,
+                Stage::Extend { done, logits } => {
+                    let n = self.ids.len();
+                    let take = (left / layers).clamp(1, n - done);
+                    let started = Instant::now();
+                    let logits = self.extend(model, done..done + take).map(|l| l.unwrap_or(logits))?;
+                    self.report.timings.compute_us += micros(started);
+                    left = left.saturating_sub(take * layers);
+                    if done + take < n {
+                        self.stage = Stage::Extend { done: done + take, logits };
+                    } else {
+                        return Ok(Some(self.finish(model, store, policy, logits)));
+                    }
+                }
+                Stage::Check(mut c) => {
+                    let n = self.ids.len();
+                    let take = (left / (check + 1)).clamp(1, n - c.done);
+                    let started = Instant::now();
+                    let rows = c.done..c.done + take;
+                    self.check_slice(model, &mut c, rows, check)?;
+                    c.done += take;
+                    self.report.timings.check_us += micros(started);
+                    left = left.saturating_sub(take * (check + 1));
+                    self.stage = match c.done < n {
+                        true => Stage::Check(c),
+                        false => self.select(model, policy, *c, check)?,
+                    };
+                }
+                Stage::Recompute(mut r) => {
+                    let per = layers - check - 1;
+                    let take = (left / per.max(1)).clamp(1, r.rows.len() - r.done);
+                    let started = Instant::now();
+                    let hidden = model.config().hidden;
+                    let rows = &r.rows[r.done..r.done + take];
+                    let mut xs = r.xs[r.done * hidden..(r.done + take) * hidden].to_vec();
+                    let positions: Vec<u32> = rows.iter().map(|&row| self.cache.positions[row]).collect();
+                    model.run_layers(check + 1..layers, &mut xs, &positions, rows, &mut self.cache, Weights::F32)?;
+                    r.done += take;
+                    if r.done == r.rows.len() {
+                        r.logits = model.logits(&xs, &[take - 1])?;
+                    }
+                    self.report.timings.compute_us += micros(started);
+                    left = left.saturating_sub(take * per);
+                    if r.done < r.rows.len() {
+                        self.stage = Stage::Recompute(r);
+                    } else {
+                        let logits = std::mem::take(&mut r.logits);
+                        return Ok(Some(self.finish(model, store, policy, logits)));
+                    }
+                }
+                Stage::Done => return Err(EngineError::Internal("a finished prefill was stepped again".into())),
+            }
+            if left == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The lookup and the splice; the stage that follows.
+    fn start(&mut self, model: &Model, store: &dyn ChunkStore, check: usize) -> Result<Stage, EngineError> {
+        let n = self.ids.len();
+        let layers = model.config().layers;
+        let started = Instant::now();
+        let stage = match self.mode {
+            CacheMode::Off => Stage::Extend { done: 0, logits: Vec::new() },
+            CacheMode::Prefix => {
+                // The last token is always computed: its logits start generation.
+                let root = ChunkKey::prefix(model.fingerprint(), &[]);
+                let path = store.longest_prefix(&root, &self.ids[..n - 1]);
+                self.report.timings.lookup_us = micros(started);
+                let (mut hit_end, mut parent, mut from) = (0, root, 0);
+                for m in &path {
+                    let used = if m.is_partial() { Use::Part } else { Use::Whole };
+                    let Some(kv) = store.fetch(&m.key, used) else { break };
+                    let exact = kv.rotated_at == Some(m.prompt.start as u32)
+                        && kv.tokens.get(..m.len()) == Some(&self.ids[m.prompt.clone()]);
+                    if !exact {
+                        break;
+                    }
+                    let positions: Vec<u32> = (m.prompt.start as u32..m.prompt.end as u32).collect();
+                    let rows = self.cache.push_rows(&positions);
+                    splice(model, &mut self.cache, &kv, 0, rows);
+                    hit_end = m.prompt.end;
+                    self.report.spans += 1;
+                    self.report.chunks_hit += 1;
+                    if m.is_partial() {
+                        self.report.partial_spans += 1;
+                        break;
+                    }
+                    (parent, from) = (m.key, m.prompt.end);
+                }
+                self.report.reused_tokens = hit_end;
+                self.keep = Keep::Prefix { from, parent };
+                Stage::Extend { done: hit_end, logits: Vec::new() }
+            }
+            CacheMode::Compose => {
+                let found = store.find_spans(&self.ids[..n - 1]);
+                self.report.timings.lookup_us = micros(started);
+                let positions: Vec<u32> = (0..n as u32).collect();
+                self.cache.push_rows(&positions);
+                let mut spans: Vec<SpanMatch> = Vec::with_capacity(found.len());
+                for m in found {
+                    let used = if m.is_partial() { Use::Part } else { Use::Whole };
+                    let Some(kv) = store.fetch(&m.key, used) else { continue };
+                    // The index found the run by its tokens; the chunk as loaded must agree.
+                    if kv.tokens.get(m.offset..m.offset + m.len()) != Some(&self.ids[m.prompt.clone()]) {
+                        continue;
+                    }
+                    splice(model, &mut self.cache, &kv, m.offset, m.prompt.clone());
+                    spans.push(m);
+                }
+                let reused: Vec<usize> = spans.iter().flat_map(|m| m.prompt.clone()).collect();
+                let uncovered = gaps(spans.iter().map(|m| m.prompt.clone()), n);
+                self.keep = Keep::Compose { uncovered: uncovered.clone() };
+                if reused.is_empty() || check + 1 >= layers {
+                    // Nothing to reuse (or no layer left to skip): a plain prefill.
+                    self.cache = model.new_cache();
+                    Stage::Extend { done: 0, logits: Vec::new() }
+                } else {
+                    self.report.reused_tokens = reused.len();
+                    self.report.spans = spans.len();
+                    self.report.partial_spans = spans.iter().filter(|m| m.is_partial()).count();
+                    self.report.chunks_hit = spans.iter().map(|m| m.key).collect::<HashSet<_>>().len();
+                    let d = self.cache.kv_dim();
+                    let at = &self.cache.layers[check];
+                    let spliced = reused
+                        .iter()
+                        .map(|&r| (at.k[r * d..(r + 1) * d].to_vec(), at.v[r * d..(r + 1) * d].to_vec()))
+                        .collect();
+                    let x = model.embed(&self.ids, &positions)?;
+                    Stage::Check(Box::new(Check { spans, reused, uncovered, x, spliced, queries: Vec::new(), done: 0 }))
+                }
+            }
+        };
+        self.report.timings.splice_us += micros(started).saturating_sub(self.report.timings.lookup_us);
+        Ok(stage)
+    }
+
+    /// Rows `rows` (all pushed or to push in order) through every layer; the last row's logits
+    /// when `rows` ends the prompt.
+    fn extend(&mut self, model: &Model, rows: Range<usize>) -> Result<Option<Vec<f32>>, EngineError> {
+        let positions: Vec<u32> = (rows.start as u32..rows.end as u32).collect();
+        let mut x = model.embed(&self.ids[rows.clone()], &positions)?;
+        let cache_rows: Vec<usize> = self.cache.push_rows(&positions).collect();
+        // f32 weights whatever the count: a short slice computes exactly what a full prefill would.
+        model.run_layers(0..model.config().layers, &mut x, &positions, &cache_rows, &mut self.cache, Weights::F32)?;
+        match rows.end == self.ids.len() {
+            true => Ok(Some(model.logits(&x, &[rows.len() - 1])?)),
+            false => Ok(None),
+        }
+    }
+
+    /// Layers `0..=check` over the tokens `rows`, keeping the probe's inputs on the way.
+    fn check_slice(
+        &mut self,
+        model: &Model,
+        c: &mut Check,
+        rows: Range<usize>,
+        check: usize,
+    ) -> Result<(), EngineError> {
+        let hidden = model.config().hidden;
+        let positions: Vec<u32> = (rows.start as u32..rows.end as u32).collect();
+        let cache_rows: Vec<usize> = rows.clone().collect();
+        let x = &mut c.x[rows.start * hidden..rows.end * hidden];
+        model.run_layers(0..check, x, &positions, &cache_rows, &mut self.cache, Weights::F32)?;
+        let first_query = self.ids.len().saturating_sub(ATTENTION_QUERIES);
+        if rows.end > first_query {
+            let from = rows.start.max(first_query) - rows.start;
+            c.queries.extend_from_slice(&x[from * hidden..]);
+        }
+        model.run_layers(check..check + 1, x, &positions, &cache_rows, &mut self.cache, Weights::F32)
+    }
+
+    /// After the check pass: deviations, attention, the selector's choice; the recompute pass.
+    fn select(&mut self, model: &Model, policy: &dyn Policy, c: Check, check: usize) -> Result<Stage, EngineError> {
+        let started = Instant::now();
+        let n = self.ids.len();
+        let d = self.cache.kv_dim();
+        let hidden = model.config().hidden;
+        let first_query = n.saturating_sub(ATTENTION_QUERIES);
+        let query_positions: Vec<u32> = (first_query as u32..n as u32).collect();
+        let mass = model.attention_mass(check, &c.queries, &query_positions, &self.cache)?;
+        let at = &self.cache.layers[check];
+        let sq = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>();
+        let deviations: Vec<f32> = c
+            .reused
+            .iter()
+            .zip(&c.spliced)
+            .map(|(&r, (k, v))| sq(&at.k[r * d..(r + 1) * d], k) + sq(&at.v[r * d..(r + 1) * d], v))
+            .collect();
+        let attention: Vec<f32> = c.reused.iter().map(|&r| mass[r]).collect();
+        let mut chunk_starts = Vec::with_capacity(c.spans.len());
+        let mut offset = 0u32;
+        for m in &c.spans {
+            chunk_starts.push(offset);
+            offset += m.len() as u32;
+        }
+        let budget =
+            ((self.opts.recompute_budget.clamp(0.0, 1.0) * c.reused.len() as f32).round() as usize).min(c.reused.len());
+        let positions: Vec<u32> = c.reused.iter().map(|&r| r as u32).collect();
+        let selected = policy.select(&SelectInput {
+            deviations: &deviations,
+            positions: &positions,
+            chunk_starts: &chunk_starts,
+            attention: &attention,
+            budget,
+        });
+        self.report.recomputed_tokens = selected.len();
+        let mut rows: Vec<usize> = selected.iter().map(|&i| c.reused[i as usize]).collect();
+        rows.extend(c.uncovered.iter().flat_map(|r| r.clone()));
+        rows.sort_unstable();
+        let xs = rows.iter().flat_map(|&r| c.x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
+        self.report.timings.check_us += micros(started);
+        Ok(Stage::Recompute(Box::new(Recompute { rows, xs, done: 0, logits: Vec::new() })))
+    }
+
+    /// Stores what the prompt brought new; the finished prefill.
+    fn finish(&mut self, model: &Model, store: &dyn ChunkStore, policy: &dyn Policy, logits: Vec<f32>) -> Prefill {
+        let started = Instant::now();
+        let n = self.ids.len();
+        self.report.computed_tokens = n - self.report.reused_tokens;
+        let t = &self.report.timings;
+        let cost_per_token =
+            (t.check_us + t.compute_us) / (self.report.computed_tokens + self.report.recomputed_tokens).max(1) as u64;
+        let input = CutInput {
+            ids: &self.ids,
+            offsets: &self.offsets,
+            text: &self.text,
+            segment_starts: &self.segment_starts,
+            chunk_tokens: self.opts.chunk_tokens,
+        };
+        let fp = model.fingerprint();
+        match std::mem::replace(&mut self.keep, Keep::Nothing) {
+            Keep::Nothing => {}
+            Keep::Compose { uncovered } => {
+                let runs: Vec<_> = uncovered.into_iter().filter(|r| r.len() >= self.opts.min_span).collect();
+                let cuts = if runs.is_empty() { Vec::new() } else { policy.cut(&input) };
+                for run in runs {
+                    for piece in pieces(run, &cuts, self.opts.min_span) {
+                        let key = ChunkKey::compose(fp, &self.ids[piece.clone()]);
+                        if !store.contains(&key) {
+                            let kv = extract(model, &self.cache, &self.ids, piece.clone(), false);
+                            store.put(key, Arc::new(kv), cost_per_token * piece.len() as u64);
+                            self.report.chunks_stored += 1;
+                        }
+                    }
+                }
+            }
+            Keep::Prefix { from, mut parent } => {
+                for piece in pieces(from..n, &policy.cut(&input), 1) {
+                    let key = ChunkKey::prefix(fp, &self.ids[..piece.end]);
+                    if !store.contains(&key) {
+                        let mut kv = extract(model, &self.cache, &self.ids, piece.clone(), true);
+                        kv.parent = Some(parent);
+                        store.put(key, Arc::new(kv), cost_per_token * piece.len() as u64);
+                        self.report.chunks_stored += 1;
+                    }
+                    parent = key;
+                }
+            }
+        }
+        self.report.timings.store_us = micros(started);
+        if self.mode == CacheMode::Compose {
+            tracing::debug!(report = ?self.report, "compose prefill");
+        }
+        let cache = std::mem::replace(&mut self.cache, model.new_cache());
+        Prefill { cache, logits, report: self.report }
+    }
+}
