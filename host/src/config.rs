@@ -85,6 +85,107 @@ pub struct Config {
     /// Most memory a plugin may grow to.
     #[serde(deserialize_with = "bytes_setting")]
     pub plugin_memory_bytes: u64,
+    /// API keys of the `default` tenant (`--api-key`, repeatable). With no key configured
+    /// anywhere the API is open (one warning at start).
+    pub api_keys: Vec<String>,
+    /// Keys with their tenants and limits (`[[api_key]]`).
+    #[serde(rename = "api_key")]
+    pub api_key_entries: Vec<ApiKeyConfig>,
+    /// A TOML file of hashed keys (`[[api_key]]` with `sha256` instead of `key`), reloaded
+    /// when it changes.
+    pub api_keys_file: Option<PathBuf>,
+    /// Chunk-store namespaces shared by several tenants (`[[shared_namespace]]`).
+    #[serde(rename = "shared_namespace")]
+    pub shared_namespaces: Vec<SharedNamespaceConfig>,
+    /// Share of each chunk-store tier one namespace (tenant) may fill, 0 < share <= 1.
+    pub namespace_share: f64,
+    /// Requests one key may have in flight (0: no limit); a key's own setting wins.
+    pub key_max_concurrent: usize,
+    /// Requests one key may start per minute (0: no limit); a key's own setting wins.
+    pub key_requests_per_minute: u32,
+    /// Longest prompt accepted, tokens (0: the context).
+    pub max_prompt_tokens: usize,
+    /// Most tokens one request may generate (0: the rest of the context).
+    pub max_completion_tokens: usize,
+    /// Longest a request may run, seconds, before it is cut off with a 504 (0: no limit).
+    pub request_timeout_secs: u64,
+    /// `/health`, `/ready` and `/metrics` answer without an API key.
+    pub public_health: bool,
+    /// `text` or `json` (one JSON object per line).
+    pub log_format: LogFormat,
+    /// OpenAI-compatible servers that requests for other models are passed to (`[[upstream]]`).
+    #[serde(rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// One API key and whose it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The key itself (config) — or, in a keys file, `sha256`, its hash in hex.
+    pub key: Option<String>,
+    pub sha256: Option<String>,
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// Overrides `key_max_concurrent`.
+    pub max_concurrent: Option<usize>,
+    /// Overrides `key_requests_per_minute`.
+    pub requests_per_minute: Option<u32>,
+}
+
+fn default_tenant() -> String {
+    "default".into()
+}
+
+/// A namespace of the chunk store that several tenants read (and may write, with
+/// `"kvgate": {"namespace": NAME}`): a public corpus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedNamespaceConfig {
+    pub name: String,
+    /// Tenants that use it; `["*"]`: every tenant.
+    pub tenants: Vec<String>,
+}
+
+/// An upstream OpenAI-compatible server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Base URL, e.g. `http://host:8000/v1` (`/v1/chat/completions` goes to
+    /// `<url>/chat/completions`). Plain HTTP.
+    pub url: String,
+    /// Model ids it serves; `["*"]` takes every model nothing else serves.
+    pub models: Vec<String>,
+    /// Sent as `Authorization: Bearer` (clients' keys are never passed on).
+    pub api_key: Option<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the response to start, and between two pieces of its body.
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    2000
+}
+
+fn default_upstream_timeout() -> u64 {
+    60
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Whether `name` can name a tenant or a namespace: 1–64 of `A-Za-z0-9._-`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 impl Default for Config {
@@ -116,6 +217,19 @@ impl Default for Config {
             watch_plugins: true,
             plugin_timeout_ms: 50,
             plugin_memory_bytes: 64 << 20,
+            api_keys: Vec::new(),
+            api_key_entries: Vec::new(),
+            api_keys_file: None,
+            shared_namespaces: Vec::new(),
+            namespace_share: 1.0,
+            key_max_concurrent: 0,
+            key_requests_per_minute: 0,
+            max_prompt_tokens: 0,
+            max_completion_tokens: 0,
+            request_timeout_secs: 0,
+            public_health: true,
+            log_format: LogFormat::Text,
+            upstreams: Vec::new(),
         }
     }
 }
@@ -195,6 +309,16 @@ pub struct Overrides {
     pub watch_plugins: Option<bool>,
     pub plugin_timeout_ms: Option<u64>,
     pub plugin_memory_bytes: Option<u64>,
+    /// Added to the file's keys.
+    pub api_keys: Vec<String>,
+    pub api_keys_file: Option<PathBuf>,
+    pub namespace_share: Option<f64>,
+    pub key_max_concurrent: Option<usize>,
+    pub key_requests_per_minute: Option<u32>,
+    pub max_prompt_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub request_timeout_secs: Option<u64>,
+    pub log_format: Option<LogFormat>,
 }
 
 impl Config {
@@ -236,6 +360,7 @@ impl Config {
             dtype: self.kv_dtype,
             prefix_dtype: self.prefix_kv_dtype,
             min_span: self.min_span,
+            namespace_share: self.namespace_share,
             ..StoreOptions::default()
         }
     }
@@ -318,6 +443,32 @@ impl Config {
         if let Some(v) = o.plugin_memory_bytes {
             self.plugin_memory_bytes = v;
         }
+        self.api_keys.extend(o.api_keys);
+        if o.api_keys_file.is_some() {
+            self.api_keys_file = o.api_keys_file;
+        }
+        if let Some(v) = o.namespace_share {
+            self.namespace_share = v;
+        }
+        if let Some(v) = o.key_max_concurrent {
+            self.key_max_concurrent = v;
+        }
+        if let Some(v) = o.key_requests_per_minute {
+            self.key_requests_per_minute = v;
+        }
+        if let Some(v) = o.max_prompt_tokens {
+            self.max_prompt_tokens = v;
+        }
+        if let Some(v) = o.max_completion_tokens {
+            self.max_completion_tokens = v;
+        }
+        if let Some(v) = o.request_timeout_secs {
+            self.request_timeout_secs = v;
+        }
+        if let Some(v) = o.log_format {
+            self.log_format = v;
+        }
+        self.check_gateway()?;
         if self.plugin_timeout_ms == 0 {
             return Err(ConfigError::Invalid { key: "plugin_timeout_ms", message: "must be at least 1".into() });
         }
@@ -352,6 +503,60 @@ impl Config {
             return Err(ConfigError::Invalid { key: "max_body_bytes", message: "must be at least 1024".into() });
         }
         Ok(self)
+    }
+
+    /// Checks keys, tenants, shared namespaces and upstreams.
+    fn check_gateway(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| Err(ConfigError::Invalid { key, message });
+        if self.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return invalid("api_keys", "a key must not be empty".into());
+        }
+        for (i, k) in self.api_key_entries.iter().enumerate() {
+            match (&k.key, &k.sha256) {
+                (Some(key), None) if !key.trim().is_empty() => {}
+                _ => return invalid("api_key", format!("entry {}: give `key` (a non-empty key)", i + 1)),
+            }
+            if !valid_name(&k.tenant) {
+                return invalid(
+                    "api_key",
+                    format!("entry {}: tenant `{}`: use 1-64 of A-Z a-z 0-9 . _ -", i + 1, k.tenant),
+                );
+            }
+        }
+        let mut keys: Vec<&str> = self.api_keys.iter().map(String::as_str).collect();
+        keys.extend(self.api_key_entries.iter().filter_map(|k| k.key.as_deref()));
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w[0] == w[1]) {
+            return invalid("api_key", "the same key is configured twice".into());
+        }
+        for ns in &self.shared_namespaces {
+            if !valid_name(&ns.name) {
+                return invalid("shared_namespace", format!("name `{}`: use 1-64 of A-Z a-z 0-9 . _ -", ns.name));
+            }
+            if ns.tenants.is_empty() || ns.tenants.iter().any(|t| t != "*" && !valid_name(t)) {
+                return invalid("shared_namespace", format!("`{}`: list its tenants, or `*` for all", ns.name));
+            }
+        }
+        if !(self.namespace_share > 0.0 && self.namespace_share <= 1.0) {
+            return invalid("namespace_share", "must be above 0 and at most 1".into());
+        }
+        let mut names: Vec<&str> = Vec::new();
+        for u in &self.upstreams {
+            if !valid_name(&u.name) || names.contains(&u.name.as_str()) {
+                return invalid("upstream", format!("name `{}`: unique, 1-64 of A-Z a-z 0-9 . _ -", u.name));
+            }
+            names.push(&u.name);
+            if let Err(e) = crate::api::upstream::parse_base_url(&u.url) {
+                return invalid("upstream", format!("`{}`: url `{}`: {e}", u.name, u.url));
+            }
+            if u.models.is_empty() || u.models.iter().any(|m| m.trim().is_empty()) {
+                return invalid("upstream", format!("`{}`: list the models it serves, or `*`", u.name));
+            }
+            if u.timeout_secs == 0 || u.connect_timeout_ms == 0 {
+                return invalid("upstream", format!("`{}`: timeouts must be at least 1", u.name));
+            }
+        }
+        Ok(())
     }
 }
 

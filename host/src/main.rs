@@ -31,6 +31,20 @@ enum Command {
     Plugin(PluginCommand),
     /// Print the version, the CPU and the SIMD paths the kernels take on it.
     Info,
+    /// API keys: what a keys file holds for a key.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print a keys-file entry for KEY (its sha256; the key itself is not kept).
+    Hash {
+        key: String,
+        /// The tenant the key belongs to.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -136,6 +150,34 @@ struct ServeArgs {
     /// Most memory a plugin may grow to (e.g. 64MiB).
     #[arg(long, env = "KVGATE_PLUGIN_MEMORY_BYTES", value_parser = kvgate::config::parse_bytes)]
     plugin_memory_bytes: Option<u64>,
+    /// An API key of the `default` tenant (repeatable; KVGATE_API_KEYS: comma-separated).
+    /// With none configured anywhere the API is open.
+    #[arg(long = "api-key", env = "KVGATE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    api_keys: Vec<String>,
+    /// A TOML file of hashed keys (`kvgate key hash`), reloaded when it changes.
+    #[arg(long, env = "KVGATE_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
+    /// Share of each chunk-store tier one tenant may fill (0 < share <= 1).
+    #[arg(long, env = "KVGATE_NAMESPACE_SHARE")]
+    namespace_share: Option<f64>,
+    /// Requests one key may have in flight (0: no limit).
+    #[arg(long, env = "KVGATE_KEY_MAX_CONCURRENT")]
+    key_max_concurrent: Option<usize>,
+    /// Requests one key may start per minute (0: no limit).
+    #[arg(long, env = "KVGATE_KEY_REQUESTS_PER_MINUTE")]
+    key_requests_per_minute: Option<u32>,
+    /// Longest prompt accepted, tokens (0: the context).
+    #[arg(long, env = "KVGATE_MAX_PROMPT_TOKENS")]
+    max_prompt_tokens: Option<usize>,
+    /// Most tokens one request may generate (0: the rest of the context).
+    #[arg(long, env = "KVGATE_MAX_COMPLETION_TOKENS")]
+    max_completion_tokens: Option<usize>,
+    /// Longest a request may run, seconds (0: no limit); past it: 504.
+    #[arg(long, env = "KVGATE_REQUEST_TIMEOUT_SECS")]
+    request_timeout_secs: Option<u64>,
+    /// Log lines as text or JSON (one object per line).
+    #[arg(long, env = "KVGATE_LOG_FORMAT", value_enum)]
+    log_format: Option<kvgate::config::LogFormat>,
 }
 
 #[derive(Subcommand)]
@@ -170,9 +212,12 @@ struct BenchLoadArgs {
     /// Directory of .txt/.md/.html files to draw passages from.
     #[arg(long)]
     corpus: Option<PathBuf>,
-    /// Requests per level (0: four per client, at least 16).
+    /// Requests counted per level (0: four per client, at least 16).
     #[arg(long, default_value_t = 0)]
     requests: usize,
+    /// Requests run first at each level, not counted (default: one per client).
+    #[arg(long)]
+    warmup: Option<usize>,
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
     /// Generate --max-tokens tokens whatever the model says.
@@ -376,6 +421,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Denoise(args)) => bench_denoise(args),
         Command::Bench(BenchCommand::Load(args)) => bench_load(args),
         Command::Plugin(cmd) => plugin(cmd),
+        Command::Key(KeyCommand::Hash { key, tenant }) => {
+            if key.trim().is_empty() {
+                bail!("the key must not be empty");
+            }
+            if !kvgate::config::valid_name(&tenant) {
+                bail!("tenant `{tenant}`: use 1-64 of A-Z a-z 0-9 . _ -");
+            }
+            println!("[[api_key]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"", api::auth::key_hash_hex(&key));
+            Ok(())
+        }
         Command::Info => {
             println!("kvgate {}", env!("CARGO_PKG_VERSION"));
             println!("{}", kvgate::engine::cpu::report());
@@ -394,9 +449,17 @@ fn set_threads(threads: usize) {
 }
 
 fn init_logging(filter: &str) {
+    init_logging_as(filter, kvgate::config::LogFormat::Text);
+}
+
+fn init_logging_as(filter: &str, format: kvgate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        kvgate::config::LogFormat::Text => fmt.init(),
+        kvgate::config::LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
+    }
 }
 
 /// The model a benchmark runs on: `--model`, else the embedded default.
@@ -439,9 +502,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         watch_plugins: args.no_watch_plugins.then_some(false),
         plugin_timeout_ms: args.plugin_timeout_ms,
         plugin_memory_bytes: args.plugin_memory_bytes,
+        api_keys: args.api_keys,
+        api_keys_file: args.api_keys_file,
+        namespace_share: args.namespace_share,
+        key_max_concurrent: args.key_max_concurrent,
+        key_requests_per_minute: args.key_requests_per_minute,
+        max_prompt_tokens: args.max_prompt_tokens,
+        max_completion_tokens: args.max_completion_tokens,
+        request_timeout_secs: args.request_timeout_secs,
+        log_format: args.log_format,
     })?;
     set_threads(config.threads);
-    init_logging(&config.log);
+    init_logging_as(&config.log, config.log_format);
     check_model(&config.model)?;
     let cpu = kvgate::engine::cpu::report();
     tracing::info!(cpu = %cpu.model, gemm = cpu.gemm, quantized = cpu.quantized, "kernels");
@@ -453,7 +525,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         // A plain line on stdout, for scripts and tests that start us on port 0.
         println!("kvgate listening on http://{addr}");
-        let state = Arc::new(AppState::new(config.max_body_bytes, config.admin_token.clone()));
+        let state = Arc::new(AppState::new(&config).map_err(anyhow::Error::msg)?);
+        state.watch();
         let server = tokio::spawn(api::serve(listener, state.clone(), shutdown_signal()));
         let (path, name) = (config.model.clone(), config.model_name.clone());
         tracing::info!(model = %path.display(), "loading model");
@@ -661,6 +734,7 @@ fn bench_load(args: BenchLoadArgs) -> anyhow::Result<()> {
         shape,
         clients: args.clients,
         requests: args.requests,
+        warmup: args.warmup,
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
         k: args.k,

@@ -58,6 +58,10 @@ pub struct Metrics {
     pub errors_5xx: AtomicU64,
     /// Requests refused because the queue was full (also counted in `errors_4xx`).
     pub rejected_queue_full: AtomicU64,
+    /// Requests refused for a missing or unknown API key (401).
+    pub rejected_auth: AtomicU64,
+    /// Requests refused for a key's concurrency or rate limit (429).
+    pub rejected_limits: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
     /// Prompt tokens served from cache.
@@ -76,6 +80,8 @@ impl Default for Metrics {
             errors_4xx: AtomicU64::new(0),
             errors_5xx: AtomicU64::new(0),
             rejected_queue_full: AtomicU64::new(0),
+            rejected_auth: AtomicU64::new(0),
+            rejected_limits: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             cached_prompt_tokens: AtomicU64::new(0),
@@ -118,6 +124,16 @@ impl Metrics {
             "kvgate:request_rejected_queue_full_total",
             "Requests refused with 429 because the queue was full.",
             &[("", get(&self.rejected_queue_full))],
+        );
+        counter(
+            "kvgate:request_rejected_auth_total",
+            "Requests refused with 401: no API key, or an unknown one.",
+            &[("", get(&self.rejected_auth))],
+        );
+        counter(
+            "kvgate:request_rejected_limits_total",
+            "Requests refused with 429 by a key's concurrency or rate limit.",
+            &[("", get(&self.rejected_limits))],
         );
         counter("kvgate:prompt_tokens_total", "Prompt tokens processed.", &[("", get(&self.prompt_tokens))]);
         counter("kvgate:generation_tokens_total", "Tokens generated.", &[("", get(&self.generation_tokens))]);
@@ -180,6 +196,12 @@ impl Metrics {
             "# HELP kvgate:num_requests_in_flight Generations queued or running.\n# TYPE kvgate:num_requests_in_flight gauge\nkvgate:num_requests_in_flight {}",
             get(&self.in_flight)
         );
+        if let Some(rss) = resident_bytes() {
+            let _ = writeln!(
+                out,
+                "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}"
+            );
+        }
         self.ttft.render(&mut out, "kvgate:time_to_first_token_seconds", "Time from request to first generated token.");
         self.e2e_latency.render(
             &mut out,
@@ -262,4 +284,13 @@ mod tests {
         assert!(text.contains("kvgate:time_to_first_token_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("kvgate:time_to_first_token_seconds_count 3"));
     }
+}
+
+/// This process's resident memory, from `/proc/self/statm` (Linux; `None` elsewhere).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(1) as u64)
 }

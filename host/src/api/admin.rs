@@ -65,7 +65,7 @@ pub(super) async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Resu
             let store = store(state)?;
             match method {
                 Method::GET => {
-                    let (page, _) = store.list(None, usize::MAX);
+                    let (page, _) = store.list(None, usize::MAX, None);
                     let found = page.into_iter().find(|c| c.key == key.to_hex());
                     let info = found.ok_or_else(|| chunk_not_found(hex))?;
                     Ok(json_response(StatusCode::OK, &serde_json::to_value(info).expect("serializable")))
@@ -117,10 +117,12 @@ fn store(state: &AppState) -> Result<Arc<Store>, ApiError> {
     Ok(state.scheduler.get().ok_or_else(ApiError::not_ready)?.store().clone())
 }
 
-/// `GET /admin/chunks?limit=N&after=KEY`: a page of chunks in key order.
+/// `GET /admin/chunks?limit=N&after=KEY&tenant=NAME`: a page of chunks in key order (of one
+/// tenant's namespace, or one `namespace=NAME`, when asked).
 fn list(state: &AppState, query: &str) -> Result<Response<Body>, ApiError> {
     let mut limit = DEFAULT_PAGE;
     let mut after = None;
+    let mut namespace = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         match name {
@@ -134,11 +136,18 @@ fn list(state: &AppState, query: &str) -> Result<Response<Body>, ApiError> {
                     ApiError::invalid(None, format!("after must be a chunk key (64 hex digits), got `{value}`"))
                 })?);
             }
-            _ => return Err(ApiError::invalid(None, format!("unknown query parameter `{name}` (limit, after)"))),
+            "tenant" => namespace = Some(super::auth::tenant_namespace(value).name().to_string()),
+            "namespace" => namespace = Some(value.to_string()),
+            _ => {
+                return Err(ApiError::invalid(
+                    None,
+                    format!("unknown query parameter `{name}` (limit, after, tenant, namespace)"),
+                ));
+            }
         }
     }
     let store = store(state)?;
-    let (page, has_more) = store.list(after.as_ref(), limit);
+    let (page, has_more) = store.list(after.as_ref(), limit, namespace.as_deref());
     let next = if has_more { page.last().map(|c| c.key.clone()) } else { None };
     Ok(json_response(
         StatusCode::OK,

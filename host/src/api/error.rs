@@ -19,6 +19,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// The methods the route accepts, for the `Allow` header of a 405.
     pub allow: Option<&'static str>,
+    /// Seconds after which a retry may succeed, for the `Retry-After` header of a 429.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -31,6 +33,7 @@ impl ApiError {
             param: param.into().map(str::to_string),
             code: "invalid_value",
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -46,6 +49,7 @@ impl ApiError {
             param: Some("model".into()),
             code: "model_not_found",
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -57,6 +61,7 @@ impl ApiError {
             param: None,
             code: "not_found",
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -68,6 +73,7 @@ impl ApiError {
             param: None,
             code: "method_not_allowed",
             allow: Some(if allowed == "GET" { "GET, HEAD" } else { allowed }),
+            retry_after: None,
         }
     }
 
@@ -85,7 +91,44 @@ impl ApiError {
             param: None,
             code: "invalid_admin_token",
             allow: None,
+            retry_after: None,
         }
+    }
+
+    /// 401 on the API: no key, or one that is not known.
+    pub fn invalid_api_key(message: impl Into<String>) -> Self {
+        Self { code: "invalid_api_key", ..Self::unauthorized(message) }
+    }
+
+    /// 403: the key is known but may not do this.
+    pub fn forbidden(param: impl Into<Option<&'static str>>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            kind: "permission_error",
+            code: "permission_denied",
+            ..Self::invalid(param, message)
+        }
+    }
+
+    /// 429 for a client over one of its limits; it may retry after `retry_after` seconds.
+    pub fn rate_limited(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_error",
+            code,
+            retry_after: Some(retry_after.max(1)),
+            ..Self::invalid(None, message)
+        }
+    }
+
+    /// 502: the upstream could not be reached or answered with something that is not HTTP.
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_GATEWAY, code: "upstream_unreachable", ..Self::internal(message) }
+    }
+
+    /// 504: an upstream, or the request itself, took longer than allowed.
+    pub fn timeout(code: &'static str, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::GATEWAY_TIMEOUT, code, ..Self::internal(message) }
     }
 
     fn with_message(mut self, message: impl Into<String>) -> Self {
@@ -101,6 +144,7 @@ impl ApiError {
             param: None,
             code: "request_too_large",
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -112,6 +156,7 @@ impl ApiError {
             param: None,
             code: "not_ready",
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -123,6 +168,7 @@ impl ApiError {
             param: None,
             code: "internal_error",
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -149,6 +195,7 @@ impl From<EngineError> for ApiError {
                 param: None,
                 code: "queue_full",
                 allow: None,
+                retry_after: None,
             },
             EngineError::Stopped => Self {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -157,6 +204,7 @@ impl From<EngineError> for ApiError {
                 param: None,
                 code: "shutting_down",
                 allow: None,
+                retry_after: None,
             },
             EngineError::Model(_) | EngineError::Internal(_) => Self::internal(e.to_string()),
         }

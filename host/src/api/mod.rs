@@ -4,13 +4,22 @@
 //! hyper. It never runs model work: requests are validated here, handed to the scheduler's
 //! queue, and answered from the scheduler's event channel.
 //!
+//! Every request gets an id (its `x-request-id`, or a new one), sent back on the response and
+//! carried by its log lines and its upstream call. The API (`/v1/*`, `/tokenize`, …) asks the
+//! [`auth::Gate`] who the caller is; requests for a model an upstream serves are passed on
+//! ([`upstream`]), the others go to the scheduler in the tenant's chunk-store namespaces.
+//!
 //! - [`openai`]: request validation and response shapes.
+//! - [`auth`]: API keys, tenants, per-key limits, namespaces, request ids.
+//! - [`upstream`]: passing requests to other OpenAI-compatible servers.
 //! - [`admin`]: the operator endpoints (chunk store), behind the admin token.
 //! - [`error`]: OpenAI-shaped errors and their status codes.
 
 mod admin;
+pub mod auth;
 pub mod error;
 pub mod openai;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,11 +43,15 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::config::Config;
 use crate::engine::LoadedModel;
 use crate::metrics::Metrics;
 use crate::scheduler::{Event, FinishReason, PromptToken, Scheduler, Usage};
+use auth::{Gate, Permit};
 use error::ApiError;
 use openai::{Endpoint, Logprobs, ParsedRequest};
+use tracing::Instrument;
+use upstream::Upstreams;
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -54,11 +67,39 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// When set, `/admin/` requests must carry it as a bearer token.
     pub admin_token: Option<String>,
+    pub gate: Arc<Gate>,
+    pub upstreams: Arc<Upstreams>,
+    /// Longest prompt and most generated tokens a request may have (0: the context's).
+    pub max_prompt_tokens: usize,
+    pub max_completion_tokens: usize,
+    /// Longest a request may run (`None`: no limit).
+    pub request_timeout: Option<Duration>,
 }
 
 impl AppState {
-    pub fn new(max_body_bytes: usize, admin_token: Option<String>) -> Self {
-        Self { scheduler: OnceLock::new(), metrics: Metrics::default(), max_body_bytes, admin_token }
+    /// The state of a server with these settings (an unreadable keys file is an error).
+    pub fn new(config: &Config) -> Result<Self, String> {
+        Ok(Self {
+            scheduler: OnceLock::new(),
+            metrics: Metrics::default(),
+            max_body_bytes: config.max_body_bytes,
+            admin_token: config.admin_token.clone(),
+            gate: Arc::new(Gate::new(config)?),
+            upstreams: Arc::new(Upstreams::new(&config.upstreams)),
+            max_prompt_tokens: config.max_prompt_tokens,
+            max_completion_tokens: config.max_completion_tokens,
+            request_timeout: (config.request_timeout_secs > 0)
+                .then(|| Duration::from_secs(config.request_timeout_secs)),
+        })
+    }
+
+    /// Starts the background work of the gateway: keys-file reloads, upstream health.
+    pub fn watch(&self) {
+        self.gate.watch();
+        self.upstreams.watch();
+        if self.gate.is_open() {
+            tracing::warn!("no API key is configured: anyone who can reach this port may use the API");
+        }
     }
 }
 
@@ -102,14 +143,25 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
 }
 
 async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let response = match route(&state, req).await {
+    let id = auth::request_id(req.headers());
+    let span = tracing::info_span!("request", id = %id);
+    let (method, path, started) = (req.method().clone(), req.uri().path().to_string(), Instant::now());
+    let mut response = match route(&state, req, &id).instrument(span.clone()).await {
         Ok(r) => r,
         Err(e) => error_response(&state, &e),
     };
+    // The access log: one line per request (a stream's when its headers go out).
+    span.in_scope(|| {
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(%method, %path, status = response.status().as_u16(), ms, "request");
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
     Ok(response)
 }
 
-async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn route(state: &Arc<AppState>, req: Request<Incoming>, id: &str) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     if path.starts_with("/admin/") {
@@ -123,10 +175,23 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
     if method != allowed && !(method == Method::HEAD && allowed == "GET") {
         return Err(ApiError::method_not_allowed(&method, &path, allowed));
     }
+    let public = matches!(path.as_str(), "/health" | "/ready" | "/metrics") && !state.gate.protect_health;
+    let caller = match public {
+        true => None,
+        false => Some(state.gate.admit(req.headers()).inspect_err(|e| {
+            let counter = match e.status {
+                StatusCode::TOO_MANY_REQUESTS => &state.metrics.rejected_limits,
+                _ => &state.metrics.rejected_auth,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        })?),
+    };
     match path.as_str() {
         "/health" => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         "/ready" => match state.scheduler.get() {
-            Some(_) => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
+            Some(_) => {
+                Ok(json_response(StatusCode::OK, &json!({"status": "ready", "upstreams": state.upstreams.status()})))
+            }
             None => Err(ApiError::not_ready()),
         },
         "/metrics" => Ok(Response::builder()
@@ -137,21 +202,25 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
                 if let Some(p) = engine.and_then(Scheduler::policies) {
                     text.push_str(&p.metrics());
                 }
+                text.push_str(&state.upstreams.metrics());
                 text
             }))
             .expect("valid response")),
         "/v1/models" => {
             let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
             let m = engine.model();
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"object": "list", "data": [{
-                    "id": m.name, "object": "model", "created": unix_now(), "owned_by": "kvgate",
-                    "max_model_len": m.model.config().context_length,
-                }]}),
-            ))
+            let mut data = vec![json!({
+                "id": m.name, "object": "model", "created": unix_now(), "owned_by": "kvgate",
+                "max_model_len": m.model.config().context_length,
+            })];
+            for (model, upstream) in state.upstreams.models() {
+                if model != m.name {
+                    data.push(json!({"id": model, "object": "model", "created": unix_now(), "owned_by": upstream}));
+                }
+            }
+            Ok(json_response(StatusCode::OK, &json!({"object": "list", "data": data})))
         }
-        "/v1/chat/completions" => generate(state, req, Endpoint::Chat).await,
+        "/v1/chat/completions" => generate(state, req, Endpoint::Chat, caller.expect("checked above"), id).await,
         "/tokenize" => {
             let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
             let body = read_body(req, state.max_body_bytes).await?;
@@ -191,7 +260,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
             }
             Ok(json_response(StatusCode::OK, &json!({"prompt": m.tokenizer.decode(&ids)})))
         }
-        _ => generate(state, req, Endpoint::Completion).await,
+        _ => generate(state, req, Endpoint::Completion, caller.expect("checked above"), id).await,
     }
 }
 
@@ -210,17 +279,53 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
     }
 }
 
+/// The model a request body names, if it is a JSON object with a string `model`.
+fn requested_model(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Model {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Model>(body).ok()?.model
+}
+
 async fn generate(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     endpoint: Endpoint,
+    caller: auth::Caller,
+    id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
-    let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
     let headers = req.headers().clone();
+    let path = req.uri().path().to_string();
     let body = read_body(req, state.max_body_bytes).await?;
+    let local = state.scheduler.get().map(|e| e.model().name.clone());
+    if let Some(model) = requested_model(&body).filter(|m| Some(m) != local.as_ref()) {
+        if let Some(u) = state.upstreams.route(&model) {
+            check_completion_cap(state, &body)?;
+            let rest = path.strip_prefix("/v1").unwrap_or(&path);
+            tracing::info!(upstream = %u.name, %model, tenant = %caller.tenant, "passing the request on");
+            let resp = state.upstreams.forward(u, rest, &headers, body, id).await?;
+            return Ok(hold(resp, caller.permit));
+        }
+    }
+    let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
     let parsed = openai::parse(endpoint, &body, &engine.model().name)?;
-    let ParsedRequest { mut generate, stream, include_usage, token_ids, .. } = parsed;
+    let ParsedRequest { mut generate, stream, include_usage, token_ids, namespace, .. } = parsed;
+    generate.scope = state.gate.scope(&caller.tenant, namespace.as_deref())?;
+    generate.request_id = id.into();
+    if state.max_completion_tokens > 0 {
+        match generate.max_tokens {
+            Some(n) if n > state.max_completion_tokens => {
+                return Err(ApiError::invalid(
+                    "max_tokens",
+                    format!("max_tokens {n} is over this server's limit of {}", state.max_completion_tokens),
+                ));
+            }
+            None => generate.max_tokens = Some(state.max_completion_tokens),
+            Some(_) => {}
+        }
+    }
     // Headers win over the body's `kvgate` object.
     if let Some(mode) = headers.get("x-kvgate-cache") {
         let mode = mode.to_str().map_err(|_| ApiError::invalid("kvgate.cache", "x-kvgate-cache is not text"))?;
@@ -234,37 +339,108 @@ async fn generate(
     }
     let n = generate.n;
     let prepared = engine.prepare(generate)?;
+    if state.max_prompt_tokens > 0 && prepared.prompt_tokens() > state.max_prompt_tokens {
+        return Err(ApiError {
+            code: "prompt_too_long",
+            ..ApiError::invalid(
+                "messages",
+                format!(
+                    "the prompt has {} tokens, over this server's limit of {}",
+                    prepared.prompt_tokens(),
+                    state.max_prompt_tokens
+                ),
+            )
+        });
+    }
     let events = engine.submit(prepared).inspect_err(|e| {
         if matches!(e, crate::engine::EngineError::QueueFull) {
             state.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
         }
     })?;
     let reply = Reply::new(endpoint, engine.model().clone(), include_usage, token_ids, n);
-    let tracker = InFlight::new(state.clone(), started);
+    let tracker = InFlight::new(state.clone(), started, caller.permit);
+    let deadline = state.request_timeout.map(|t| tokio::time::Instant::from_std(started) + t);
     if stream {
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(stream_events(reply, events, tx, tracker));
+        let span = tracing::Span::current();
+        tokio::spawn(stream_events(reply, events, tx, tracker, deadline).instrument(span));
         Ok(Response::builder()
             .header(CONTENT_TYPE, "text/event-stream")
             .header(CACHE_CONTROL, "no-cache")
             .body(UnsyncBoxBody::new(SseBody { rx }))
             .expect("valid response"))
     } else {
-        collect_events(reply, events, tracker).await
+        let collected = collect_events(reply, events, tracker);
+        match deadline {
+            None => collected.await,
+            // Dropping the events on a timeout tells the scheduler to stop.
+            Some(d) => tokio::time::timeout_at(d, collected).await.unwrap_or_else(|_| Err(request_timed_out(state))),
+        }
     }
 }
 
-/// Keeps `in_flight` and the latency/token metrics right however a request ends.
+/// 504 for a request that ran past `request_timeout_secs`.
+fn request_timed_out(state: &AppState) -> ApiError {
+    let secs = state.request_timeout.map_or(0, |t| t.as_secs());
+    ApiError::timeout("request_timeout", format!("the request ran longer than this server's limit of {secs} s"))
+}
+
+/// Refuses a request for an upstream whose `max_tokens` is over the completion cap.
+fn check_completion_cap(state: &AppState, body: &[u8]) -> Result<(), ApiError> {
+    if state.max_completion_tokens == 0 {
+        return Ok(());
+    }
+    let v: Value = serde_json::from_slice(body).map_err(ApiError::malformed_json)?;
+    for field in ["max_tokens", "max_completion_tokens"] {
+        if v[field].as_u64().is_some_and(|n| n > state.max_completion_tokens as u64) {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("{field} is over this server's limit of {}", state.max_completion_tokens),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A response whose key keeps its place among the key's requests in flight until the body
+/// has been sent (or the client left).
+fn hold(resp: Response<Body>, permit: Permit) -> Response<Body> {
+    struct Held {
+        inner: Body,
+        _permit: Permit,
+    }
+    impl hyper::body::Body for Held {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Pin::new(&mut self.inner).poll_frame(cx)
+        }
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+        fn size_hint(&self) -> hyper::body::SizeHint {
+            self.inner.size_hint()
+        }
+    }
+    resp.map(|inner| UnsyncBoxBody::new(Held { inner, _permit: permit }))
+}
+
+/// Keeps `in_flight`, the latency/token metrics and the key's place among its requests in
+/// flight right however a request ends.
 struct InFlight {
     state: Arc<AppState>,
     started: Instant,
     first_token: bool,
+    _permit: Permit,
 }
 
 impl InFlight {
-    fn new(state: Arc<AppState>, started: Instant) -> Self {
+    fn new(state: Arc<AppState>, started: Instant, permit: Permit) -> Self {
         state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-        Self { state, started, first_token: false }
+        Self { state, started, first_token: false, _permit: permit }
     }
 
     fn token(&mut self) {
@@ -465,11 +641,27 @@ async fn stream_events(
     mut events: mpsc::UnboundedReceiver<Event>,
     tx: mpsc::Sender<Bytes>,
     mut tracker: InFlight,
+    deadline: Option<tokio::time::Instant>,
 ) {
     let send = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
     let mut first = vec![true; reply.n];
     let mut finished: Vec<Usage> = Vec::new();
-    while let Some(event) = events.recv().await {
+    loop {
+        let next = match deadline {
+            None => events.recv().await,
+            Some(d) => match tokio::time::timeout_at(d, events.recv()).await {
+                Ok(e) => e,
+                Err(_) => {
+                    // Dropping `events` when this returns tells the scheduler to stop.
+                    let e = request_timed_out(&tracker.state);
+                    tracing::warn!(message = %e.message, "request cut off");
+                    let _ = tx.send(send(&e.body())).await;
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    return;
+                }
+            },
+        };
+        let Some(event) = next else { break };
         let frames = match event {
             Event::Prompt(tokens) => {
                 let (text, lp) = reply.prompt(&tokens);
@@ -559,6 +751,9 @@ fn error_response(state: &AppState, e: &ApiError) -> Response<Body> {
     let mut r = json_response(e.status, &e.body());
     if let Some(allow) = e.allow {
         r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    if let Some(secs) = e.retry_after {
+        r.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs));
     }
     r
 }

@@ -55,6 +55,9 @@ struct KvgateOptions {
     score_from: Option<usize>,
     /// `false`: reuse what the chunk store holds, but store nothing from this request.
     store: Option<bool>,
+    /// A shared namespace (declared by the operator) to store this request's new chunks in,
+    /// instead of the tenant's own.
+    namespace: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +102,8 @@ pub struct ParsedRequest {
     pub include_usage: bool,
     /// Tokens in logprobs as `token_id:<id>`.
     pub token_ids: bool,
+    /// The shared namespace asked to store in (`kvgate.namespace`), checked by the caller.
+    pub namespace: Option<String>,
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
@@ -207,10 +212,13 @@ pub fn parse(endpoint: Endpoint, body: &[u8], served_model: &str) -> Result<Pars
             ignore_eos: common.ignore_eos,
             cache_mode,
             recompute_budget,
+            scope: Default::default(),
+            request_id: "".into(),
         },
         stream: common.stream,
         include_usage,
         token_ids: common.return_tokens_as_token_ids,
+        namespace: kv.namespace,
     })
 }
 
@@ -555,5 +563,92 @@ mod tests {
         assert_eq!(m[0].content, "ab");
         let e = chat(r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{}}]}]}"#).unwrap_err();
         assert!(e.message.contains("image_url"));
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Any JSON value, nested a few levels.
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+                ".{0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    proptest::collection::hash_map("[a-z_]{1,8}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        const FIELDS: [&str; 24] = [
+            "model",
+            "messages",
+            "prompt",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "stop",
+            "stream",
+            "stream_options",
+            "n",
+            "presence_penalty",
+            "frequency_penalty",
+            "logprobs",
+            "top_logprobs",
+            "echo",
+            "suffix",
+            "best_of",
+            "ignore_eos",
+            "kvgate",
+            "return_tokens_as_token_ids",
+            "user",
+        ];
+
+        /// A request object whose fields are the real ones, with any values.
+        fn request() -> impl Strategy<Value = Value> {
+            proptest::collection::vec((proptest::sample::select(&FIELDS[..]), json_value()), 0..10)
+                .prop_map(|fields| Value::Object(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+            /// Whatever the body, parsing answers Ok or an OpenAI-shaped 4xx — never a panic.
+            #[test]
+            fn any_bytes_are_answered(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+                for endpoint in [Endpoint::Chat, Endpoint::Completion] {
+                    if let Err(e) = parse(endpoint, &body, "m") {
+                        prop_assert!(e.status.is_client_error());
+                    }
+                }
+                let _ = parse_tokenize(&body, "m");
+                let _ = parse_detokenize(&body);
+            }
+
+            #[test]
+            fn any_field_values_are_answered(body in request()) {
+                let bytes = body.to_string().into_bytes();
+                for endpoint in [Endpoint::Chat, Endpoint::Completion] {
+                    match parse(endpoint, &bytes, "m") {
+                        Ok(p) => prop_assert!(p.generate.n >= 1),
+                        Err(e) => {
+                            prop_assert!(e.status.is_client_error(), "{e:?}");
+                            prop_assert!(!e.message.is_empty());
+                        }
+                    }
+                }
+                let _ = parse_tokenize(&bytes, "m");
+            }
+        }
     }
 }

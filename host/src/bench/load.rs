@@ -2,9 +2,12 @@
 //!
 //! At each concurrency C, C clients run closed loops — each sends a streaming chat request,
 //! reads it to the end, sends the next — over one shared list of prompts, until the list is
-//! used up. Per request it records when the first token arrived and the gap before every later
-//! one; per level, TTFT and inter-token latency percentiles, requests/s and output tokens/s
-//! over the level's wall time. The prompts are a RAG trace ([`super::trace`]) or short
+//! used up. The first `warmup` requests of a level are not counted: they fill the cache and
+//! spread the clients out, so that what is measured is the steady state, not the first burst
+//! of C requests arriving at once. Per request it records when the first token arrived and the
+//! gap before every later one; per level, TTFT and inter-token latency percentiles, and
+//! requests/s and output tokens/s from the first counted request's start to the last one's
+//! end. The prompts are a RAG trace ([`super::trace`]) or short
 //! questions (decode throughput). Nothing in the requests is kvgate's own, so the same run
 //! measures llama.cpp's server or vLLM; the chunk store is flushed before each level when the
 //! server is kvgate (`flush`).
@@ -30,8 +33,10 @@ pub struct LoadOptions {
     pub shape: Option<Shape>,
     /// Concurrency levels.
     pub clients: Vec<usize>,
-    /// Requests per level; 0: four per client, at least 16.
+    /// Requests counted per level; 0: four per client, at least 16.
     pub requests: usize,
+    /// Requests run first at each level and not counted; `None`: one per client.
+    pub warmup: Option<usize>,
     pub max_tokens: usize,
     /// Generate `max_tokens` whatever the model says (`ignore_eos`).
     pub ignore_eos: bool,
@@ -48,8 +53,10 @@ pub struct LoadOptions {
 }
 
 /// One request, as its client saw it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Timed {
+    started: Instant,
+    ended: Instant,
     ttft_s: f64,
     /// Gaps between successive token-carrying events, s.
     gaps: Vec<f64>,
@@ -61,6 +68,7 @@ struct Timed {
 pub struct Level {
     pub clients: usize,
     pub requests: usize,
+    pub warmup: usize,
     pub failed: usize,
     pub wall_s: f64,
     pub ttft_p50_s: f64,
@@ -123,7 +131,7 @@ fn stream(o: &LoadOptions, body: &Value) -> anyhow::Result<Timed> {
     }
     let started = Instant::now();
     let resp = req.send_string(&body.to_string()).map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
-    let mut timed = Timed::default();
+    let mut timed = Timed { started, ended: started, ttft_s: 0.0, gaps: Vec::new(), tokens: 0 };
     let (mut last, mut events, mut usage) = (None::<Instant>, 0usize, None);
     for line in BufReader::new(resp.into_reader()).lines() {
         let line = line?;
@@ -154,6 +162,7 @@ fn stream(o: &LoadOptions, body: &Value) -> anyhow::Result<Timed> {
         timed.ttft_s = started.elapsed().as_secs_f64();
     }
     timed.tokens = usage.unwrap_or(events);
+    timed.ended = Instant::now();
     Ok(timed)
 }
 
@@ -164,7 +173,8 @@ pub fn run(o: &LoadOptions, progress: impl Fn(&str)) -> anyhow::Result<LoadRepor
     }
     let most = o.clients.iter().copied().max().unwrap_or(1);
     let per_level = |c: usize| if o.requests > 0 { o.requests } else { (4 * c).max(16) };
-    let needed = o.clients.iter().map(|&c| per_level(c)).max().unwrap_or(16).max(most);
+    let warmup = |c: usize| o.warmup.unwrap_or(c);
+    let needed = o.clients.iter().map(|&c| warmup(c) + per_level(c)).max().unwrap_or(16).max(most);
     let bodies: Vec<Value> = match o.shape {
         None => short_prompts(needed),
         Some(shape) => {
@@ -179,36 +189,41 @@ pub fn run(o: &LoadOptions, progress: impl Fn(&str)) -> anyhow::Result<LoadRepor
         if o.flush {
             super::client::flush(&o.url)?;
         }
-        let n = per_level(c);
-        progress(&format!("{c} clients, {n} requests"));
+        let (n, w) = (per_level(c), warmup(c));
+        progress(&format!("{c} clients, {w} warm-up + {n} counted requests"));
         let next = AtomicUsize::new(0);
         let done: Mutex<Vec<Result<Timed, String>>> = Mutex::new(Vec::new());
-        let started = Instant::now();
         std::thread::scope(|s| {
             for _ in 0..c {
                 s.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
+                        if i >= w + n {
                             break;
                         }
                         let r = stream(o, &bodies[i]).map_err(|e| format!("{e:#}"));
-                        done.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                        if i >= w {
+                            done.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                        }
                     }
                 });
             }
         });
-        let wall_s = started.elapsed().as_secs_f64();
         let results = done.into_inner().unwrap_or_else(|p| p.into_inner());
         let error = results.iter().find_map(|r| r.as_ref().err().cloned());
         let ok: Vec<Timed> = results.into_iter().filter_map(Result::ok).collect();
+        let wall_s = match (ok.iter().map(|t| t.started).min(), ok.iter().map(|t| t.ended).max()) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64(),
+            _ => f64::NAN,
+        };
         let mut ttft: Vec<f64> = ok.iter().map(|t| t.ttft_s).collect();
         let mut gaps: Vec<f64> = ok.iter().flat_map(|t| t.gaps.iter().copied()).collect();
         let tokens: usize = ok.iter().map(|t| t.tokens).sum();
-        let chars: usize = bodies[..n].iter().map(|b| b["messages"].to_string().len()).sum();
+        let chars: usize = bodies[w..w + n].iter().map(|b| b["messages"].to_string().len()).sum();
         levels.push(Level {
             clients: c,
             requests: ok.len(),
+            warmup: w,
             failed: n - ok.len(),
             wall_s,
             ttft_p50_s: quantile(&mut ttft, 0.5),

@@ -265,7 +265,7 @@ fn replay_chunking(
     let warm = trace.len() / 4;
     for (i, t) in trace.iter().enumerate() {
         let n = t.ids.len();
-        let found = index.find(&t.ids[..n - 1]);
+        let found = index.find(&t.ids[..n - 1], &[0]);
         if i >= warm {
             reused += found.iter().map(|s| s.len()).sum::<usize>();
             total += n;
@@ -281,7 +281,7 @@ fn replay_chunking(
         for run in runs {
             for piece in crate::blend::pieces(run, &cuts, min_span) {
                 let tokens = &t.ids[piece];
-                index.held(ChunkKey::compose(m.model.fingerprint(), tokens), tokens, None, Tier::Ram);
+                index.held(ChunkKey::compose(m.model.fingerprint(), tokens), tokens, None, Tier::Ram, 0);
                 chunks += 1;
             }
         }
@@ -340,6 +340,7 @@ fn replay_eviction(m: &LoadedModel, trace: &[&Tokenized], evictor: Arc<dyn Evict
                     tokens: t.ids[c.clone()].to_vec(),
                     rotated_at: None,
                     parent: None,
+                    namespace: Default::default(),
                     k: vec![vec![0.0; c.len()]],
                     v: vec![vec![0.0; c.len()]],
                 };

@@ -9,6 +9,7 @@ use std::ops::Range;
 use sha2::{Digest, Sha256};
 
 pub use crate::store::ChunkKey;
+use crate::store::Namespace;
 
 impl ChunkKey {
     /// Position-independent key of a chunk for compositional reuse.
@@ -20,6 +21,16 @@ impl ChunkKey {
     /// whole prompt up to the end of the chunk.
     pub fn prefix(model: &str, tokens: &[u32]) -> Self {
         Self::hash(model, b"prefix", tokens)
+    }
+
+    /// The `model` argument of keys of namespace `ns` for the model with this fingerprint:
+    /// the fingerprint itself in the empty namespace (so keys stay what they were before
+    /// namespaces), both otherwise.
+    pub fn space(fingerprint: &str, ns: &Namespace) -> String {
+        match ns.name() {
+            "" => fingerprint.to_string(),
+            name => format!("{fingerprint}\u{0}namespace:{name}"),
+        }
     }
 
     fn hash(model: &str, namespace: &[u8], tokens: &[u32]) -> Self {
@@ -83,5 +94,12 @@ mod tests {
         assert_ne!(ChunkKey::compose("m", &[1, 2]), ChunkKey::compose("m", &[2, 1]));
         assert_ne!(ChunkKey::compose("m", &[1, 2]), ChunkKey::compose("n", &[1, 2]));
         assert_ne!(ChunkKey::compose("m", &[1, 2]), ChunkKey::prefix("m", &[1, 2]));
+        let (a, b) = (Namespace::new("a"), Namespace::new("b"));
+        assert_eq!(ChunkKey::space("m", &Namespace::default()), "m");
+        assert_ne!(ChunkKey::compose(&ChunkKey::space("m", &a), &[1, 2]), ChunkKey::compose("m", &[1, 2]));
+        assert_ne!(
+            ChunkKey::compose(&ChunkKey::space("m", &a), &[1, 2]),
+            ChunkKey::compose(&ChunkKey::space("m", &b), &[1, 2])
+        );
     }
 }

@@ -259,6 +259,7 @@ fn extract(model: &Model, cache: &KvCache, ids: &[u32], rows: Range<usize>, rota
         tokens: ids[rows.clone()].to_vec(),
         rotated_at: rotated.then(|| cache.positions[rows.start]),
         parent: None,
+        namespace: Default::default(),
         k,
         v: cache.layers.iter().map(|l| l.v[rows.start * d..rows.end * d].to_vec()).collect(),
     }

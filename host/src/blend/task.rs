@@ -31,7 +31,7 @@ use super::{
     micros, pieces, splice,
 };
 use crate::engine::{EngineError, KvCache, Model, Weights};
-use crate::store::{ChunkStore, SpanMatch, Use};
+use crate::store::{ChunkStore, Scope, SpanMatch, Use};
 
 /// What a finished prefill stores.
 enum Keep {
@@ -91,6 +91,8 @@ pub struct Prefilling {
     stage: Stage,
     keep: Keep,
     report: ReuseReport,
+    /// The namespaces read from and written to.
+    scope: Scope,
 }
 
 impl Prefilling {
@@ -107,7 +109,14 @@ impl Prefilling {
             stage: Stage::Start,
             keep: Keep::Nothing,
             report: ReuseReport::default(),
+            scope: Scope::default(),
         }
+    }
+
+    /// The same prefill reading and writing chunks of `scope`'s namespaces only.
+    pub fn in_scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
     }
 
     /// Token-layers left before the prefill completes (an estimate before the lookup).
@@ -206,8 +215,16 @@ impl Prefilling {
             CacheMode::Off => Stage::Extend { done: 0, logits: Vec::new() },
             CacheMode::Prefix => {
                 // The last token is always computed: its logits start generation.
-                let root = ChunkKey::prefix(model.fingerprint(), &[]);
-                let path = store.longest_prefix(&root, &self.ids[..n - 1]);
+                // The longest stored prefix in any namespace read.
+                let read = self.scope.read_ids();
+                let (root, path) = self
+                    .scope
+                    .read
+                    .iter()
+                    .map(|ns| ChunkKey::prefix(&ChunkKey::space(model.fingerprint(), ns), &[]))
+                    .map(|root| (root, store.longest_prefix(&root, &self.ids[..n - 1], &read)))
+                    .max_by_key(|(_, path)| path.last().map_or(0, |m| m.prompt.end))
+                    .expect("a scope reads at least one namespace");
                 self.report.timings.lookup_us = micros(started);
                 let (mut hit_end, mut parent, mut from) = (0, root, 0);
                 for m in &path {
@@ -235,7 +252,7 @@ impl Prefilling {
                 Stage::Extend { done: hit_end, logits: Vec::new() }
             }
             CacheMode::Compose => {
-                let found = store.find_spans(&self.ids[..n - 1]);
+                let found = store.find_spans(&self.ids[..n - 1], &self.scope.read_ids());
                 self.report.timings.lookup_us = micros(started);
                 let positions: Vec<u32> = (0..n as u32).collect();
                 self.cache.push_rows(&positions);
@@ -370,7 +387,8 @@ impl Prefilling {
             segment_starts: &self.segment_starts,
             chunk_tokens: self.opts.chunk_tokens,
         };
-        let fp = model.fingerprint();
+        let space = ChunkKey::space(model.fingerprint(), &self.scope.write);
+        let fp = space.as_str();
         match std::mem::replace(&mut self.keep, Keep::Nothing) {
             Keep::Nothing => {}
             Keep::Compose { uncovered } => {
@@ -380,7 +398,8 @@ impl Prefilling {
                     for piece in pieces(run, &cuts, self.opts.min_span) {
                         let key = ChunkKey::compose(fp, &self.ids[piece.clone()]);
                         if !store.contains(&key) {
-                            let kv = extract(model, &self.cache, &self.ids, piece.clone(), false);
+                            let mut kv = extract(model, &self.cache, &self.ids, piece.clone(), false);
+                            kv.namespace = self.scope.write.clone();
                             store.put(key, Arc::new(kv), cost_per_token * piece.len() as u64);
                             self.report.chunks_stored += 1;
                         }
@@ -393,6 +412,7 @@ impl Prefilling {
                     if !store.contains(&key) {
                         let mut kv = extract(model, &self.cache, &self.ids, piece.clone(), true);
                         kv.parent = Some(parent);
+                        kv.namespace = self.scope.write.clone();
                         store.put(key, Arc::new(kv), cost_per_token * piece.len() as u64);
                         self.report.chunks_stored += 1;
                     }

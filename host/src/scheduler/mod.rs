@@ -373,7 +373,7 @@ impl Loop {
             segment_starts: &segment_starts,
             chunk_tokens: opts.chunk_tokens,
         };
-        let prefill = Prefilling::new(&m.model, &input, mode, &opts);
+        let prefill = Prefilling::new(&m.model, &input, mode, &opts).in_scope(request.scope.clone());
         let n = request.n.max(1);
         let per_token = (m.model.config().layers * 2 * m.model.config().kv_dim() * 4) as u64;
         let reserved = (ids.len() + max_tokens.min(self.options.reserve_tokens)) as u64 * n as u64 * per_token;
@@ -401,6 +401,7 @@ impl Loop {
             echo: request.echo.then_some((request.score_from, request.logprobs)),
             store: request.store,
             ids,
+            request_id: request.request_id.clone(),
         });
     }
 
@@ -505,6 +506,7 @@ impl Loop {
             self.started_early.retain(|&s| oldest_unstarted.is_some_and(|o| s > o));
         }
         let a = self.prefilling.front_mut().expect("front exists");
+        let _span = tracing::info_span!("request", id = %a.request_id).entered();
         let m = self.model.clone();
         let read_only;
         let store: &dyn ChunkStore = match a.store {

@@ -3,6 +3,7 @@
 
 use crate::blend::{CacheMode, ReuseReport};
 use crate::engine::{ChatMessage, EngineError, SamplingParams, TokenLogprob};
+use crate::store::Scope;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -40,6 +41,10 @@ pub struct GenerateRequest {
     pub recompute_budget: Option<f32>,
     /// Choices to generate from the one prefill (OpenAI's `n`).
     pub n: usize,
+    /// The chunk-store namespaces it reads and writes (its tenant's; see [`Scope`]).
+    pub scope: Scope,
+    /// Its id (`x-request-id`), carried by its log lines.
+    pub request_id: std::sync::Arc<str>,
 }
 
 impl GenerateRequest {
@@ -59,6 +64,8 @@ impl GenerateRequest {
             cache_mode: None,
             recompute_budget: None,
             n: 1,
+            scope: Scope::default(),
+            request_id: "".into(),
         }
     }
 }

@@ -36,6 +36,8 @@ pub(super) struct Admitted {
     pub events: UnboundedSender<Event>,
     /// KV bytes held against the scheduler's budget.
     pub reserved: u64,
+    /// The request's id (its log lines carry it).
+    pub request_id: std::sync::Arc<str>,
 }
 
 /// How the choices of a request decode.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::evict::{self, Evictor};
 use super::payload::{self, HEADER_LEN, Layout};
 use super::segment::{Extent, Extents, Release, SegmentFiles};
-use super::{ChunkKey, ChunkKv, ChunkStats, StoreError, TierStats, Use};
+use super::{ChunkKey, ChunkKv, ChunkStats, Namespace, StoreError, TierStats, Use, namespace_id};
 
 /// One index entry (sled value, JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +39,9 @@ struct IndexEntry {
     /// For a prefix-cache chunk, the key (hex) of the chunk before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     parent: Option<String>,
+    /// Its namespace (absent: the empty one).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    namespace: String,
 }
 
 impl IndexEntry {
@@ -51,6 +54,7 @@ impl IndexEntry {
             hits: self.hits,
             partial_hits: self.partial_hits,
             cost_us: self.cost_us,
+            namespace: namespace_id(&self.namespace),
         }
     }
 
@@ -87,6 +91,26 @@ struct State {
     entries: HashMap<ChunkKey, IndexEntry>,
     extents: Extents,
     bytes: u64,
+    /// Bytes per namespace id.
+    namespace_bytes: HashMap<u64, u64>,
+}
+
+impl State {
+    fn account(&mut self, e: &IndexEntry, add: bool) {
+        let b = self.namespace_bytes.entry(namespace_id(&e.namespace)).or_default();
+        match add {
+            true => *b += e.extent.len,
+            false => *b -= e.extent.len,
+        }
+    }
+}
+
+/// A chunk as the span index is rebuilt from it.
+pub struct IndexedChunk {
+    pub key: ChunkKey,
+    pub tokens: Vec<u32>,
+    pub parent: Option<ChunkKey>,
+    pub namespace: String,
 }
 
 /// Chunks on local disk.
@@ -96,6 +120,8 @@ pub struct DiskTier {
     layout: Layout,
     model_hex: String,
     budget: u64,
+    /// What one namespace may hold.
+    namespace_budget: u64,
     state: Mutex<State>,
 }
 
@@ -175,8 +201,18 @@ impl DiskTier {
         index.flush()?;
         rec.entries = entries.len();
         let bytes = entries.values().map(|e| e.extent.len).sum();
-        let state = Mutex::new(State { entries, extents, bytes });
-        Ok((Self { index, files, layout, model_hex, budget, state }, rec))
+        let mut state = State { entries: HashMap::new(), extents, bytes, namespace_bytes: HashMap::new() };
+        for e in entries.values() {
+            state.account(e, true);
+        }
+        state.entries = entries;
+        let state = Mutex::new(state);
+        Ok((Self { index, files, layout, model_hex, budget, namespace_budget: budget, state }, rec))
+    }
+
+    /// Lets one namespace fill `share` of the budget only (see [`super::StoreOptions`]).
+    pub fn set_namespace_share(&mut self, share: f64) {
+        self.namespace_budget = (self.budget as f64 * share.clamp(0.0, 1.0)) as u64;
     }
 
     pub fn layout(&self) -> &Layout {
@@ -187,10 +223,10 @@ impl DiskTier {
         self.state.lock().unwrap().entries.contains_key(key)
     }
 
-    /// Every chunk of this model with its tokens and parent (what the span index is rebuilt
-    /// from). The tokens are read without the checksum: a payload that fails it later is a
-    /// miss then, and a hit is checked token by token before it is used.
-    pub fn indexed(&self) -> Vec<(ChunkKey, Vec<u32>, Option<ChunkKey>)> {
+    /// Every chunk of this model with its tokens, parent and namespace (what the span index
+    /// is rebuilt from). The tokens are read without the checksum: a payload that fails it
+    /// later is a miss then, and a hit is checked token by token before it is used.
+    pub fn indexed(&self) -> Vec<IndexedChunk> {
         let entries: Vec<(ChunkKey, IndexEntry)> =
             self.state.lock().unwrap().entries.iter().map(|(k, e)| (*k, e.clone())).collect();
         let mut out = Vec::with_capacity(entries.len());
@@ -200,7 +236,7 @@ impl DiskTier {
                 continue;
             }
             if let Ok(tokens) = payload::tokens(&buf, &key, &self.layout) {
-                out.push((key, tokens, e.parent()));
+                out.push(IndexedChunk { key, tokens, parent: e.parent(), namespace: e.namespace });
             }
         }
         out
@@ -220,6 +256,7 @@ impl DiskTier {
                 let e = st.entries.get_mut(key).unwrap();
                 e.record_hit(now_ms, used);
                 kv.parent = e.parent();
+                kv.namespace = Namespace::new(&e.namespace);
                 let stats = e.stats();
                 let _ = self.index.insert(key.0, serde_json::to_vec(&*e).unwrap());
                 Lookup::Hit(kv, stats)
@@ -260,34 +297,22 @@ impl DiskTier {
         }
         let (bytes, checksum) = payload::encode(&key, kv, &self.layout);
         let len = bytes.len() as u64;
-        if len > self.budget {
+        if len > self.budget.min(self.namespace_budget) {
             return Ok(Vec::new());
         }
+        let ns = stats.namespace;
         let (extent, evicted) = {
             let mut st = self.state.lock().unwrap();
-            let over = (st.bytes + len).saturating_sub(self.budget);
             let mut evicted = Vec::new();
-            if over > 0 {
-                let keys: Vec<ChunkKey> = st.entries.keys().copied().collect();
-                let cands: Vec<_> = keys.iter().map(|k| st.entries[k].stats().candidate()).collect();
-                let victims = evict::choose(evictor, &cands, over, stats.created_ms, &tier.evictor_fallbacks);
-                let mut freed = Vec::new();
-                for i in victims {
-                    if let Some(e) = st.entries.remove(&keys[i]) {
-                        self.index.remove(keys[i].0)?;
-                        st.bytes -= e.extent.len;
-                        freed.push(e.extent);
-                        evicted.push(keys[i]);
-                    }
-                }
-                // The removals are durable before the space can be reused.
-                self.index.flush()?;
-                for x in freed {
-                    self.release(&mut st, x);
-                }
-            }
+            // Its namespace's own chunks while the namespace would be over its share, then any.
+            let own = st.namespace_bytes.get(&ns).copied().unwrap_or(0);
+            let over = (own + len).saturating_sub(self.namespace_budget);
+            self.evict(&mut st, |e| e.namespace == ns, over, &stats, evictor, tier, &mut evicted)?;
+            let over = (st.bytes + len).saturating_sub(self.budget);
+            self.evict(&mut st, |_| true, over, &stats, evictor, tier, &mut evicted)?;
             let extent = st.extents.allocate(len);
             st.bytes += len;
+            *st.namespace_bytes.entry(ns).or_default() += len;
             (extent, evicted)
         };
         let written = self
@@ -306,6 +331,7 @@ impl DiskTier {
             partial_hits: 0,
             cost_us: stats.cost_us,
             parent: kv.parent.map(|p| p.to_hex()),
+            namespace: kv.namespace.name().to_string(),
         };
         // The entry is flushed too: a chunk counted on disk survives a crash (this runs on the
         // writer thread, never on a request's path).
@@ -321,10 +347,47 @@ impl DiskTier {
             }
             Err(e) => {
                 st.bytes -= len;
+                *st.namespace_bytes.entry(ns).or_default() -= len;
                 self.release(&mut st, extent);
                 Err(e)
             }
         }
+    }
+
+    /// Evicts at least `over` bytes of the chunks `among` admits; the removals are durable
+    /// before their space can be reused.
+    #[allow(clippy::too_many_arguments)]
+    fn evict(
+        &self,
+        st: &mut State,
+        among: impl Fn(&ChunkStats) -> bool,
+        over: u64,
+        incoming: &ChunkStats,
+        evictor: &dyn Evictor,
+        tier: &TierStats,
+        evicted: &mut Vec<ChunkKey>,
+    ) -> Result<(), StoreError> {
+        if over == 0 {
+            return Ok(());
+        }
+        let keys: Vec<ChunkKey> = st.entries.iter().filter(|(_, e)| among(&e.stats())).map(|(k, _)| *k).collect();
+        let cands: Vec<_> = keys.iter().map(|k| st.entries[k].stats().candidate()).collect();
+        let victims = evict::choose(evictor, &cands, over, incoming.created_ms, &tier.evictor_fallbacks);
+        let mut freed = Vec::new();
+        for i in victims {
+            if let Some(e) = st.entries.remove(&keys[i]) {
+                self.index.remove(keys[i].0)?;
+                st.bytes -= e.extent.len;
+                st.account(&e, false);
+                freed.push(e.extent);
+                evicted.push(keys[i]);
+            }
+        }
+        self.index.flush()?;
+        for x in freed {
+            self.release(st, x);
+        }
+        Ok(())
     }
 
     fn release(&self, st: &mut State, x: Extent) {
@@ -342,6 +405,7 @@ impl DiskTier {
         let Some(e) = st.entries.remove(key) else { return false };
         let _ = self.index.remove(key.0);
         st.bytes -= e.extent.len;
+        st.account(&e, false);
         self.release(st, e.extent);
         true
     }
@@ -373,9 +437,9 @@ impl DiskTier {
         self.budget
     }
 
-    /// Every chunk's statistics.
-    pub fn stats(&self) -> Vec<(ChunkKey, ChunkStats)> {
-        self.state.lock().unwrap().entries.iter().map(|(k, e)| (*k, e.stats())).collect()
+    /// Every chunk's statistics and namespace.
+    pub fn stats(&self) -> Vec<(ChunkKey, ChunkStats, String)> {
+        self.state.lock().unwrap().entries.iter().map(|(k, e)| (*k, e.stats(), e.namespace.clone())).collect()
     }
 
     /// Bytes the segment files occupy on the device.

@@ -45,6 +45,65 @@ use ram::RamTier;
 use span::Tier;
 pub use span::{SpanIndex, SpanMatch};
 
+/// Whose chunks these are. A request finds only chunks of the namespaces it may read (its
+/// tenant's own and the shared ones), and what it brings new goes to the one it writes: no
+/// tenant can hit — or time — another's chunks. The empty name is the namespace of an open
+/// server (no API keys) and of the `default` tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Namespace(Arc<str>);
+
+impl Namespace {
+    pub fn new(name: &str) -> Self {
+        Self(name.into())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// A stable 64-bit id of the name (what the span index and the tiers keep); 0 for the
+    /// empty name.
+    pub fn id(&self) -> u64 {
+        namespace_id(&self.0)
+    }
+}
+
+/// [`Namespace::id`] of a name.
+pub fn namespace_id(name: &str) -> u64 {
+    if name.is_empty() {
+        return 0;
+    }
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(name.as_bytes());
+    u64::from_le_bytes(h[..8].try_into().expect("8 bytes")).max(1)
+}
+
+/// Where one request reads chunks from and writes new ones to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub write: Namespace,
+    /// Always holds `write`.
+    pub read: Vec<Namespace>,
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Self::own(Namespace::default())
+    }
+}
+
+impl Scope {
+    /// Reads and writes `ns` only.
+    pub fn own(ns: Namespace) -> Self {
+        Self { read: vec![ns.clone()], write: ns }
+    }
+
+    /// The ids of the namespaces read.
+    pub fn read_ids(&self) -> Vec<u64> {
+        self.read.iter().map(Namespace::id).collect()
+    }
+}
+
 /// A chunk's identity: a hash of the model fingerprint, a namespace and token ids (see
 /// `blend::chunk` for how keys are made).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -87,6 +146,8 @@ pub struct ChunkKv {
     pub rotated_at: Option<u32>,
     /// For a prefix-cache chunk, the chunk before it (the tree prefix reuse walks).
     pub parent: Option<ChunkKey>,
+    /// Whose chunk it is.
+    pub namespace: Namespace,
     /// Per layer, `tokens × kv_dim` K.
     pub k: Vec<Vec<f32>>,
     /// Per layer, `tokens × kv_dim` V.
@@ -114,6 +175,9 @@ pub struct ChunkStats {
     pub partial_hits: u32,
     /// What computing it cost, microseconds.
     pub cost_us: u64,
+    /// [`Namespace::id`] of its namespace (per-namespace budgets).
+    #[serde(skip)]
+    pub namespace: u64,
 }
 
 impl ChunkStats {
@@ -147,11 +211,12 @@ pub trait ChunkStore: Send + Sync {
     }
     /// Keeps a chunk that cost `cost_us` to compute, evicting others if a budget requires.
     fn put(&self, key: ChunkKey, kv: Arc<ChunkKv>, cost_us: u64);
-    /// Covers `prompt` with the longest runs that equal runs inside held chunks (see
-    /// [`SpanIndex::find`]).
-    fn find_spans(&self, prompt: &[u32]) -> Vec<SpanMatch>;
-    /// The longest prefix of `prompt` held by prefix-cache chunks chained from `root`.
-    fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32]) -> Vec<SpanMatch>;
+    /// Covers `prompt` with the longest runs that equal runs inside held chunks of the
+    /// namespaces `read` (ids; see [`SpanIndex::find`]).
+    fn find_spans(&self, prompt: &[u32], read: &[u64]) -> Vec<SpanMatch>;
+    /// The longest prefix of `prompt` held by prefix-cache chunks of the namespaces `read`
+    /// chained from `root`.
+    fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32], read: &[u64]) -> Vec<SpanMatch>;
     /// Whether some tier holds `key`.
     fn contains(&self, key: &ChunkKey) -> bool;
 }
@@ -165,11 +230,11 @@ impl ChunkStore for ReadOnly<'_> {
         self.0.fetch(key, used)
     }
     fn put(&self, _: ChunkKey, _: Arc<ChunkKv>, _: u64) {}
-    fn find_spans(&self, prompt: &[u32]) -> Vec<SpanMatch> {
-        self.0.find_spans(prompt)
+    fn find_spans(&self, prompt: &[u32], read: &[u64]) -> Vec<SpanMatch> {
+        self.0.find_spans(prompt, read)
     }
-    fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32]) -> Vec<SpanMatch> {
-        self.0.longest_prefix(root, prompt)
+    fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32], read: &[u64]) -> Vec<SpanMatch> {
+        self.0.longest_prefix(root, prompt, read)
     }
     fn contains(&self, key: &ChunkKey) -> bool {
         self.0.contains(key)
@@ -267,6 +332,9 @@ pub struct StoreOptions {
     pub retry_after: Duration,
     /// Shortest run of tokens the span index finds.
     pub min_span: usize,
+    /// Share of each tier's budget one namespace may fill (1: no limit of its own); a
+    /// namespace over it evicts its own chunks, never another's.
+    pub namespace_share: f64,
 }
 
 impl Default for StoreOptions {
@@ -281,6 +349,7 @@ impl Default for StoreOptions {
             write_queue: 64,
             retry_after: Duration::from_secs(2),
             min_span: 16,
+            namespace_share: 1.0,
         }
     }
 }
@@ -289,6 +358,8 @@ impl Default for StoreOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ChunkInfo {
     pub key: String,
+    /// Its namespace (empty: the open server's / the `default` tenant's).
+    pub namespace: String,
     /// Tiers holding it: `ram`, `disk`.
     pub tiers: Vec<&'static str>,
     #[serde(flatten)]
@@ -364,12 +435,15 @@ impl Store {
         let mut index = SpanIndex::new(options.min_span);
         if let Some(d) = &disk {
             // The index is rebuilt from what the disk holds, so a restart keeps every hit.
-            for (key, tokens, parent) in d.indexed() {
-                index.held(key, &tokens, parent, Tier::Disk);
+            for c in d.indexed() {
+                index.held(c.key, &c.tokens, c.parent, Tier::Disk, namespace_id(&c.namespace));
             }
         }
         let spans = Arc::new(RwLock::new(index));
-        let disk = disk.map(Arc::new);
+        let disk = disk.map(|mut d| {
+            d.set_namespace_share(options.namespace_share);
+            Arc::new(d)
+        });
         let writer = disk.as_ref().map(|d| {
             stats.disk_enabled.store(1, Ordering::Relaxed);
             stats.disk.budget.store(d.budget(), Ordering::Relaxed);
@@ -388,7 +462,7 @@ impl Store {
             (tx, handle)
         });
         let store = Self {
-            ram: Mutex::new(RamTier::new(options.ram_budget_bytes)),
+            ram: Mutex::new(RamTier::new(options.ram_budget_bytes, options.namespace_share)),
             disk,
             writer,
             evictor,
@@ -455,16 +529,23 @@ impl Store {
         in_ram || on_disk
     }
 
-    /// Chunks in key order after `after`, at most `limit`; and whether more follow.
-    pub fn list(&self, after: Option<&ChunkKey>, limit: usize) -> (Vec<ChunkInfo>, bool) {
+    /// Chunks in key order after `after`, at most `limit` (of `namespace` only, when given);
+    /// and whether more follow.
+    pub fn list(&self, after: Option<&ChunkKey>, limit: usize, namespace: Option<&str>) -> (Vec<ChunkInfo>, bool) {
         let mut all: std::collections::BTreeMap<ChunkKey, ChunkInfo> = std::collections::BTreeMap::new();
+        let wanted = |ns: &str| namespace.is_none_or(|w| w == ns);
         if let Some(d) = &self.disk {
-            for (k, stats) in d.stats() {
-                all.insert(k, ChunkInfo { key: k.to_hex(), tiers: vec!["disk"], stats });
+            for (k, stats, ns) in d.stats().into_iter().filter(|(_, _, ns)| wanted(ns)) {
+                all.insert(k, ChunkInfo { key: k.to_hex(), namespace: ns, tiers: vec!["disk"], stats });
             }
         }
-        for (k, s) in self.ram.lock().unwrap().stats() {
-            let info = all.entry(*k).or_insert_with(|| ChunkInfo { key: k.to_hex(), tiers: vec![], stats: *s });
+        for (k, s, ns) in self.ram.lock().unwrap().stats().filter(|(_, _, ns)| wanted(ns.name())) {
+            let info = all.entry(*k).or_insert_with(|| ChunkInfo {
+                key: k.to_hex(),
+                namespace: ns.name().to_string(),
+                tiers: vec![],
+                stats: *s,
+            });
             info.tiers.insert(0, "ram");
             info.stats.last_access_ms = info.stats.last_access_ms.max(s.last_access_ms);
         }
@@ -538,7 +619,7 @@ impl ChunkStore for Store {
                 let kv = Arc::new(kv);
                 let evicted = self.ram.lock().unwrap().insert(*key, kv.clone(), stats, &*self.evictor(), &s.ram);
                 s.ram.evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
-                self.spans.write().unwrap().held(*key, &kv.tokens, kv.parent, Tier::Ram);
+                self.spans.write().unwrap().held(*key, &kv.tokens, kv.parent, Tier::Ram, kv.namespace.id());
                 self.evicted(&evicted, Tier::Ram);
                 self.refresh_gauges();
                 Some(kv)
@@ -559,12 +640,12 @@ impl ChunkStore for Store {
         }
     }
 
-    fn find_spans(&self, prompt: &[u32]) -> Vec<SpanMatch> {
-        self.spans.read().unwrap().find(prompt)
+    fn find_spans(&self, prompt: &[u32], read: &[u64]) -> Vec<SpanMatch> {
+        self.spans.read().unwrap().find(prompt, read)
     }
 
-    fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32]) -> Vec<SpanMatch> {
-        self.spans.read().unwrap().longest_prefix(root, prompt)
+    fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32], read: &[u64]) -> Vec<SpanMatch> {
+        self.spans.read().unwrap().longest_prefix(root, prompt, read)
     }
 
     fn contains(&self, key: &ChunkKey) -> bool {
@@ -590,11 +671,12 @@ impl ChunkStore for Store {
             hits: 0,
             partial_hits: 0,
             cost_us,
+            namespace: kv.namespace.id(),
         };
         let evicted = self.ram.lock().unwrap().insert(key, kv.clone(), stats, &*self.evictor(), &self.stats.ram);
         self.stats.ram.evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
         if self.ram.lock().unwrap().contains(&key) {
-            self.spans.write().unwrap().held(key, &kv.tokens, kv.parent, Tier::Ram);
+            self.spans.write().unwrap().held(key, &kv.tokens, kv.parent, Tier::Ram, kv.namespace.id());
         }
         self.evicted(&evicted, Tier::Ram);
         if let Some((tx, _)) = &self.writer {
@@ -646,7 +728,7 @@ impl Writer {
                     self.stats.disk.evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
                     let mut spans = self.spans.write().unwrap();
                     if self.disk.contains(&key) {
-                        spans.held(key, &kv.tokens, kv.parent, Tier::Disk);
+                        spans.held(key, &kv.tokens, kv.parent, Tier::Disk, kv.namespace.id());
                     }
                     evicted.iter().for_each(|k| spans.dropped(k, Tier::Disk));
                     drop(spans);

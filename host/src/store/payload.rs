@@ -278,7 +278,7 @@ pub fn decode(bytes: &[u8], key: &ChunkKey, layout: &Layout) -> Result<ChunkKv, 
         v.push(get_values(&body[at + width..at + 2 * width], h.dtype));
         at += 2 * width;
     }
-    Ok(ChunkKv { tokens, rotated_at, parent: None, k, v })
+    Ok(ChunkKv { tokens, rotated_at, parent: None, namespace: Default::default(), k, v })
 }
 
 /// The token ids of the payload for `key`, from its header and token section alone (no
@@ -323,6 +323,7 @@ mod tests {
             tokens: (0..n as u32).collect(),
             rotated_at: None,
             parent: None,
+            namespace: Default::default(),
             k: (0..layout.layers).map(|l| vals(l as f32)).collect(),
             v: (0..layout.layers).map(|l| vals(-(l as f32))).collect(),
         }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::evict::{self, Candidate, Evictor};
-use super::{ChunkKey, ChunkKv, ChunkStats, TierStats, Use};
+use super::{ChunkKey, ChunkKv, ChunkStats, Namespace, TierStats, Use};
 
 struct Entry {
     kv: Arc<ChunkKv>,
@@ -16,11 +16,16 @@ pub struct RamTier {
     entries: HashMap<ChunkKey, Entry>,
     bytes: u64,
     budget: u64,
+    /// Bytes per namespace id, and what one namespace may hold.
+    namespace_bytes: HashMap<u64, u64>,
+    namespace_budget: u64,
 }
 
 impl RamTier {
-    pub fn new(budget: u64) -> Self {
-        Self { entries: HashMap::new(), bytes: 0, budget }
+    /// A tier of `budget` bytes, of which one namespace may fill `share`.
+    pub fn new(budget: u64, share: f64) -> Self {
+        let namespace_budget = (budget as f64 * share.clamp(0.0, 1.0)) as u64;
+        Self { entries: HashMap::new(), bytes: 0, budget, namespace_bytes: HashMap::new(), namespace_budget }
     }
 
     /// The chunk, if held; counts the hit.
@@ -36,8 +41,9 @@ impl RamTier {
         self.entries.contains_key(key)
     }
 
-    /// Keeps a chunk, first evicting through `evictor` until it fits. A chunk larger than
-    /// the whole budget is not kept. Returns the chunks evicted.
+    /// Keeps a chunk, first evicting through `evictor` until it fits: its namespace's own
+    /// chunks while the namespace would be over its share, then any. A chunk larger than
+    /// its namespace's share is not kept. Returns the chunks evicted.
     pub fn insert(
         &mut self,
         key: ChunkKey,
@@ -48,33 +54,55 @@ impl RamTier {
     ) -> Vec<ChunkKey> {
         let size = kv.bytes() as u64;
         stats.bytes = size;
-        if let Some(old) = self.entries.remove(&key) {
-            self.bytes -= old.stats.bytes;
-        }
-        if size > self.budget {
+        let ns = stats.namespace;
+        self.remove(&key);
+        if size > self.budget.min(self.namespace_budget) {
             return Vec::new();
         }
-        let over = (self.bytes + size).saturating_sub(self.budget);
         let mut evicted = Vec::new();
-        if over > 0 {
-            let keys: Vec<ChunkKey> = self.entries.keys().copied().collect();
-            let cands: Vec<Candidate> = keys.iter().map(|k| self.entries[k].stats.candidate()).collect();
-            for i in evict::choose(evictor, &cands, over, stats.last_access_ms, &tier.evictor_fallbacks) {
-                if let Some(e) = self.entries.remove(&keys[i]) {
-                    self.bytes -= e.stats.bytes;
-                    evicted.push(keys[i]);
-                }
-            }
-        }
+        let own = self.namespace_bytes.get(&ns).copied().unwrap_or(0);
+        let over = (own + size).saturating_sub(self.namespace_budget);
+        self.evict(|s| s.namespace == ns, over, &stats, evictor, tier, &mut evicted);
+        let over = (self.bytes + size).saturating_sub(self.budget);
+        self.evict(|_| true, over, &stats, evictor, tier, &mut evicted);
         self.bytes += size;
+        *self.namespace_bytes.entry(ns).or_default() += size;
         self.entries.insert(key, Entry { kv, stats });
         evicted
+    }
+
+    /// Evicts at least `over` bytes of the chunks `among` admits.
+    fn evict(
+        &mut self,
+        among: impl Fn(&ChunkStats) -> bool,
+        over: u64,
+        incoming: &ChunkStats,
+        evictor: &dyn Evictor,
+        tier: &TierStats,
+        evicted: &mut Vec<ChunkKey>,
+    ) {
+        if over == 0 {
+            return;
+        }
+        let keys: Vec<ChunkKey> = self.entries.iter().filter(|(_, e)| among(&e.stats)).map(|(k, _)| *k).collect();
+        let cands: Vec<Candidate> = keys.iter().map(|k| self.entries[k].stats.candidate()).collect();
+        for i in evict::choose(evictor, &cands, over, incoming.last_access_ms, &tier.evictor_fallbacks) {
+            if self.remove(&keys[i]) {
+                evicted.push(keys[i]);
+            }
+        }
     }
 
     pub fn remove(&mut self, key: &ChunkKey) -> bool {
         match self.entries.remove(key) {
             Some(e) => {
                 self.bytes -= e.stats.bytes;
+                if let Some(b) = self.namespace_bytes.get_mut(&e.stats.namespace) {
+                    *b -= e.stats.bytes;
+                    if *b == 0 {
+                        self.namespace_bytes.remove(&e.stats.namespace);
+                    }
+                }
                 true
             }
             None => false,
@@ -83,6 +111,7 @@ impl RamTier {
 
     pub fn clear(&mut self) -> Vec<ChunkKey> {
         self.bytes = 0;
+        self.namespace_bytes.clear();
         self.entries.drain().map(|(k, _)| k).collect()
     }
 
@@ -90,7 +119,8 @@ impl RamTier {
         (self.entries.len(), self.bytes)
     }
 
-    pub fn stats(&self) -> impl Iterator<Item = (&ChunkKey, &ChunkStats)> {
-        self.entries.iter().map(|(k, e)| (k, &e.stats))
+    /// Every chunk's statistics and namespace.
+    pub fn stats(&self) -> impl Iterator<Item = (&ChunkKey, &ChunkStats, &Namespace)> {
+        self.entries.iter().map(|(k, e)| (k, &e.stats, &e.kv.namespace))
     }
 }

@@ -14,6 +14,11 @@
 //! It also keeps the tree of prefix-cache chunks (each knows the chunk before it), so prefix
 //! reuse finds the longest stored prefix of a prompt to the token.
 //!
+//! Every chunk belongs to a namespace (see [`super::Namespace`]): its anchors are posted
+//! under hashes mixed with the namespace's id, a lookup probes only the namespaces it may
+//! read, and a posting of another namespace is skipped even where mixed hashes collide — so
+//! one tenant's lookups neither find nor spend time on another's chunks.
+//!
 //! Owns no KV and does no I/O: the [`super::Store`] keeps it in step with its tiers (a chunk
 //! is indexed while some tier holds it) and rebuilds it from the disk tier when it opens.
 
@@ -76,6 +81,8 @@ impl Tier {
 
 struct Indexed {
     key: ChunkKey,
+    /// Its namespace's id.
+    namespace: u64,
     tokens: Arc<[u32]>,
     /// The anchor hashes this chunk posted (to take them back out).
     anchors: Vec<u64>,
@@ -116,6 +123,14 @@ pub fn window_hash(window: &[u32]) -> u64 {
     h ^= h >> 27;
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
+}
+
+/// The anchor hash `h` as posted in namespace `ns` (unchanged in the empty namespace).
+fn in_namespace(h: u64, ns: u64) -> u64 {
+    match ns {
+        0 => h,
+        _ => h ^ window_hash(&[ns as u32, (ns >> 32) as u32]),
+    }
 }
 
 impl SpanIndex {
@@ -159,9 +174,9 @@ impl SpanIndex {
         self.by_key.keys()
     }
 
-    /// Records that `tier` holds the chunk `key` (with these tokens; a prefix-cache chunk
-    /// names the chunk before it). Indexes it if it was not.
-    pub fn held(&mut self, key: ChunkKey, tokens: &[u32], parent: Option<ChunkKey>, tier: Tier) {
+    /// Records that `tier` holds the chunk `key` of namespace `namespace` (an id; with these
+    /// tokens; a prefix-cache chunk names the chunk before it). Indexes it if it was not.
+    pub fn held(&mut self, key: ChunkKey, tokens: &[u32], parent: Option<ChunkKey>, tier: Tier, namespace: u64) {
         if let Some(&slot) = self.by_key.get(&key) {
             if let Some(c) = self.slots[slot as usize].as_mut() {
                 c.tiers |= tier.bit();
@@ -175,7 +190,8 @@ impl SpanIndex {
                 (self.slots.len() - 1) as u32
             }
         };
-        let anchors = self.winnow(tokens);
+        let anchors: Vec<(u64, usize)> =
+            self.winnow(tokens).into_iter().map(|(h, o)| (in_namespace(h, namespace), o)).collect();
         for &(h, offset) in &anchors {
             let list = self.anchors.entry(h).or_default();
             if list.len() == MAX_POSTINGS {
@@ -188,6 +204,7 @@ impl SpanIndex {
         }
         self.slots[slot as usize] = Some(Indexed {
             key,
+            namespace,
             tokens: tokens.into(),
             anchors: anchors.into_iter().map(|(h, _)| h).collect(),
             parent,
@@ -258,8 +275,9 @@ impl SpanIndex {
     }
 
     /// Covers `prompt` with the longest non-overlapping runs of at least `min_span` tokens that
-    /// equal runs inside indexed chunks; sorted by position in the prompt.
-    pub fn find(&self, prompt: &[u32]) -> Vec<SpanMatch> {
+    /// equal runs inside indexed chunks of the namespaces `read` (ids); sorted by position in
+    /// the prompt.
+    pub fn find(&self, prompt: &[u32], read: &[u64]) -> Vec<SpanMatch> {
         let n = prompt.len();
         if n < self.min_span || self.anchors.is_empty() {
             return Vec::new();
@@ -269,13 +287,14 @@ impl SpanIndex {
         let mut runs: Vec<(Range<usize>, u32, usize)> = Vec::new();
         let mut reach: HashMap<(u32, i64), usize> = HashMap::new();
         for i in 0..=n - ANCHOR_TOKENS {
-            let Some(list) = self.anchors.get(&(self.hash)(&prompt[i..i + ANCHOR_TOKENS])) else { continue };
-            for p in list {
+            let h = (self.hash)(&prompt[i..i + ANCHOR_TOKENS]);
+            let postings = read.iter().filter_map(|&ns| Some((ns, self.anchors.get(&in_namespace(h, ns))?)));
+            for (ns, p) in postings.flat_map(|(ns, list)| list.iter().map(move |p| (ns, p))) {
                 let diagonal = p.offset as i64 - i as i64;
                 if reach.get(&(p.slot, diagonal)).is_some_and(|&end| i < end) {
                     continue;
                 }
-                let Some(c) = self.slots[p.slot as usize].as_ref() else { continue };
+                let Some(c) = self.slots[p.slot as usize].as_ref().filter(|c| c.namespace == ns) else { continue };
                 let t = &c.tokens;
                 let o = p.offset as usize;
                 if t.get(o..o + ANCHOR_TOKENS) != Some(&prompt[i..i + ANCHOR_TOKENS]) {
@@ -320,9 +339,9 @@ impl SpanIndex {
             .collect()
     }
 
-    /// The longest prefix of `prompt` held by prefix-cache chunks chained from `root`: the
-    /// chunks in order, the last one perhaps only in part.
-    pub fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32]) -> Vec<SpanMatch> {
+    /// The longest prefix of `prompt` held by prefix-cache chunks of the namespaces `read`
+    /// chained from `root`: the chunks in order, the last one perhaps only in part.
+    pub fn longest_prefix(&self, root: &ChunkKey, prompt: &[u32], read: &[u64]) -> Vec<SpanMatch> {
         let mut out = Vec::new();
         let (mut at, mut parent) = (0, *root);
         while at < prompt.len() {
@@ -330,6 +349,7 @@ impl SpanIndex {
             let best = kids
                 .iter()
                 .filter_map(|k| self.slots[*self.by_key.get(k)? as usize].as_ref())
+                .filter(|c| read.contains(&c.namespace))
                 .map(|c| (c, c.tokens.iter().zip(&prompt[at..]).take_while(|(a, b)| a == b).count()))
                 .max_by_key(|(_, common)| *common);
             let Some((c, common)) = best.filter(|(_, common)| *common > 0) else { break };
@@ -395,14 +415,34 @@ mod tests {
         (0..n as u32).map(|i| seed * 10_000 + i).collect()
     }
 
+    /// A chunk is found by lookups that read its namespace and by no other, even when every
+    /// window hashes alike (then mixed hashes collide across namespaces too); the prefix tree
+    /// is filtered the same way.
+    #[test]
+    fn a_chunk_is_found_only_in_its_namespace() {
+        for hash in [window_hash as fn(&[u32]) -> u64, |_: &[u32]| 42] {
+            let mut ix = SpanIndex::with_hash(16, hash);
+            ix.held(key(1), &run(1, 40), None, Tier::Ram, 5);
+            let prompt = [run(9, 3), run(1, 40)].concat();
+            assert!(ix.find(&prompt, &[0]).is_empty());
+            assert!(ix.find(&prompt, &[7]).is_empty());
+            assert_eq!(ix.find(&prompt, &[5])[0].key, key(1));
+            assert_eq!(ix.find(&prompt, &[0, 5])[0].key, key(1));
+            let root = key(9);
+            ix.held(key(2), &run(2, 10), Some(root), Tier::Ram, 5);
+            assert!(ix.longest_prefix(&root, &run(2, 10), &[0]).is_empty());
+            assert_eq!(ix.longest_prefix(&root, &run(2, 10), &[5]).len(), 1);
+        }
+    }
+
     #[test]
     fn a_run_inside_a_chunk_is_found_at_any_offset() {
         let mut ix = SpanIndex::new(16);
         let chunk: Vec<u32> = [run(1, 30), run(2, 50), run(3, 20)].concat();
-        ix.held(key(1), &chunk, None, Tier::Ram);
+        ix.held(key(1), &chunk, None, Tier::Ram, 0);
         // The middle passage under a new label, at a new position.
         let prompt: Vec<u32> = [vec![7, 7, 7], run(9, 5), run(2, 50), run(8, 4)].concat();
-        let m = ix.find(&prompt);
+        let m = ix.find(&prompt, &[0]);
         assert_eq!(m, vec![SpanMatch { prompt: 8..58, key: key(1), offset: 30, chunk_tokens: 100 }]);
         assert!(m[0].is_partial());
     }
@@ -410,11 +450,11 @@ mod tests {
     #[test]
     fn runs_shorter_than_min_span_are_not_matches() {
         let mut ix = SpanIndex::new(16);
-        ix.held(key(1), &run(1, 40), None, Tier::Ram);
+        ix.held(key(1), &run(1, 40), None, Tier::Ram, 0);
         let prompt: Vec<u32> = [run(1, 15), run(5, 10)].concat();
-        assert!(ix.find(&prompt).is_empty());
+        assert!(ix.find(&prompt, &[0]).is_empty());
         let prompt: Vec<u32> = [run(5, 3), run(1, 16)].concat();
-        assert_eq!(ix.find(&prompt).len(), 1);
+        assert_eq!(ix.find(&prompt, &[0]).len(), 1);
     }
 
     /// Winnowing keeps at least one anchor in every run of `min_span` tokens: every run of
@@ -423,12 +463,12 @@ mod tests {
     fn every_run_of_min_span_tokens_is_found() {
         let mut ix = SpanIndex::new(16);
         let chunk: Vec<u32> = (0..200u32).map(|i| (i * 7919) % 1009).collect();
-        ix.held(key(1), &chunk, None, Tier::Disk);
+        ix.held(key(1), &chunk, None, Tier::Disk, 0);
         for start in 0..=chunk.len() - 16 {
             let mut prompt = vec![5000, 5001];
             prompt.extend_from_slice(&chunk[start..start + 16]);
             prompt.push(6000);
-            let m = ix.find(&prompt);
+            let m = ix.find(&prompt, &[0]);
             assert_eq!(m.len(), 1, "run at {start}");
             assert_eq!((m[0].prompt.clone(), m[0].offset), (2..18, start));
         }
@@ -439,10 +479,10 @@ mod tests {
         let mut ix = SpanIndex::new(16);
         let a: Vec<u32> = [run(1, 40), run(2, 40)].concat();
         let b: Vec<u32> = [run(2, 40), run(3, 60)].concat();
-        ix.held(key(1), &a, None, Tier::Ram);
-        ix.held(key(2), &b, None, Tier::Ram);
+        ix.held(key(1), &a, None, Tier::Ram, 0);
+        ix.held(key(2), &b, None, Tier::Ram, 0);
         let prompt: Vec<u32> = [run(1, 40), run(2, 40), run(3, 60)].concat();
-        let m = ix.find(&prompt);
+        let m = ix.find(&prompt, &[0]);
         // b's 100 tokens win; a keeps its first 40 (its overlap with b goes to b).
         assert_eq!(m.len(), 2, "{m:?}");
         assert_eq!((m[0].prompt.clone(), m[0].key, m[0].offset), (0..40, key(1), 0));
@@ -454,51 +494,51 @@ mod tests {
     #[test]
     fn a_hash_collision_never_matches_other_tokens() {
         let mut ix = SpanIndex::with_hash(16, |w| (w[0] % 10_000) as u64);
-        ix.held(key(1), &run(1, 64), None, Tier::Ram);
-        ix.held(key(2), &run(2, 64), None, Tier::Ram);
+        ix.held(key(1), &run(1, 64), None, Tier::Ram, 0);
+        ix.held(key(2), &run(2, 64), None, Tier::Ram, 0);
         let prompt: Vec<u32> = [run(3, 20), run(2, 30), run(4, 20)].concat();
-        let m = ix.find(&prompt);
+        let m = ix.find(&prompt, &[0]);
         assert_eq!(m.len(), 1, "{m:?}");
         assert_eq!((m[0].prompt.clone(), m[0].key), (20..50, key(2)));
-        assert!(ix.find(&run(5, 100)).is_empty(), "nothing equal, nothing found");
+        assert!(ix.find(&run(5, 100), &[0]).is_empty(), "nothing equal, nothing found");
     }
 
     #[test]
     fn a_chunk_leaves_when_no_tier_holds_it_and_takes_its_anchors() {
         let mut ix = SpanIndex::new(16);
-        ix.held(key(1), &run(1, 64), None, Tier::Ram);
-        ix.held(key(1), &run(1, 64), None, Tier::Disk);
-        ix.held(key(2), &run(2, 64), None, Tier::Ram);
+        ix.held(key(1), &run(1, 64), None, Tier::Ram, 0);
+        ix.held(key(1), &run(1, 64), None, Tier::Disk, 0);
+        ix.held(key(2), &run(2, 64), None, Tier::Ram, 0);
         ix.dropped(&key(1), Tier::Ram);
         assert!(ix.contains(&key(1)), "still on disk");
         ix.dropped(&key(1), Tier::Disk);
         assert!(!ix.contains(&key(1)));
-        assert!(ix.find(&run(1, 64)).is_empty());
+        assert!(ix.find(&run(1, 64), &[0]).is_empty());
         ix.check().unwrap();
         // Its slot is reused without stale postings.
-        ix.held(key(3), &run(3, 64), None, Tier::Ram);
+        ix.held(key(3), &run(3, 64), None, Tier::Ram, 0);
         ix.check().unwrap();
-        assert_eq!(ix.find(&run(3, 64))[0].key, key(3));
-        assert!(ix.find(&run(1, 64)).is_empty());
+        assert_eq!(ix.find(&run(3, 64), &[0])[0].key, key(3));
+        assert!(ix.find(&run(1, 64), &[0]).is_empty());
     }
 
     #[test]
     fn the_longest_stored_prefix_to_the_token() {
         let mut ix = SpanIndex::new(16);
         let root = key(0);
-        ix.held(key(1), &run(1, 10), Some(root), Tier::Ram);
-        ix.held(key(2), &run(2, 10), Some(key(1)), Tier::Ram);
-        ix.held(key(3), &run(3, 10), Some(key(1)), Tier::Ram);
+        ix.held(key(1), &run(1, 10), Some(root), Tier::Ram, 0);
+        ix.held(key(2), &run(2, 10), Some(key(1)), Tier::Ram, 0);
+        ix.held(key(3), &run(3, 10), Some(key(1)), Tier::Ram, 0);
         let mut prompt: Vec<u32> = [run(1, 10), run(3, 4)].concat();
         prompt.extend([1, 2, 3]);
-        let m = ix.longest_prefix(&root, &prompt);
+        let m = ix.longest_prefix(&root, &prompt, &[0]);
         assert_eq!(m.len(), 2);
         assert_eq!((m[0].prompt.clone(), m[0].key), (0..10, key(1)));
         assert_eq!((m[1].prompt.clone(), m[1].key), (10..14, key(3)));
         assert!(m[1].is_partial());
-        assert!(ix.longest_prefix(&root, &run(4, 10)).is_empty());
+        assert!(ix.longest_prefix(&root, &run(4, 10), &[0]).is_empty());
         ix.remove(&key(3));
-        assert_eq!(ix.longest_prefix(&root, &prompt).len(), 1);
+        assert_eq!(ix.longest_prefix(&root, &prompt, &[0]).len(), 1);
         ix.check().unwrap();
     }
 

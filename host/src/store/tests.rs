@@ -40,6 +40,7 @@ fn chunk(i: u32, tokens: usize) -> (ChunkKey, Arc<ChunkKv>) {
         tokens: ids.clone(),
         rotated_at: None,
         parent: None,
+        namespace: Default::default(),
         k: (0..LAYERS).map(|l| layer(l, 0.5)).collect(),
         v: (0..LAYERS).map(|l| layer(l, -0.5)).collect(),
     };
@@ -57,6 +58,7 @@ fn options(dir: &Path, ram: u64, disk: u64) -> StoreOptions {
         retry_after: Duration::from_millis(20),
         min_span: 16,
         prefix_dtype: KvDtype::F32,
+        namespace_share: 1.0,
     }
 }
 
@@ -94,11 +96,11 @@ fn chunks_survive_a_reopen_and_load_from_disk() {
     // Promoted: the second read comes from RAM.
     assert!(s.get(&chunk(0, 40).0).is_some());
     assert_eq!(get(&s.stats().ram.hits), 1);
-    let (listed, more) = s.list(None, 10);
+    let (listed, more) = s.list(None, 10, None);
     assert_eq!((listed.len(), more), (5, false));
     // The span index came back with them: a run inside chunk 3 is found from the disk alone.
     let (k3, kv3) = chunk(3, 40);
-    let found = s.find_spans(&[&[9, 9][..], &kv3.tokens[10..30]].concat());
+    let found = s.find_spans(&[&[9, 9][..], &kv3.tokens[10..30]].concat(), &[0]);
     assert_eq!(found.len(), 1);
     assert_eq!((found[0].key, found[0].offset, found[0].prompt.clone()), (k3, 10, 2..22));
     assert!(listed.iter().all(|c| c.tiers == ["ram", "disk"] && c.stats.cost_us == 1000 && c.stats.tokens == 40));
@@ -186,6 +188,50 @@ fn budgets_hold_in_ram_and_on_disk() {
     assert!(s.get(&chunk(29, 40).0).is_some() && s.get(&chunk(0, 40).0).is_none());
 }
 
+/// A namespace over its share evicts its own chunks, in both tiers, never another's; its
+/// chunks are found only by lookups that read it, after a reopen too.
+#[test]
+fn a_namespace_over_its_share_evicts_only_its_own_chunks() {
+    let dir = temp_dir("namespaces");
+    let one_ram = chunk(0, 40).1.bytes() as u64;
+    let one_disk = layout().payload_len(40) as u64;
+    let (ram_budget, disk_budget) = (8 * one_ram, 8 * one_disk);
+    let mut o = options(&dir, ram_budget, disk_budget);
+    o.namespace_share = 0.5;
+    let (alpha, beta) = (Namespace::new("alpha"), Namespace::new("beta"));
+    let put = |s: &Store, i: u32, ns: &Namespace| {
+        let (_, kv) = chunk(i, 40);
+        let mut kv = (*kv).clone();
+        kv.namespace = ns.clone();
+        let key = ChunkKey::compose(&ChunkKey::space("test-model", ns), &kv.tokens);
+        s.put(key, Arc::new(kv), 10);
+        key
+    };
+    {
+        let s = Store::open(&o, layout());
+        let mine: Vec<ChunkKey> = (0..3).map(|i| put(&s, i, &alpha)).collect();
+        for i in 100..130 {
+            put(&s, i, &beta);
+            s.sync();
+        }
+        let (listed, _) = s.list(None, 1000, Some("beta"));
+        let ram: u64 = listed.iter().filter(|c| c.tiers.contains(&"ram")).map(|c| c.stats.bytes).sum();
+        assert!(ram <= ram_budget / 2, "beta holds {ram} bytes of RAM");
+        assert!(listed.iter().filter(|c| c.tiers.contains(&"disk")).count() <= 4);
+        assert!(mine.iter().all(|k| s.holds(k)), "alpha's chunks were evicted by beta's");
+        assert!(s.list(None, 1000, Some("alpha")).0.iter().all(|c| c.tiers == ["ram", "disk"]));
+        let probe = chunk(1, 40).1.tokens.clone();
+        assert!(s.find_spans(&probe, &[beta.id()]).is_empty());
+        assert_eq!(s.find_spans(&probe, &[alpha.id()])[0].key, mine[1]);
+    }
+    // The namespace survives a restart: on disk, and in the rebuilt index.
+    let s = Store::open(&o, layout());
+    let probe = chunk(2, 40).1.tokens.clone();
+    assert!(s.find_spans(&probe, &[0, beta.id()]).is_empty());
+    let found = s.find_spans(&probe, &[alpha.id()]);
+    assert_eq!(s.get(&found[0].key).expect("loads from disk").namespace, alpha);
+}
+
 /// Evictions from either tier keep the span index exact: it names every chunk some tier
 /// holds and no other, and no anchor points at a missing chunk.
 #[test]
@@ -207,7 +253,7 @@ fn evictions_leave_no_anchor_pointing_at_a_missing_chunk() {
     let mut held = 0;
     for i in 0..40 {
         let (k, kv) = chunk(i, 40);
-        let found = spans.find(&kv.tokens[..39]);
+        let found = spans.find(&kv.tokens[..39], &[0]);
         match s.holds(&k) {
             true => {
                 held += 1;

@@ -210,7 +210,7 @@ fn a_run_inside_a_stored_chunk_splices_like_a_whole_chunk() {
     run(&joined(&[0, 1, 2], passage_label, "What does Cargo do?"), CacheMode::Compose, 0.15, &a);
     let msgs = joined(&[2, 0], bracket_label, "What are traits?");
     let ids = tokens(&msgs).0;
-    let found = a.find_spans(&ids[..ids.len() - 1]);
+    let found = a.find_spans(&ids[..ids.len() - 1], &[0]);
     assert!(found.iter().any(|s| s.is_partial()), "{found:?}");
     // The same KV, each run a chunk of its own.
     let b = ram(1 << 30);
@@ -222,6 +222,7 @@ fn a_run_inside_a_stored_chunk_splices_like_a_whole_chunk() {
             tokens: kv.tokens[s.offset..s.offset + s.len()].to_vec(),
             rotated_at: None,
             parent: None,
+            namespace: Default::default(),
             k: kv.k.iter().map(|l| l[rows.clone()].to_vec()).collect(),
             v: kv.v.iter().map(|l| l[rows.clone()].to_vec()).collect(),
         };

@@ -79,14 +79,31 @@ impl Server {
 
     /// Starts the server on the data directory `data_dir` (kept when the server stops).
     pub fn start_in(data_dir: &std::path::Path, args: &[&str]) -> Self {
+        Self::start_with(data_dir, args, std::process::Stdio::inherit())
+    }
+
+    /// Starts the server with its log (stderr) written to `log`.
+    pub fn start_logged(args: &[&str], log: &std::path::Path) -> Self {
+        let file = std::fs::File::create(log).expect("create the log file");
+        let mut s = Self::start_with(&temp_dir("data"), args, file.into());
+        s.owns_data_dir = true;
+        s
+    }
+
+    fn start_with(data_dir: &std::path::Path, args: &[&str], stderr: std::process::Stdio) -> Self {
         use std::io::BufRead;
+        // Quiet unless the test asks for another log level.
+        let log = if args.contains(&"--log") { &[][..] } else { &["--log", "warn"][..] };
         let mut child = std::process::Command::new(kvgate_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--threads", "2", "--log", "warn", "--model"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--threads", "2"])
+            .args(log)
+            .arg("--model")
             .arg(model_path())
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)
             .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("start kvgate");
         let stdout = child.stdout.take().expect("stdout");
@@ -96,8 +113,10 @@ impl Server {
         let server = Self { child, base, data_dir: data_dir.to_path_buf(), owns_data_dir: false };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
+            // 200 when ready; 401 when /ready needs a key (then it is up; the API tells the rest).
             match ureq::get(&server.url("/ready")).call() {
                 Ok(r) if r.status() == 200 => break,
+                Err(ureq::Error::Status(401, _)) => break,
                 _ if std::time::Instant::now() > deadline => panic!("server never became ready"),
                 _ => std::thread::sleep(std::time::Duration::from_millis(100)),
             }
