@@ -74,7 +74,7 @@ impl Default for SchedulerOptions {
             max_running: 16,
             kv_budget_bytes: 4 << 30,
             reserve_tokens: 512,
-            prefill_chunk_tokens: 128,
+            prefill_chunk_tokens: 256,
         }
     }
 }
@@ -521,9 +521,14 @@ impl Loop {
             Some(p) => p,
             None => &builtin,
         };
-        let work = match self.options.prefill_chunk_tokens {
-            0 => usize::MAX,
-            t => t * m.model.config().layers,
+        // Slices are for the streams that wait on them: with none decoding, a prefill runs in
+        // slices eight times larger (each slice multiplies by every weight matrix once, and
+        // with the f32 weights that costs about 25 ms whatever the slice's size: measured, a
+        // prompt in 128-token slices took 28 % longer than at once).
+        let work = match (self.options.prefill_chunk_tokens, self.decoding.is_empty()) {
+            (0, _) => usize::MAX,
+            (t, true) => 8 * t * m.model.config().layers,
+            (t, false) => t * m.model.config().layers,
         };
         let done = match a.prefill.step(&m.model, store, policy, work) {
             Ok(None) => return,
