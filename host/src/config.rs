@@ -566,9 +566,8 @@ mod tests {
 
     #[test]
     fn file_then_overrides() {
-        let dir = std::env::temp_dir().join(format!("kvgate-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("kvgate.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvgate.toml");
         std::fs::write(&path, "listen = \"127.0.0.1:9000\"\nqueue_capacity = 3\n").unwrap();
         let c = Config::load(Some(&path)).unwrap();
         assert_eq!(c.listen.port(), 9000);
@@ -580,9 +579,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
-        let dir = std::env::temp_dir().join(format!("kvgate-config-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("kvgate.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvgate.toml");
         std::fs::write(&path, "lisen = \"127.0.0.1:9000\"\n").unwrap();
         let e = Config::load(Some(&path)).unwrap_err().to_string();
         assert!(e.contains("lisen") && e.contains("kvgate.toml"), "{e}");

@@ -195,6 +195,86 @@ enum BenchCommand {
     /// Concurrent streaming clients against any OpenAI-compatible server: TTFT, inter-token
     /// latency and throughput per concurrency.
     Load(BenchLoadArgs),
+    /// The gateway under sustained load: many streaming clients over local and upstream
+    /// models, over-limit clients beside them; failures, latency, resident memory.
+    Gateway(BenchGatewayArgs),
+    /// The span index's lookup cost as the store and the prompt grow (synthetic chunks).
+    Spans(BenchSpansArgs),
+}
+
+#[derive(Parser)]
+struct BenchSpansArgs {
+    /// Chunks in the index, one level each (the index grows from one to the next).
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000, 100_000, 1_000_000])]
+    chunks: Vec<usize>,
+    /// Prompt lengths, tokens.
+    #[arg(long, value_delimiter = ',', default_values_t = [256, 1024, 4096, 16384])]
+    prompt_tokens: Vec<usize>,
+    /// Tokens per synthetic chunk.
+    #[arg(long, default_value_t = 64)]
+    chunk_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    min_span: usize,
+    /// Lookups per point (the median is reported).
+    #[arg(long, default_value_t = 51)]
+    reps: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Parser)]
+struct BenchGatewayArgs {
+    /// Base URL of the gateway.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Streaming clients in closed loops.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Seconds counted, after the warm-up.
+    #[arg(long, default_value_t = 120.0)]
+    duration: f64,
+    /// Seconds run first and not counted (resident memory is compared with its end).
+    #[arg(long, default_value_t = 20.0)]
+    warmup: f64,
+    /// Model ids, used in turn (e.g. the local model and an upstream's).
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    /// `short` or a RAG trace shape (needs --corpus).
+    #[arg(long, default_value = "joined:passage")]
+    trace: String,
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Header of the normal clients, `name: value` (repeatable), e.g. `authorization: Bearer KEY`.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Clients sending with a key the server limits; their 429s are expected.
+    #[arg(long, default_value_t = 0)]
+    over_limit_clients: usize,
+    /// Header of the over-limit clients (repeatable).
+    #[arg(long = "over-limit-header")]
+    over_limit_headers: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Passages per request.
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    /// Words per passage.
+    #[arg(long, default_value_t = 150)]
+    passage_words: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Servers whose resident memory is sampled from /metrics (repeatable; default: --url).
+    #[arg(long = "watch")]
+    watch: Vec<String>,
+    /// Seconds between memory samples.
+    #[arg(long, default_value_t = 5.0)]
+    sample_every: f64,
+    #[arg(long, default_value = "kvgate gateway")]
+    label: String,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -420,6 +500,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Policies(args)) => bench_policies(args),
         Command::Bench(BenchCommand::Denoise(args)) => bench_denoise(args),
         Command::Bench(BenchCommand::Load(args)) => bench_load(args),
+        Command::Bench(BenchCommand::Gateway(args)) => bench_gateway(args),
+        Command::Bench(BenchCommand::Spans(args)) => {
+            let points = kvgate::bench::spans::run(
+                &args.chunks,
+                &args.prompt_tokens,
+                args.chunk_tokens,
+                args.min_span,
+                args.reps,
+                |stage| eprintln!("bench spans: {stage}"),
+            )?;
+            match args.json {
+                true => println!("{}", serde_json::to_string_pretty(&points)?),
+                false => print!("{}", kvgate::bench::spans::table(&points)),
+            }
+            Ok(())
+        }
         Command::Plugin(cmd) => plugin(cmd),
         Command::Key(KeyCommand::Hash { key, tenant }) => {
             if key.trim().is_empty() {
@@ -720,14 +816,7 @@ fn bench_load(args: BenchLoadArgs) -> anyhow::Result<()> {
         "short" => None,
         t => Some(t.parse().map_err(|e: String| anyhow::anyhow!("--trace: {e}, or short"))?),
     };
-    let headers = args
-        .headers
-        .iter()
-        .map(|h| match h.split_once(':') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
-            _ => anyhow::bail!("--header `{h}`: expected `name: value`"),
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let headers = parse_headers(&args.headers, "--header")?;
     let opts = kvgate::bench::load::LoadOptions {
         url: args.url.trim_end_matches('/').to_string(),
         corpus: args.corpus,
@@ -750,6 +839,62 @@ fn bench_load(args: BenchLoadArgs) -> anyhow::Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("bench load: report written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `name: value` headers from the command line.
+fn parse_headers(raw: &[String], flag: &str) -> anyhow::Result<Vec<(String, String)>> {
+    raw.iter()
+        .map(|h| match h.split_once(':') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => anyhow::bail!("{flag} `{h}`: expected `name: value`"),
+        })
+        .collect()
+}
+
+fn bench_gateway(args: BenchGatewayArgs) -> anyhow::Result<()> {
+    init_logging("warn");
+    let shape = match args.trace.as_str() {
+        "short" => None,
+        t => Some(t.parse().map_err(|e: String| anyhow::anyhow!("--trace: {e}, or short"))?),
+    };
+    if args.over_limit_clients > 0 && args.over_limit_headers.is_empty() {
+        anyhow::bail!("--over-limit-clients needs --over-limit-header (the limited key)");
+    }
+    let url = args.url.trim_end_matches('/').to_string();
+    let watch = match args.watch.is_empty() {
+        true => vec![url.clone()],
+        false => args.watch.iter().map(|u| u.trim_end_matches('/').to_string()).collect(),
+    };
+    let opts = kvgate::bench::gateway::GatewayOptions {
+        url,
+        corpus: args.corpus,
+        shape,
+        clients: args.clients,
+        duration_s: args.duration,
+        warmup_s: args.warmup,
+        models: args.models,
+        headers: parse_headers(&args.headers, "--header")?,
+        over_limit_clients: args.over_limit_clients,
+        over_limit_headers: parse_headers(&args.over_limit_headers, "--over-limit-header")?,
+        max_tokens: args.max_tokens,
+        k: args.k,
+        passage_words: args.passage_words,
+        seed: args.seed,
+        watch,
+        sample_every_s: args.sample_every,
+        label: args.label,
+    };
+    let report = kvgate::bench::gateway::run(&opts, |stage| eprintln!("bench gateway: {stage}"))?;
+    print!("{}", kvgate::bench::gateway::table(&report));
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("bench gateway: report written to {}", path.display());
+    }
+    if report.failures > 0 {
+        anyhow::bail!("{} requests failed besides the deliberate 429s", report.failures);
     }
     Ok(())
 }

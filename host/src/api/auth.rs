@@ -387,9 +387,8 @@ mod tests {
 
     #[test]
     fn a_keys_file_holds_hashes_and_is_read_again() {
-        let dir = std::env::temp_dir().join(format!("kvgate-keys-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("keys.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
         let entry = |key: &str, tenant: &str| {
             format!("[[api_key]]\nsha256 = \"{}\"\ntenant = \"{tenant}\"\n", key_hash_hex(key))
         };
@@ -405,7 +404,6 @@ mod tests {
         std::fs::write(&path, "[[api_key]]\nkey = \"plain\"\n").unwrap();
         assert!(g.reload().is_err(), "plain keys are refused in the file");
         assert!(g.admit(&headers("k2")).is_ok(), "the keys in use stay");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

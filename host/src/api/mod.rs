@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
@@ -264,19 +264,49 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, id: &str) -> Resul
     }
 }
 
-/// Reads the body, refusing anything over the limit without reading it all.
+/// Reads the body, refusing anything over the limit without keeping it.
+///
+/// A body over the limit is still read (and dropped) up to [`DRAIN_FACTOR`] times the limit
+/// for at most [`DRAIN_FOR`], as nginx's lingering close does: closing a connection whose
+/// request is still arriving resets it, and the client, still writing, never reads the 413.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let mut body = req.into_body();
     if declared.is_some_and(|n| n > limit as u64) {
+        drain(&mut body, limit.saturating_mul(DRAIN_FACTOR)).await;
         return Err(ApiError::body_too_large(limit));
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(ApiError::body_too_large(limit))
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::invalid(None, format!("could not read the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if kept.len() + data.len() > limit {
+                drain(&mut body, limit.saturating_mul(DRAIN_FACTOR)).await;
+                return Err(ApiError::body_too_large(limit));
+            }
+            kept.extend_from_slice(&data);
         }
-        Err(e) => Err(ApiError::invalid(None, format!("could not read the request body: {e}"))),
     }
+    Ok(Bytes::from(kept))
+}
+
+/// How much of an oversized body is read before the 413, in multiples of the limit.
+const DRAIN_FACTOR: usize = 16;
+/// How long an oversized body is read before the 413.
+const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops up to `cap` bytes of `body`, for at most [`DRAIN_FOR`].
+async fn drain(body: &mut Incoming, cap: usize) {
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > cap {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_FOR, read).await;
 }
 
 /// The model a request body names, if it is a JSON object with a string `model`.
@@ -754,6 +784,10 @@ fn error_response(state: &AppState, e: &ApiError) -> Response<Body> {
     }
     if let Some(secs) = e.retry_after {
         r.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of that body is not read: the connection cannot carry another request.
+        r.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
     }
     r
 }

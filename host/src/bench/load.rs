@@ -54,13 +54,13 @@ pub struct LoadOptions {
 
 /// One request, as its client saw it.
 #[derive(Debug, Clone)]
-struct Timed {
-    started: Instant,
-    ended: Instant,
-    ttft_s: f64,
+pub(super) struct Timed {
+    pub started: Instant,
+    pub ended: Instant,
+    pub ttft_s: f64,
     /// Gaps between successive token-carrying events, s.
-    gaps: Vec<f64>,
-    tokens: usize,
+    pub gaps: Vec<f64>,
+    pub tokens: usize,
 }
 
 /// One concurrency level.
@@ -96,7 +96,7 @@ pub struct LoadReport {
 }
 
 /// Short questions, each different (a prefix cache cannot answer them): the decode shape.
-fn short_prompts(n: usize) -> Vec<Value> {
+pub(super) fn short_prompts(n: usize) -> Vec<Value> {
     const TOPICS: [&str; 8] = ["rivers", "bridges", "owls", "glass", "tides", "maps", "bread", "comets"];
     (0..n)
         .map(|i| {
@@ -107,7 +107,7 @@ fn short_prompts(n: usize) -> Vec<Value> {
 }
 
 /// The value at quantile `q` (nearest rank) of `v`, sorted in place; 0 when empty.
-fn quantile(v: &mut [f64], q: f64) -> f64 {
+pub(super) fn quantile(v: &mut [f64], q: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -115,33 +115,62 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
     v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-/// Sends one streaming request and times its tokens.
-fn stream(o: &LoadOptions, body: &Value) -> anyhow::Result<Timed> {
+/// Why a request failed: the server's status (and `Retry-After`, s) or anything else.
+#[derive(Debug)]
+pub(super) enum Failure {
+    Status { code: u16, retry_after_s: Option<u64>, body: String },
+    Other(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Status { code, body, .. } => write!(f, "status {code}: {body}"),
+            Failure::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+/// The request body `o` sends for `body`: streaming, greedy, `max_tokens`, usage at the end.
+pub(super) fn streaming_body(body: &Value, max_tokens: usize, ignore_eos: bool) -> Value {
     let mut body = body.clone();
     body["stream"] = json!(true);
-    body["max_tokens"] = json!(o.max_tokens);
+    body["max_tokens"] = json!(max_tokens);
     body["temperature"] = json!(0);
     body["stream_options"] = json!({"include_usage": true});
-    if o.ignore_eos {
+    if ignore_eos {
         body["ignore_eos"] = json!(true);
     }
-    let mut req = ureq::post(&format!("{}/v1/chat/completions", o.url));
-    for (k, v) in &o.headers {
+    body
+}
+
+/// Sends one streaming chat request to `url` and times its tokens.
+pub(super) fn stream(url: &str, headers: &[(String, String)], body: &Value) -> Result<Timed, Failure> {
+    let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
+    let mut req = ureq::post(&format!("{url}/v1/chat/completions"));
+    for (k, v) in headers {
         req = req.set(k, v);
     }
     let started = Instant::now();
-    let resp = req.send_string(&body.to_string()).map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
+    let resp = match req.send_string(&body.to_string()) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(code, r)) => {
+            let retry_after_s = r.header("retry-after").and_then(|v| v.trim().parse().ok());
+            return Err(Failure::Status { code, retry_after_s, body: r.into_string().unwrap_or_default() });
+        }
+        Err(e) => return Err(Failure::Other(format!("request failed: {e}"))),
+    };
     let mut timed = Timed { started, ended: started, ttft_s: 0.0, gaps: Vec::new(), tokens: 0 };
     let (mut last, mut events, mut usage) = (None::<Instant>, 0usize, None);
     for line in BufReader::new(resp.into_reader()).lines() {
-        let line = line?;
+        let line = line.map_err(|e| other(&e))?;
         let Some(data) = line.strip_prefix("data: ") else { continue };
         if data == "[DONE]" {
             break;
         }
-        let v: Value = serde_json::from_str(data)?;
+        let v: Value = serde_json::from_str(data).map_err(|e| other(&e))?;
         if v.get("error").is_some() {
-            anyhow::bail!("server error: {data}");
+            return Err(Failure::Other(format!("server error: {data}")));
         }
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             usage = Some(n as usize);
@@ -201,7 +230,8 @@ pub fn run(o: &LoadOptions, progress: impl Fn(&str)) -> anyhow::Result<LoadRepor
                         if i >= w + n {
                             break;
                         }
-                        let r = stream(o, &bodies[i]).map_err(|e| format!("{e:#}"));
+                        let body = streaming_body(&bodies[i], o.max_tokens, o.ignore_eos);
+                        let r = stream(&o.url, &o.headers, &body).map_err(|e| e.to_string());
                         if i >= w {
                             done.lock().unwrap_or_else(|p| p.into_inner()).push(r);
                         }

@@ -10,14 +10,19 @@
 //! - [`policies`] measures the policy plugins: call overhead, chunking and eviction hit rates.
 //! - [`load`] runs many streaming clients at once against any OpenAI-compatible server:
 //!   TTFT, inter-token latency and throughput per concurrency.
+//! - [`spans`] times the span index's lookup as the store (10³–10⁶ chunks) and the prompt grow.
+//! - [`gateway`] soaks the gateway: many clients for minutes over local and upstream models,
+//!   with over-limit clients beside them; failures, latency and resident memory.
 
 pub mod client;
 pub mod denoise;
+pub mod gateway;
 pub mod load;
 pub mod oracle;
 pub mod policies;
 pub mod quality;
 pub mod rag;
+pub mod spans;
 pub mod store;
 pub mod trace;
 

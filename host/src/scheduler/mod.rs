@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -42,6 +42,22 @@ use crate::policy::Policies;
 use crate::store::{ChunkStore, ReadOnly, Store};
 pub use request::{Event, FinishReason, GenerateRequest, Prepared, Prompt, PromptToken, TokenEvent, Usage};
 use sequence::{Admitted, Choice, DecodeParams, Next};
+
+/// How often the loop hands free heap memory back to the system.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// Gives the heap's free pages back to the system. Sequences allocate and free KV of every
+/// size; glibc keeps what they free inside its arenas (its mmap threshold rises past the
+/// sizes in play), so without this the resident size climbs to the high-water mark of the
+/// whole run and stays there — measured, 16 clients for 100 s: 2.6 GiB, 0.8 GiB of it free
+/// heap. Other allocators return their pages themselves.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes the allocator's own locks; it only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// Tuning of the scheduler.
 #[derive(Debug, Clone)]
@@ -316,7 +332,12 @@ impl Loop {
 
     fn run(mut self, jobs: Receiver<Job>) {
         let mut open = true;
+        let mut trimmed = Instant::now();
         while open || !self.idle() {
+            if trimmed.elapsed() >= TRIM_EVERY {
+                release_free_memory();
+                trimmed = Instant::now();
+            }
             if self.idle() {
                 match jobs.recv() {
                     Ok(job) => self.take(job),

@@ -2,7 +2,7 @@
 //! with SIGKILL); a full disk is simulated behind the store's own I/O seam.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,11 +18,9 @@ fn layout() -> Layout {
     Layout::new("test-model", LAYERS, KV_HEADS, HEAD_DIM, KvDtype::F16)
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kvgate-store-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh directory, removed when dropped.
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("kvgate-store-{name}-")).tempdir().unwrap()
 }
 
 /// Chunk `i`: its key and its KV, both derived from `i` alone (so any reader can check what
@@ -77,16 +75,17 @@ fn get(c: &AtomicU64) -> u64 {
 
 #[test]
 fn chunks_survive_a_reopen_and_load_from_disk() {
-    let dir = temp_dir("reopen");
+    let tmp = temp_dir("reopen");
+    let dir = tmp.path();
     {
-        let (s, _) = open(&dir, 1 << 30, 1 << 30);
+        let (s, _) = open(dir, 1 << 30, 1 << 30);
         for i in 0..5 {
             let (k, kv) = chunk(i, 40);
             s.put(k, kv, 1000);
         }
         s.sync();
     }
-    let (s, rec) = open(&dir, 1 << 30, 1 << 30);
+    let (s, rec) = open(dir, 1 << 30, 1 << 30);
     assert_eq!((rec.entries, rec.dropped), (5, 0));
     for i in 0..5 {
         let (k, kv) = chunk(i, 40);
@@ -108,10 +107,11 @@ fn chunks_survive_a_reopen_and_load_from_disk() {
 
 #[test]
 fn a_flipped_byte_is_a_counted_miss_and_the_chunk_is_stored_again() {
-    let dir = temp_dir("flip");
+    let tmp = temp_dir("flip");
+    let dir = tmp.path();
     let (k, kv) = chunk(7, 40);
     {
-        let (s, _) = open(&dir, 1 << 30, 1 << 30);
+        let (s, _) = open(dir, 1 << 30, 1 << 30);
         s.put(k, kv.clone(), 10);
         s.sync();
     }
@@ -121,7 +121,7 @@ fn a_flipped_byte_is_a_counted_miss_and_the_chunk_is_stored_again() {
     bytes[at] ^= 0x01;
     std::fs::write(&seg, &bytes).unwrap();
 
-    let (s, rec) = open(&dir, 1 << 30, 1 << 30);
+    let (s, rec) = open(dir, 1 << 30, 1 << 30);
     assert_eq!(rec.entries, 1, "the header is intact, so recovery keeps the entry");
     assert_eq!(s.get(&k), None, "a corrupt payload is never served");
     assert_eq!(get(&s.stats().corruptions), 1);
@@ -129,15 +129,16 @@ fn a_flipped_byte_is_a_counted_miss_and_the_chunk_is_stored_again() {
     s.put(k, kv.clone(), 10);
     s.sync();
     drop(s);
-    let (s, _) = open(&dir, 1 << 30, 1 << 30);
+    let (s, _) = open(dir, 1 << 30, 1 << 30);
     assert_eq!(s.get(&k).as_deref(), Some(&*kv), "repaired by the next put");
 }
 
 #[test]
 fn recovery_drops_torn_and_dangling_entries_and_reclaims_orphans() {
-    let dir = temp_dir("recover");
+    let tmp = temp_dir("recover");
+    let dir = tmp.path();
     {
-        let (s, _) = open(&dir, 1 << 30, 1 << 30);
+        let (s, _) = open(dir, 1 << 30, 1 << 30);
         for i in 0..3 {
             let (k, kv) = chunk(i, 40);
             s.put(k, kv, 10);
@@ -153,7 +154,7 @@ fn recovery_drops_torn_and_dangling_entries_and_reclaims_orphans() {
     std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - one / 2).unwrap();
     std::fs::write(dir.join("segments/00000009.seg"), vec![7u8; 5000]).unwrap();
 
-    let (s, rec) = open(&dir, 1 << 30, 1 << 30);
+    let (s, rec) = open(dir, 1 << 30, 1 << 30);
     assert_eq!((rec.entries, rec.dropped), (2, 1));
     assert_eq!(rec.reclaimed_bytes, (one - one / 2) + 5000);
     assert!(!dir.join("segments/00000009.seg").exists());
@@ -165,11 +166,12 @@ fn recovery_drops_torn_and_dangling_entries_and_reclaims_orphans() {
 
 #[test]
 fn budgets_hold_in_ram_and_on_disk() {
-    let dir = temp_dir("budgets");
+    let tmp = temp_dir("budgets");
+    let dir = tmp.path();
     let one_ram = chunk(0, 40).1.bytes() as u64;
     let one_disk = layout().payload_len(40) as u64;
     let (ram_budget, disk_budget) = (3 * one_ram + one_ram / 2, 5 * one_disk + one_disk / 2);
-    let (s, _) = open(&dir, ram_budget, disk_budget);
+    let (s, _) = open(dir, ram_budget, disk_budget);
     for i in 0..30 {
         let (k, kv) = chunk(i, 40);
         s.put(k, kv, 10);
@@ -192,11 +194,12 @@ fn budgets_hold_in_ram_and_on_disk() {
 /// chunks are found only by lookups that read it, after a reopen too.
 #[test]
 fn a_namespace_over_its_share_evicts_only_its_own_chunks() {
-    let dir = temp_dir("namespaces");
+    let tmp = temp_dir("namespaces");
+    let dir = tmp.path();
     let one_ram = chunk(0, 40).1.bytes() as u64;
     let one_disk = layout().payload_len(40) as u64;
     let (ram_budget, disk_budget) = (8 * one_ram, 8 * one_disk);
-    let mut o = options(&dir, ram_budget, disk_budget);
+    let mut o = options(dir, ram_budget, disk_budget);
     o.namespace_share = 0.5;
     let (alpha, beta) = (Namespace::new("alpha"), Namespace::new("beta"));
     let put = |s: &Store, i: u32, ns: &Namespace| {
@@ -236,10 +239,11 @@ fn a_namespace_over_its_share_evicts_only_its_own_chunks() {
 /// holds and no other, and no anchor points at a missing chunk.
 #[test]
 fn evictions_leave_no_anchor_pointing_at_a_missing_chunk() {
-    let dir = temp_dir("span-evictions");
+    let tmp = temp_dir("span-evictions");
+    let dir = tmp.path();
     let one_ram = chunk(0, 40).1.bytes() as u64;
     let one_disk = layout().payload_len(40) as u64;
-    let (s, _) = open(&dir, 3 * one_ram, 6 * one_disk);
+    let (s, _) = open(dir, 3 * one_ram, 6 * one_disk);
     for i in 0..40 {
         let (k, kv) = chunk(i, 40);
         s.put(k, kv, 10);
@@ -267,8 +271,9 @@ fn evictions_leave_no_anchor_pointing_at_a_missing_chunk() {
 }
 #[test]
 fn concurrent_readers_and_writers_lose_nothing() {
-    let dir = temp_dir("concurrent");
-    let (s, _) = open(&dir, 1 << 30, 1 << 30);
+    let tmp = temp_dir("concurrent");
+    let dir = tmp.path();
+    let (s, _) = open(dir, 1 << 30, 1 << 30);
     let s = Arc::new(s);
     let threads: Vec<_> = (0..4u32)
         .map(|t| {
@@ -292,7 +297,7 @@ fn concurrent_readers_and_writers_lose_nothing() {
     s.sync();
     assert_eq!(s.disk().unwrap().usage().0, 100, "every chunk reached the disk");
     drop(s);
-    let (s, _) = open(&dir, 1 << 30, 1 << 30);
+    let (s, _) = open(dir, 1 << 30, 1 << 30);
     for t in 0..4 {
         for i in 0..25 {
             let (k, kv) = chunk(t * 100 + i, 24);
@@ -342,10 +347,11 @@ impl SegmentFiles for FullDisk {
 
 #[test]
 fn a_full_disk_degrades_to_ram_and_recovers_when_space_returns() {
-    let dir = temp_dir("enospc");
+    let tmp = temp_dir("enospc");
+    let dir = tmp.path();
     let full = Arc::new(AtomicBool::new(false));
     let files = FullDisk { inner: FsSegments::open(&dir.join("segments")).unwrap(), full: full.clone() };
-    let (s, _) = open_with(&dir, 1 << 30, 1 << 30, Box::new(files));
+    let (s, _) = open_with(dir, 1 << 30, 1 << 30, Box::new(files));
     let (k0, kv0) = chunk(0, 40);
     s.put(k0, kv0, 10);
     s.sync();
@@ -367,14 +373,15 @@ fn a_full_disk_degrades_to_ram_and_recovers_when_space_returns() {
     assert_eq!(get(&s.stats().degraded), 0, "recovered");
     assert!(s.disk().unwrap().contains(&k2));
     drop(s);
-    let (s, rec) = open(&dir, 1 << 30, 1 << 30);
+    let (s, rec) = open(dir, 1 << 30, 1 << 30);
     assert_eq!((rec.entries, rec.dropped), (2, 0));
     assert!(s.get(&k0).is_some() && s.get(&k2).is_some() && s.get(&k1).is_none());
 }
 
 #[test]
 fn an_unusable_data_dir_leaves_a_ram_only_store() {
-    let dir = temp_dir("readonly");
+    let tmp = temp_dir("readonly");
+    let dir = tmp.path();
     let file = dir.join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
     let s = Store::open(&options(&file, 1 << 30, 1 << 30), layout());
@@ -416,7 +423,8 @@ fn crash_writer_child() {
 #[test]
 fn sigkill_mid_write_never_leaves_torn_data() {
     use std::io::BufRead;
-    let dir = temp_dir("sigkill");
+    let tmp = temp_dir("sigkill");
+    let dir = tmp.path();
     // Per crash: the first chunk the child wrote and the last it reported durable.
     let mut rounds: Vec<(u32, u32)> = Vec::new();
     let mut start = 0;
@@ -424,7 +432,7 @@ fn sigkill_mid_write_never_leaves_torn_data() {
     for (kill_after, delay_ms) in [(3, 0), (6, 3), (4, 11)] {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "store::tests::crash_writer_child", "--ignored", "--nocapture", "--test-threads=1"])
-            .env(CHILD_DIR, &dir)
+            .env(CHILD_DIR, dir)
             .env("KVGATE_STORE_CRASH_START", start.to_string())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -448,7 +456,7 @@ fn sigkill_mid_write_never_leaves_torn_data() {
         rounds.push((start, durable));
         start = durable + 100; // the next child writes chunks no earlier one touched
 
-        let (s, rec) = open(&dir, 1 << 30, 1 << 30);
+        let (s, rec) = open(dir, 1 << 30, 1 << 30);
         eprintln!("after crash {}: {rec:?}", rounds.len());
         let mut found = 0;
         for &(first, durable) in &rounds {

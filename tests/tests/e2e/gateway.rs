@@ -8,11 +8,32 @@ use serde_json::{Value, json};
 
 use crate::util::{Server, sse_events, temp_dir};
 
+/// Server arguments naming a config file, which lives as long as they do (a server reads it
+/// once, at start).
+struct ConfigArgs {
+    args: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for ConfigArgs {
+    type Target = Vec<String>;
+    fn deref(&self) -> &Vec<String> {
+        &self.args
+    }
+}
+
+impl std::ops::DerefMut for ConfigArgs {
+    fn deref_mut(&mut self) -> &mut Vec<String> {
+        &mut self.args
+    }
+}
+
 /// Writes `text` as a config file; returns the `--config` arguments.
-fn config(text: &str) -> Vec<String> {
-    let path = temp_dir("config").join("kvgate.toml");
+fn config(text: &str) -> ConfigArgs {
+    let dir = temp_dir("config");
+    let path = dir.path().join("kvgate.toml");
     std::fs::write(&path, text).expect("write the config");
-    vec!["--config".into(), path.display().to_string()]
+    ConfigArgs { args: vec!["--config".into(), path.display().to_string()], _dir: dir }
 }
 
 /// A server serving the model as `smollm2`, with these arguments.
@@ -329,7 +350,8 @@ fn a_tenant_s_budget_holds_while_another_floods_the_store() {
 
 #[test]
 fn log_lines_carry_the_request_id_as_json() {
-    let log = temp_dir("log").join("kvgate.log");
+    let log_dir = temp_dir("log");
+    let log = log_dir.path().join("kvgate.log");
     let mut gw = Server::start_logged(&["--log-format", "json", "--log", "info", "--model-name", "smollm2"], &log);
     let a = call(&gw, "/v1/chat/completions", None, &[("x-request-id", "trace-me-42")], &chat("smollm2", "Hi", 2));
     assert_eq!((a.status, a.request_id.as_deref()), (200, Some("trace-me-42")));

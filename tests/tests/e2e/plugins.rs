@@ -33,12 +33,13 @@ fn install(src: &Path, dir: &Path, file: &str) {
 }
 
 /// A plugins directory holding the default components named in `kinds`.
-fn plugins_dir(kinds: &[&str]) -> PathBuf {
-    let dir = temp_dir("plugins");
+fn plugins_dir(kinds: &[&str]) -> tempfile::TempDir {
+    let tmp = temp_dir("plugins");
+    let dir = tmp.path();
     for k in kinds {
-        install(&installed().join(format!("{k}.wasm")), &dir, &format!("{k}.wasm"));
+        install(&installed().join(format!("{k}.wasm")), dir, &format!("{k}.wasm"));
     }
-    dir
+    tmp
 }
 
 fn serve(dir: &Path, extra: &[&str]) -> Server {
@@ -102,8 +103,9 @@ fn first_logprob(r: &Value) -> f64 {
 
 #[test]
 fn the_default_plugins_serve_and_report() {
-    let dir = plugins_dir(&["chunker", "selector", "evictor"]);
-    let s = serve(&dir, &[]);
+    let tmp = plugins_dir(&["chunker", "selector", "evictor"]);
+    let dir = tmp.path();
+    let s = serve(dir, &[]);
     ask(&s, &rag([0, 1, 2]), &[]);
     let r = ask(&s, &rag([2, 0, 1]), &[]);
     assert!(spans(&r) >= 3, "every passage is found again: {}", r["kvgate"]);
@@ -124,8 +126,9 @@ fn the_default_plugins_serve_and_report() {
 /// sending requests: none fails, and the same request is answered differently afterwards.
 #[test]
 fn swapping_the_selector_under_load_changes_behaviour_and_fails_nothing() {
-    let dir = plugins_dir(&["chunker", "selector"]);
-    let s = serve(&dir, &[]);
+    let tmp = plugins_dir(&["chunker", "selector"]);
+    let dir = tmp.path();
+    let s = serve(dir, &[]);
     let budget = [("x-kvgate-recompute-budget", "0.3")];
     ask(&s, &rag([0, 1, 2]), &budget); // stores the chunks
     let before = ask(&s, &rag([2, 0, 1]), &budget);
@@ -141,7 +144,7 @@ fn swapping_the_selector_under_load_changes_behaviour_and_fails_nothing() {
             n
         });
         std::thread::sleep(Duration::from_millis(500));
-        install(&test_component("test-every-token-selector"), &dir, "selector.wasm");
+        install(&test_component("test-every-token-selector"), dir, "selector.wasm");
         wait_for(&s, "selector", |st| st["name"] == "test-every-token-selector");
         std::thread::sleep(Duration::from_millis(1500));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -176,9 +179,10 @@ fn a_looping_a_hogging_and_a_trapping_selector_each_fall_back_to_full_recompute(
         ("test-hog-selector", "memory_exceeded", &roomy[..]),
         ("test-trap-selector", "traps", &[][..]),
     ] {
-        let dir = temp_dir("plugins");
-        install(&test_component(component), &dir, "selector.wasm");
-        let s = serve(&dir, limits);
+        let tmp = temp_dir("plugins");
+        let dir = tmp.path();
+        install(&test_component(component), dir, "selector.wasm");
+        let s = serve(dir, limits);
         assert_eq!(status(&s, "selector")["name"], component, "it loads: only budget 7 misbehaves");
         let seven = budget_seven(&s);
         let started = Instant::now();
@@ -197,10 +201,11 @@ fn a_looping_a_hogging_and_a_trapping_selector_each_fall_back_to_full_recompute(
 
 #[test]
 fn repeated_failures_roll_back_to_the_previous_version() {
-    let dir = plugins_dir(&["selector"]);
-    let s = serve(&dir, &["--no-watch-plugins"]);
+    let tmp = plugins_dir(&["selector"]);
+    let dir = tmp.path();
+    let s = serve(dir, &["--no-watch-plugins"]);
     let seven = budget_seven(&s);
-    install(&test_component("test-trap-selector"), &dir, "selector.wasm");
+    install(&test_component("test-trap-selector"), dir, "selector.wasm");
     let reload: Value = ureq::post(&s.url("/admin/plugins/reload")).call().unwrap().into_json().unwrap();
     assert_eq!(reload["ok"], true, "{reload}");
     assert_eq!(status(&s, "selector")["name"], "test-trap-selector");
@@ -221,9 +226,10 @@ fn repeated_failures_roll_back_to_the_previous_version() {
 #[test]
 fn out_of_range_cut_points_are_rejected_at_load_and_fall_back_at_run_time() {
     // Always wrong: refused at load, the built-in cutter serves.
-    let dir = temp_dir("plugins");
-    install(&test_component("test-bad-chunker"), &dir, "chunker.wasm");
-    let s = serve(&dir, &[]);
+    let tmp = temp_dir("plugins");
+    let dir = tmp.path();
+    install(&test_component("test-bad-chunker"), dir, "chunker.wasm");
+    let s = serve(dir, &[]);
     let st = status(&s, "chunker");
     assert_eq!(st["serving"], "builtin", "{st}");
     assert!(st["last_rejected"].as_str().unwrap().contains("outside"), "{st}");
@@ -231,9 +237,10 @@ fn out_of_range_cut_points_are_rejected_at_load_and_fall_back_at_run_time() {
     drop(s);
 
     // Right at load, wrong on real prompts: every call falls back to fixed cuts.
-    let dir = temp_dir("plugins");
-    install(&test_component("test-sly-chunker"), &dir, "chunker.wasm");
-    let s = serve(&dir, &[]);
+    let tmp = temp_dir("plugins");
+    let dir = tmp.path();
+    install(&test_component("test-sly-chunker"), dir, "chunker.wasm");
+    let s = serve(dir, &[]);
     assert_eq!(status(&s, "chunker")["name"], "test-sly-chunker");
     ask(&s, &rag([0, 1, 2]), &[]);
     let r = ask(&s, &rag([2, 0, 1]), &[]);
@@ -246,9 +253,10 @@ fn out_of_range_cut_points_are_rejected_at_load_and_fall_back_at_run_time() {
 fn a_plugin_cannot_open_files() {
     let escape = Path::new("/tmp/kvgate-plugin-escape");
     let _ = std::fs::remove_file(escape);
-    let dir = temp_dir("plugins");
-    install(&test_component("test-file-chunker"), &dir, "chunker.wasm");
-    let s = serve(&dir, &[]);
+    let tmp = temp_dir("plugins");
+    let dir = tmp.path();
+    install(&test_component("test-file-chunker"), dir, "chunker.wasm");
+    let s = serve(dir, &[]);
     assert_eq!(status(&s, "chunker")["name"], "test-file-chunker");
     let r = ask(&s, &rag([0, 1, 2]), &[]);
     assert!(r["choices"][0]["message"]["content"].is_string());
@@ -264,8 +272,9 @@ fn a_plugin_cannot_open_files() {
 
 #[test]
 fn a_corrupt_wasm_dropped_in_leaves_the_old_plugin_serving() {
-    let dir = plugins_dir(&["selector"]);
-    let s = serve(&dir, &[]);
+    let tmp = plugins_dir(&["selector"]);
+    let dir = tmp.path();
+    let s = serve(dir, &[]);
     let tmp = dir.join(".selector.wasm.tmp");
     std::fs::write(&tmp, b"\0asm\x0d\0\x01\0 this is not a component").unwrap();
     std::fs::rename(&tmp, dir.join("selector.wasm")).unwrap();
@@ -290,16 +299,19 @@ fn plugin_check_and_reload_on_the_command_line() {
     let bad = test_component("test-bad-chunker");
     let (ok, text) = run(&["plugin", "check", bad.to_str().unwrap()]);
     assert!(!ok && text.contains("outside"), "{text}");
-    let junk = temp_dir("junk").join("junk.wasm");
+    let junk_dir = temp_dir("junk");
+    let junk = junk_dir.path().join("junk.wasm");
     std::fs::write(&junk, b"hello").unwrap();
     let (ok, text) = run(&["plugin", "check", junk.to_str().unwrap()]);
     assert!(!ok && text.contains("not a valid WebAssembly component"), "{text}");
     let (ok, text) = run(&["plugin", "check", "/nonexistent.wasm"]);
     assert!(!ok && text.contains("cannot read"), "{text}");
 
-    let dir = plugins_dir(&["selector"]);
-    let s = serve(&dir, &["--no-watch-plugins", "--admin-token", "t0k"]);
-    install(&test_component("test-every-token-selector"), &dir, "selector.wasm");
+    let tmp = plugins_dir(&["selector"]);
+
+    let dir = tmp.path();
+    let s = serve(dir, &["--no-watch-plugins", "--admin-token", "t0k"]);
+    install(&test_component("test-every-token-selector"), dir, "selector.wasm");
     let (ok, text) = run(&["plugin", "reload", "--url", &s.base, "--admin-token", "t0k"]);
     assert!(ok && text.contains("selector") && text.contains("loaded"), "{text}");
     assert_eq!(status_with_token(&s, "t0k")["name"], "test-every-token-selector");

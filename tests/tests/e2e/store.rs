@@ -40,15 +40,16 @@ fn send(mut r: ureq::Request, token: Option<&str>) -> (u16, Value) {
 
 #[test]
 fn chunks_survive_a_restart_and_the_admin_endpoints_list_and_delete_them() {
-    let dir = temp_dir("restart");
+    let tmp = temp_dir("restart");
+    let dir = tmp.path();
     let stored = {
-        let mut s = Server::start_in(&dir, &[]);
+        let mut s = Server::start_in(dir, &[]);
         let (st, r) = s.post("/v1/chat/completions", &rag([0, 1, 2], "What does Cargo do?"));
         assert_eq!((st, r["kvgate"]["chunks_hit"].as_u64()), (200, Some(0)), "{r}");
         assert!(s.stop(), "clean shutdown");
         r["kvgate"]["chunks_stored"].as_u64().unwrap()
     };
-    let s = Server::start_in(&dir, &[]);
+    let s = Server::start_in(dir, &[]);
     let (_, again) = s.post("/v1/chat/completions", &rag([2, 0, 1], "What are traits?"));
     let k = &again["kvgate"];
     assert!(k["spans"].as_u64().unwrap() >= 3, "every passage came back from disk: {k}");
@@ -97,8 +98,9 @@ fn chunks_survive_a_restart_and_the_admin_endpoints_list_and_delete_them() {
 
 #[test]
 fn a_server_killed_mid_write_restarts_and_serves() {
-    let dir = temp_dir("sigkill");
-    let mut s = Server::start_in(&dir, &[]);
+    let tmp = temp_dir("sigkill");
+    let dir = tmp.path();
+    let mut s = Server::start_in(dir, &[]);
     for (i, order) in [[0, 1, 2], [1, 2, 0], [2, 0, 1]].into_iter().enumerate() {
         let mut body = rag(order, &format!("Question number {i}: what is Rust?"));
         body["messages"][1]["content"] = json!(format!("Passage set {i}. {}", PASSAGES[order[0]]));
@@ -114,7 +116,7 @@ fn a_server_killed_mid_write_restarts_and_serves() {
     }
     s.child.kill().unwrap(); // SIGKILL: no shutdown, the disk writer may be mid-payload
     s.child.wait().unwrap();
-    let s = Server::start_in(&dir, &[]);
+    let s = Server::start_in(dir, &[]);
     let (st, r) = s.post("/v1/chat/completions", &rag([0, 1, 2], "What does Cargo do?"));
     assert_eq!(st, 200, "{r}");
     assert!(r["kvgate"]["chunks_hit"].as_u64().unwrap() >= 1, "chunks written before the kill are served: {r}");
@@ -160,18 +162,19 @@ impl Drop for Tmpfs {
 /// so and stops (the store's unit test covers ENOSPC behind its I/O seam everywhere).
 #[test]
 fn a_full_disk_is_survived_and_storing_resumes_when_space_returns() {
-    let dir = temp_dir("tmpfs");
+    let tmp = temp_dir("tmpfs");
+    let dir = tmp.path();
     let mount = |opts: &str| {
         let mut c = std::process::Command::new("mount");
-        c.args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(&dir).stderr(std::process::Stdio::null());
+        c.args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).stderr(std::process::Stdio::null());
         c.status().is_ok_and(|s| s.success())
     };
     if !mount("size=6m") {
         eprintln!("skipped: cannot mount a tmpfs here (not root)");
         return;
     }
-    let _unmount = Tmpfs(dir.clone());
-    let s = Server::start_in(&dir, &["--disk-budget-bytes", "1GiB"]);
+    let _unmount = Tmpfs(dir.to_path_buf());
+    let s = Server::start_in(dir, &["--disk-budget-bytes", "1GiB"]);
     let passage = |i: usize| {
         let words: Vec<String> = (0..90).map(|w| format!("w{}x{}", i, w % 17)).collect();
         format!("Passage {i}: {}", words.join(" "))
@@ -204,7 +207,7 @@ fn a_full_disk_is_survived_and_storing_resumes_when_space_returns() {
     assert!(
         mount("remount,size=256m") || {
             let mut c = std::process::Command::new("mount");
-            c.args(["-o", "remount,size=256m"]).arg(&dir).status().is_ok_and(|s| s.success())
+            c.args(["-o", "remount,size=256m"]).arg(dir).status().is_ok_and(|s| s.success())
         }
     );
     std::thread::sleep(std::time::Duration::from_millis(2500));
@@ -222,7 +225,8 @@ fn a_full_disk_is_survived_and_storing_resumes_when_space_returns() {
 /// span index is rebuilt from the disk tier.
 #[test]
 fn a_restart_keeps_span_hits() {
-    let dir = temp_dir("restart-spans");
+    let tmp = temp_dir("restart-spans");
+    let dir = tmp.path();
     let joined = |order: [usize; 3], label: &str, question: &str| {
         let body: Vec<String> =
             order.iter().enumerate().map(|(i, &p)| format!("{label} {}: {}", i + 1, PASSAGES[p])).collect();
@@ -232,11 +236,11 @@ fn a_restart_keeps_span_hits() {
         ], "temperature": 0, "max_tokens": 2})
     };
     {
-        let mut s = Server::start_in(&dir, &[]);
+        let mut s = Server::start_in(dir, &[]);
         assert_eq!(s.post("/v1/chat/completions", &joined([0, 1, 2], "Passage", "What does Cargo do?")).0, 200);
         assert!(s.stop());
     }
-    let s = Server::start_in(&dir, &[]);
+    let s = Server::start_in(dir, &[]);
     let (st, r) = s.post("/v1/chat/completions", &joined([2, 0, 1], "Document", "What are traits?"));
     assert_eq!(st, 200, "{r}");
     let k = &r["kvgate"];

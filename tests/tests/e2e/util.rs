@@ -38,23 +38,15 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
 pub struct Server {
     pub child: std::process::Child,
     pub base: String,
-    /// The data directory it was given, removed on drop when the server made it.
+    /// The data directory it was given.
     pub data_dir: PathBuf,
-    owns_data_dir: bool,
+    /// The data directory the server made itself, removed on drop (after the server stops).
+    own_data_dir: Option<tempfile::TempDir>,
 }
 
-/// A fresh directory under the system temp dir, unique per call.
-pub fn temp_dir(name: &str) -> PathBuf {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "kvgate-test-{name}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("create a temp dir");
-    d
+/// A fresh directory under the system temp dir, removed when dropped.
+pub fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("kvgate-test-{name}-")).tempdir().expect("create a temp dir")
 }
 
 /// The `kvgate` binary: `$KVGATE_BIN`, else the one cargo built beside this test.
@@ -72,8 +64,9 @@ impl Server {
     /// Starts the server with extra `args` (and a fresh data directory) and waits until
     /// `/ready` answers 200.
     pub fn start(args: &[&str]) -> Self {
-        let mut s = Self::start_in(&temp_dir("data"), args);
-        s.owns_data_dir = true;
+        let dir = temp_dir("data");
+        let mut s = Self::start_in(dir.path(), args);
+        s.own_data_dir = Some(dir);
         s
     }
 
@@ -85,8 +78,9 @@ impl Server {
     /// Starts the server with its log (stderr) written to `log`.
     pub fn start_logged(args: &[&str], log: &std::path::Path) -> Self {
         let file = std::fs::File::create(log).expect("create the log file");
-        let mut s = Self::start_with(&temp_dir("data"), args, file.into());
-        s.owns_data_dir = true;
+        let dir = temp_dir("data");
+        let mut s = Self::start_with(dir.path(), args, file.into());
+        s.own_data_dir = Some(dir);
         s
     }
 
@@ -110,7 +104,7 @@ impl Server {
         let mut line = String::new();
         std::io::BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
         let base = line.trim().strip_prefix("kvgate listening on ").expect("listening line").to_string();
-        let server = Self { child, base, data_dir: data_dir.to_path_buf(), owns_data_dir: false };
+        let server = Self { child, base, data_dir: data_dir.to_path_buf(), own_data_dir: None };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             // 200 when ready; 401 when /ready needs a key (then it is up; the API tells the rest).
@@ -173,9 +167,7 @@ impl Drop for Server {
         if let Ok(None) = self.child.try_wait() {
             self.stop();
         }
-        if self.owns_data_dir {
-            let _ = std::fs::remove_dir_all(&self.data_dir);
-        }
+        // The data directory, if the server made it, goes with `own_data_dir` after this.
     }
 }
 
