@@ -19,32 +19,10 @@ if [ ! -d "$corpus" ]; then
     exit 1
 fi
 mkdir -p "$out"
-work=$(mktemp -d)
-pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$work"' EXIT
-
-# Starts `kvgate serve` with its own data dir and extra flags; sets `started` to its URL.
-# (Not in a subshell: the trap must see every pid.)
-start() {
-    local name=$1
-    shift
-    "$kvgate" serve --listen 127.0.0.1:0 --threads "${THREADS:-1}" --log warn --data-dir "$work/data-$name" \
-        --ram-budget-bytes "${RAM_BUDGET:-512MiB}" "$@" >"$work/$name.log" 2>&1 &
-    pids+=($!)
-    local url=""
-    for _ in $(seq 150); do
-        url=$(sed -n 's/^kvgate listening on //p' "$work/$name.log")
-        if [ -n "$url" ] && curl -sf "$url/ready" >/dev/null; then
-            started=$url
-            return
-        fi
-        sleep 0.2
-    done
-    echo "the $name server did not start:" >&2
-    cat "$work/$name.log" >&2
-    exit 1
-}
-start upstream --model-name upstream-smollm2
+# shellcheck source=scripts/servers.sh
+. "$(dirname "$0")/servers.sh"
+serve=(--threads "${THREADS:-1}" --ram-budget-bytes "${RAM_BUDGET:-512MiB}")
+start upstream "${serve[@]}" --model-name upstream-smollm2
 upstream=$started
 cat >"$work/gateway.toml" <<EOF
 [[api_key]]
@@ -63,10 +41,10 @@ url = "$upstream/v1"
 models = ["upstream-smollm2"]
 timeout_secs = 600
 EOF
-start gateway --config "$work/gateway.toml" --model-name local-smollm2
+start gateway "${serve[@]}" --config "$work/gateway.toml" --model-name local-smollm2
 gateway=$started
 "$kvgate" bench gateway --url "$gateway" --watch "$gateway" --watch "$upstream" --corpus "$corpus" \
     --model local-smollm2 --model upstream-smollm2 \
     --header "authorization: Bearer bench-normal" \
     --over-limit-clients 4 --over-limit-header "authorization: Bearer bench-limited" \
-    --warmup 60 --duration 120 --json "$out/bench-gateway.json" ${KVGATE_BENCH_GATEWAY_ARGS:-}
+    --json "$out/bench-gateway.json" ${KVGATE_BENCH_GATEWAY_ARGS:-}

@@ -17,36 +17,15 @@ if [ ! -d "$corpus" ]; then
 fi
 mkdir -p "$out"
 plugins_src=${KVGATE_PLUGINS_DIR:-$HOME/.cache/kvgate/plugins}
-work=$(mktemp -d)
+# shellcheck source=scripts/servers.sh
+. "$(dirname "$0")/servers.sh"
 cp -r "$plugins_src" "$work/plugins"
-pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$work"' EXIT
-
-# Starts `kvgate serve` with its own data dir and extra flags; sets `started` to its URL.
-# (Not in a subshell: the trap must see every pid.)
-start() {
-    local name=$1
-    shift
-    # shellcheck disable=SC2086
-    "$kvgate" serve --listen 127.0.0.1:0 --threads "${THREADS:-2}" --log warn --data-dir "$work/data-$name" \
-        "$@" ${KVGATE_BENCH_SERVE_ARGS:-} >"$work/$name.log" 2>&1 &
-    pids+=($!)
-    local url=""
-    for _ in $(seq 150); do
-        url=$(sed -n 's/^kvgate listening on //p' "$work/$name.log")
-        if [ -n "$url" ] && curl -sf "$url/ready" >/dev/null; then
-            started=$url
-            return
-        fi
-        sleep 0.2
-    done
-    echo "the $name server did not start:" >&2
-    cat "$work/$name.log" >&2
-    exit 1
-}
-start main --plugins-dir "$work/plugins"
+# shellcheck disable=SC2086
+start main --threads "${THREADS:-2}" --plugins-dir "$work/plugins" ${KVGATE_BENCH_SERVE_ARGS:-}
 url=$started
-start floor --plugins-dir "$work/plugins" --no-watch-plugins --prefix-kv-dtype f16
+# shellcheck disable=SC2086
+start floor --threads "${THREADS:-2}" --plugins-dir "$work/plugins" --no-watch-plugins --prefix-kv-dtype f16 \
+    ${KVGATE_BENCH_SERVE_ARGS:-}
 floor=$started
 name=${KVGATE_BENCH_NAME:-bench-rag}
 # shellcheck disable=SC2086

@@ -1,6 +1,6 @@
 //! The `kvgate` binary: argument parsing and wiring only; the work is in the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -235,7 +235,7 @@ struct BenchGatewayArgs {
     #[arg(long, default_value_t = 120.0)]
     duration: f64,
     /// Seconds run first and not counted (resident memory is compared with its end).
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 60.0)]
     warmup: f64,
     /// Model ids, used in turn (e.g. the local model and an upstream's).
     #[arg(long = "model", required = true)]
@@ -812,10 +812,7 @@ fn bench_store(args: BenchStoreArgs) -> anyhow::Result<()> {
 
 fn bench_load(args: BenchLoadArgs) -> anyhow::Result<()> {
     init_logging("warn");
-    let shape = match args.trace.as_str() {
-        "short" => None,
-        t => Some(t.parse().map_err(|e: String| anyhow::anyhow!("--trace: {e}, or short"))?),
-    };
+    let shape = trace_shape(&args.trace)?;
     let headers = parse_headers(&args.headers, "--header")?;
     let opts = kvgate::bench::load::LoadOptions {
         url: args.url.trim_end_matches('/').to_string(),
@@ -834,11 +831,25 @@ fn bench_load(args: BenchLoadArgs) -> anyhow::Result<()> {
         label: args.label,
     };
     let report = kvgate::bench::load::run(&opts, |stage| eprintln!("bench load: {stage}"))?;
-    print!("{}", kvgate::bench::load::table(&report));
-    if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+    print_report("load", &kvgate::bench::load::table(&report), &report, args.json.as_deref())?;
+    Ok(())
+}
+
+/// `--trace`: `short` (no RAG trace: short questions) or a RAG trace shape.
+fn trace_shape(trace: &str) -> anyhow::Result<Option<kvgate::bench::trace::Shape>> {
+    match trace {
+        "short" => Ok(None),
+        t => Ok(Some(t.parse().map_err(|e: String| anyhow::anyhow!("--trace: {e}, or short"))?)),
+    }
+}
+
+/// Prints a benchmark's table and, with `--json PATH`, writes its report there.
+fn print_report(bench: &str, table: &str, report: &impl serde::Serialize, json: Option<&Path>) -> anyhow::Result<()> {
+    print!("{table}");
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("bench load: report written to {}", path.display());
+        eprintln!("bench {bench}: report written to {}", path.display());
     }
     Ok(())
 }
@@ -855,10 +866,7 @@ fn parse_headers(raw: &[String], flag: &str) -> anyhow::Result<Vec<(String, Stri
 
 fn bench_gateway(args: BenchGatewayArgs) -> anyhow::Result<()> {
     init_logging("warn");
-    let shape = match args.trace.as_str() {
-        "short" => None,
-        t => Some(t.parse().map_err(|e: String| anyhow::anyhow!("--trace: {e}, or short"))?),
-    };
+    let shape = trace_shape(&args.trace)?;
     if args.over_limit_clients > 0 && args.over_limit_headers.is_empty() {
         anyhow::bail!("--over-limit-clients needs --over-limit-header (the limited key)");
     }
@@ -887,12 +895,7 @@ fn bench_gateway(args: BenchGatewayArgs) -> anyhow::Result<()> {
         label: args.label,
     };
     let report = kvgate::bench::gateway::run(&opts, |stage| eprintln!("bench gateway: {stage}"))?;
-    print!("{}", kvgate::bench::gateway::table(&report));
-    if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("bench gateway: report written to {}", path.display());
-    }
+    print_report("gateway", &kvgate::bench::gateway::table(&report), &report, args.json.as_deref())?;
     if report.failures > 0 {
         anyhow::bail!("{} requests failed besides the deliberate 429s", report.failures);
     }
@@ -922,11 +925,6 @@ fn bench_rag(args: BenchRagArgs) -> anyhow::Result<()> {
         plugins_dir: args.plugins_dir,
     };
     let report = kvgate::bench::rag::run(&opts, |stage| eprintln!("bench rag: {stage}"))?;
-    print!("{}", kvgate::bench::rag::table(&report));
-    if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("bench rag: report written to {}", path.display());
-    }
+    print_report("rag", &kvgate::bench::rag::table(&report), &report, args.json.as_deref())?;
     Ok(())
 }

@@ -17,10 +17,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::load::{Failure, Timed, quantile, stream, streaming_body};
-use super::trace::{self, Shape, TraceOptions};
+use super::load::{Failure, Timed, prompt_bodies, quantile, stream, streaming_body};
+use super::trace::Shape;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -145,16 +145,8 @@ pub fn run(o: &GatewayOptions, progress: impl Fn(&str) + Sync) -> anyhow::Result
     if o.clients == 0 || o.models.is_empty() || o.duration_s <= 0.0 {
         anyhow::bail!("bench gateway needs --clients ≥ 1, a --duration and at least one --model");
     }
-    let n = 4096;
-    let bodies: Vec<Value> = match o.shape {
-        None => super::load::short_prompts(n),
-        Some(shape) => {
-            let dir = o.corpus.as_ref().ok_or_else(|| anyhow::anyhow!("a RAG trace needs --corpus DIR"))?;
-            let passages = trace::passages(dir, o.passage_words)?;
-            let topts = TraceOptions { shape, k: o.k, pool: 40.min(passages.len()), zipf_s: 1.0, seed: o.seed };
-            trace::prompts(&passages, &topts, n).into_iter().map(|r| r.body).collect()
-        }
-    };
+    // Enough prompts that the clients seldom send one twice; they cycle past the end.
+    let bodies = prompt_bodies(o.shape, o.corpus.as_deref(), o.k, o.passage_words, o.seed, 4096)?;
     let body_for = |i: usize, model: &str| {
         let mut b = streaming_body(&bodies[i % bodies.len()], o.max_tokens, false);
         b["model"] = json!(model);

@@ -95,8 +95,25 @@ pub struct LoadReport {
     pub levels: Vec<Level>,
 }
 
+/// `n` chat request bodies: the RAG trace `shape` drawn from `corpus` (`k` passages of
+/// `passage_words` each), or short questions when `shape` is `None`.
+pub(super) fn prompt_bodies(
+    shape: Option<Shape>,
+    corpus: Option<&std::path::Path>,
+    k: usize,
+    passage_words: usize,
+    seed: u64,
+    n: usize,
+) -> anyhow::Result<Vec<Value>> {
+    let Some(shape) = shape else { return Ok(short_prompts(n)) };
+    let dir = corpus.ok_or_else(|| anyhow::anyhow!("a RAG trace needs --corpus DIR"))?;
+    let passages = trace::passages(dir, passage_words)?;
+    let topts = TraceOptions { shape, k, pool: 40.min(passages.len()), zipf_s: 1.0, seed };
+    Ok(trace::prompts(&passages, &topts, n).into_iter().map(|r| r.body).collect())
+}
+
 /// Short questions, each different (a prefix cache cannot answer them): the decode shape.
-pub(super) fn short_prompts(n: usize) -> Vec<Value> {
+fn short_prompts(n: usize) -> Vec<Value> {
     const TOPICS: [&str; 8] = ["rivers", "bridges", "owls", "glass", "tides", "maps", "bread", "comets"];
     (0..n)
         .map(|i| {
@@ -204,15 +221,7 @@ pub fn run(o: &LoadOptions, progress: impl Fn(&str)) -> anyhow::Result<LoadRepor
     let per_level = |c: usize| if o.requests > 0 { o.requests } else { (4 * c).max(16) };
     let warmup = |c: usize| o.warmup.unwrap_or(c);
     let needed = o.clients.iter().map(|&c| warmup(c) + per_level(c)).max().unwrap_or(16).max(most);
-    let bodies: Vec<Value> = match o.shape {
-        None => short_prompts(needed),
-        Some(shape) => {
-            let dir = o.corpus.as_ref().ok_or_else(|| anyhow::anyhow!("a RAG trace needs --corpus DIR"))?;
-            let passages = trace::passages(dir, o.passage_words)?;
-            let topts = TraceOptions { shape, k: o.k, pool: 40.min(passages.len()), zipf_s: 1.0, seed: o.seed };
-            trace::prompts(&passages, &topts, needed).into_iter().map(|r| r.body).collect()
-        }
-    };
+    let bodies = prompt_bodies(o.shape, o.corpus.as_deref(), o.k, o.passage_words, o.seed, needed)?;
     let mut levels = Vec::new();
     for &c in &o.clients {
         if o.flush {

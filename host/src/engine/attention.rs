@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use super::OutPtr;
+
 /// Query rows per attention block. At most 64 on purpose: gemm picks its k-blocking for the
 /// `PV` product (k = keys) from the shape, and with ≤ 64 rows and a 64-wide head it always
 /// takes the same one (512-key blocks from key 0). A row's output therefore does not depend on
@@ -139,25 +141,6 @@ pub struct Keys<'a> {
     pub positions: &'a [u32],
     /// Whether `positions` is non-decreasing: lets a query block stop at its last visible key.
     pub sorted: bool,
-}
-
-/// Raw output pointer shared by the parallel blocks; each block writes a disjoint
-/// (rows × one head) region of it.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: blocks write disjoint regions (their own rows of their own head) only.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The element at `i` (a method, so that closures capture the whole `Send` wrapper).
-    ///
-    /// # Safety
-    /// `i` must be inside the output, in a region only the calling task writes.
-    unsafe fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.0.add(i) }
-    }
 }
 
 /// `dst = scale · lhs · rhs` for row-major `dst` (m × n, rows `dst_rs` apart) and `lhs`

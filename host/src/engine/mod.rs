@@ -30,6 +30,25 @@ pub use sampling::{SamplingParams, TokenLogprob};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::Tokenizer;
 
+/// An output buffer shared by the parallel tasks of one kernel (attention blocks, matrix
+/// product stripes), each of which writes only its own disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks holding it write disjoint elements only.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The element at `i` (a method, so that closures capture the whole `Send` wrapper).
+    ///
+    /// # Safety
+    /// `i` must be inside the output, in a region only the calling task writes.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// What can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

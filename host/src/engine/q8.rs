@@ -28,6 +28,8 @@
 
 use half::f16;
 
+use super::OutPtr;
+
 const BLOCK: usize = 32;
 /// Blocks whose sums one register holds, a lane each.
 const GROUP: usize = 16;
@@ -46,22 +48,6 @@ const PARALLEL_MIN_WORK: usize = 256 << 10;
 
 /// Results of a tile: `[output][input row]`.
 type Tile = [[f32; MAX_ROWS]; MAX_OUTS];
-
-/// The output shared by the tasks of one product; each writes its own elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (their own stripes of outputs) only.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// # Safety
-    /// `i` must be inside the output and written by one task only.
-    unsafe fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.0.add(i) }
-    }
-}
 
 /// The kernel this process runs, chosen once from the CPU's features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
