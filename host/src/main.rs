@@ -240,11 +240,6 @@ struct BenchGatewayArgs {
     /// Model ids, used in turn (e.g. the local model and an upstream's).
     #[arg(long = "model", required = true)]
     models: Vec<String>,
-    /// `short` or a RAG trace shape (needs --corpus).
-    #[arg(long, default_value = "joined:passage")]
-    trace: String,
-    #[arg(long)]
-    corpus: Option<PathBuf>,
     /// Header of the normal clients, `name: value` (repeatable), e.g. `authorization: Bearer KEY`.
     #[arg(long = "header")]
     headers: Vec<String>,
@@ -256,14 +251,8 @@ struct BenchGatewayArgs {
     over_limit_headers: Vec<String>,
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
-    /// Passages per request.
-    #[arg(long, default_value_t = 4)]
-    k: usize,
-    /// Words per passage.
-    #[arg(long, default_value_t = 150)]
-    passage_words: usize,
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
+    #[command(flatten)]
+    prompts: PromptArgs,
     /// Servers whose resident memory is sampled from /metrics (repeatable; default: --url).
     #[arg(long = "watch")]
     watch: Vec<String>,
@@ -277,6 +266,26 @@ struct BenchGatewayArgs {
     json: Option<PathBuf>,
 }
 
+/// The prompts of `bench load` and `bench gateway`.
+#[derive(clap::Args)]
+struct PromptArgs {
+    /// `short` (a one-line question each: decode throughput) or a RAG trace shape (as
+    /// `bench rag --traces`; needs --corpus).
+    #[arg(long, default_value = "joined:passage")]
+    trace: String,
+    /// Directory of .txt/.md/.html files to draw passages from.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Passages per request.
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    /// Words per passage (~1.3 tokens per word).
+    #[arg(long, default_value_t = 150)]
+    passage_words: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
 #[derive(Parser)]
 struct BenchLoadArgs {
     /// Base URL of the server (kvgate, llama.cpp's server, vLLM, ...).
@@ -285,13 +294,6 @@ struct BenchLoadArgs {
     /// Concurrent clients, one level each.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16])]
     clients: Vec<usize>,
-    /// `short` (a one-line question each: decode throughput) or a RAG trace shape (as
-    /// `bench rag --traces`; needs --corpus).
-    #[arg(long, default_value = "joined:passage")]
-    trace: String,
-    /// Directory of .txt/.md/.html files to draw passages from.
-    #[arg(long)]
-    corpus: Option<PathBuf>,
     /// Requests counted per level (0: four per client, at least 16).
     #[arg(long, default_value_t = 0)]
     requests: usize,
@@ -303,14 +305,8 @@ struct BenchLoadArgs {
     /// Generate --max-tokens tokens whatever the model says.
     #[arg(long)]
     ignore_eos: bool,
-    /// Passages per request.
-    #[arg(long, default_value_t = 4)]
-    k: usize,
-    /// Words per passage (~1.3 tokens per word).
-    #[arg(long, default_value_t = 150)]
-    passage_words: usize,
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
+    #[command(flatten)]
+    prompts: PromptArgs,
     /// Do not empty the chunk store before each level (needed for servers other than kvgate).
     #[arg(long)]
     no_flush: bool,
@@ -812,20 +808,20 @@ fn bench_store(args: BenchStoreArgs) -> anyhow::Result<()> {
 
 fn bench_load(args: BenchLoadArgs) -> anyhow::Result<()> {
     init_logging("warn");
-    let shape = trace_shape(&args.trace)?;
+    let shape = trace_shape(&args.prompts.trace)?;
     let headers = parse_headers(&args.headers, "--header")?;
     let opts = kvgate::bench::load::LoadOptions {
         url: args.url.trim_end_matches('/').to_string(),
-        corpus: args.corpus,
+        corpus: args.prompts.corpus,
         shape,
         clients: args.clients,
         requests: args.requests,
         warmup: args.warmup,
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
-        k: args.k,
-        passage_words: args.passage_words,
-        seed: args.seed,
+        k: args.prompts.k,
+        passage_words: args.prompts.passage_words,
+        seed: args.prompts.seed,
         flush: !args.no_flush,
         headers,
         label: args.label,
@@ -866,7 +862,7 @@ fn parse_headers(raw: &[String], flag: &str) -> anyhow::Result<Vec<(String, Stri
 
 fn bench_gateway(args: BenchGatewayArgs) -> anyhow::Result<()> {
     init_logging("warn");
-    let shape = trace_shape(&args.trace)?;
+    let shape = trace_shape(&args.prompts.trace)?;
     if args.over_limit_clients > 0 && args.over_limit_headers.is_empty() {
         anyhow::bail!("--over-limit-clients needs --over-limit-header (the limited key)");
     }
@@ -877,7 +873,7 @@ fn bench_gateway(args: BenchGatewayArgs) -> anyhow::Result<()> {
     };
     let opts = kvgate::bench::gateway::GatewayOptions {
         url,
-        corpus: args.corpus,
+        corpus: args.prompts.corpus,
         shape,
         clients: args.clients,
         duration_s: args.duration,
@@ -887,9 +883,9 @@ fn bench_gateway(args: BenchGatewayArgs) -> anyhow::Result<()> {
         over_limit_clients: args.over_limit_clients,
         over_limit_headers: parse_headers(&args.over_limit_headers, "--over-limit-header")?,
         max_tokens: args.max_tokens,
-        k: args.k,
-        passage_words: args.passage_words,
-        seed: args.seed,
+        k: args.prompts.k,
+        passage_words: args.prompts.passage_words,
+        seed: args.prompts.seed,
         watch,
         sample_every_s: args.sample_every,
         label: args.label,
