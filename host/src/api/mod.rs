@@ -276,7 +276,7 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
         drain(&mut body, limit.saturating_mul(DRAIN_FACTOR)).await;
         return Err(ApiError::body_too_large(limit));
     }
-    let mut kept = Vec::new();
+    let mut kept = Vec::with_capacity(declared.map_or(0, |n| n as usize));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::invalid(None, format!("could not read the request body: {e}")))?;
         if let Ok(data) = frame.into_data() {
