@@ -13,10 +13,10 @@
 //! - `compose`: reuse wherever a run sits. The store's span index covers the prompt with the
 //!   longest runs (at least `min_span` tokens) that equal runs inside stored chunks — a whole
 //!   chunk or any part of one, cut however it was cut. The runs are spliced in (K rotated from
-//!   pre-RoPE to the new positions, V as is); layers `0..=check_layer` run over the whole
-//!   prompt, the deviation of each reused token's K/V at `check_layer` is measured, the
-//!   selector picks the tokens to recompute, and the remaining layers run only over those
-//!   plus every token no run covered. Every recomputed token attends to exactly the keys at
+//!   pre-RoPE to the new positions, V as is); layers `0..check_layer` run over the whole
+//!   prompt and its K/V at `check_layer` are projected, the deviation of each reused token's
+//!   K/V there is measured, the selector picks the tokens to recompute, and layers
+//!   `check_layer..` run only over those plus every token no run covered. Every recomputed token attends to exactly the keys at
 //!   positions `≤` its own.
 //!
 //! The last token is always computed (its logits start generation). What no run covered is
@@ -121,7 +121,8 @@ pub struct Timings {
     pub lookup_us: u64,
     /// Fetching them and splicing them in (rotation included).
     pub splice_us: u64,
-    /// Layers `0..=check_layer` over every token and the deviations (compose).
+    /// Layers `0..check_layer` and the K/V at `check_layer` over every token, the deviations,
+    /// the attention probe and the selection (compose).
     pub check_us: u64,
     /// The remaining layers over the recomputed and new tokens (or the whole forward).
     pub compute_us: u64,

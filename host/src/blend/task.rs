@@ -12,9 +12,10 @@
 //! - `Start`: the lookup and the splice (compose: the span index; prefix: the prefix tree).
 //! - `Extend`: the tokens from a row on through every layer (`off`, the part of a `prefix`
 //!   prompt past its stored prefix, compose with nothing to reuse).
-//! - `Check` (compose): layers `0..=check_layer` over every token; then the deviations, the
-//!   attention from the prompt's last tokens, and the selector's choice.
-//! - `Recompute` (compose): the remaining layers over the chosen reused tokens and every
+//! - `Check` (compose): layers `0..check_layer` and the K/V at `check_layer` over every
+//!   token; then the deviations, the attention from the prompt's last tokens, and the
+//!   selector's choice.
+//! - `Recompute` (compose): layers `check_layer..` over the chosen reused tokens and every
 //!   token no stored run covered.
 //!
 //! Kernels are batch-invariant (a row's result does not depend on the rows beside it), so a
@@ -52,7 +53,7 @@ struct Check {
     spans: Vec<SpanMatch>,
     reused: Vec<usize>,
     uncovered: Vec<Range<usize>>,
-    /// Hidden states of every token (after the check layer once done).
+    /// Hidden states of every token entering the check layer (once done).
     x: Vec<f32>,
     /// The spliced K and V of each reused token at the check layer, before the pass.
     spliced: Vec<(Vec<f32>, Vec<f32>)>,
@@ -126,7 +127,7 @@ impl Prefilling {
             Stage::Start => n * layers,
             Stage::Extend { done, .. } => (n - done) * layers,
             Stage::Check(c) => (n - c.done) * (self.opts.check_layer + 1) + (n - c.reused.len()) * layers,
-            Stage::Recompute(r) => (r.rows.len() - r.done) * (layers - self.opts.check_layer - 1),
+            Stage::Recompute(r) => (r.rows.len() - r.done) * (layers - self.opts.check_layer),
             Stage::Done => 0,
         }
     }
@@ -177,14 +178,14 @@ impl Prefilling {
                     };
                 }
                 Stage::Recompute(mut r) => {
-                    let per = layers - check - 1;
+                    let per = layers - check;
                     let take = (left / per.max(1)).clamp(1, r.rows.len() - r.done);
                     let started = Instant::now();
                     let hidden = model.config().hidden;
                     let rows = &r.rows[r.done..r.done + take];
                     let mut xs = r.xs[r.done * hidden..(r.done + take) * hidden].to_vec();
                     let positions: Vec<u32> = rows.iter().map(|&row| self.cache.positions[row]).collect();
-                    model.run_layers(check + 1..layers, &mut xs, &positions, rows, &mut self.cache, Weights::F32)?;
+                    model.run_layers(check..layers, &mut xs, &positions, rows, &mut self.cache, Weights::F32)?;
                     r.done += take;
                     if r.done == r.rows.len() {
                         r.logits = model.logits(&xs, &[take - 1])?;
@@ -308,7 +309,9 @@ impl Prefilling {
         }
     }
 
-    /// Layers `0..=check` over the tokens `rows`, keeping the probe's inputs on the way.
+    /// Layers `0..check` over the tokens `rows` and their K/V at `check` (the layer's output
+    /// waits for the recompute pass: only the tokens recomputed need it); keeps the probe's
+    /// inputs.
     fn check_slice(
         &mut self,
         model: &Model,
@@ -326,7 +329,7 @@ impl Prefilling {
             let from = rows.start.max(first_query) - rows.start;
             c.queries.extend_from_slice(&x[from * hidden..]);
         }
-        model.run_layers(check..check + 1, x, &positions, &cache_rows, &mut self.cache, Weights::F32)
+        model.write_kv(check, x, &positions, &cache_rows, &mut self.cache)
     }
 
     /// After the check pass: deviations, attention, the selector's choice; the recompute pass.

@@ -577,6 +577,63 @@ impl Model {
         Ok(attention::attention_mass(cfg.heads(), &q, positions, &keys))
     }
 
+    /// Layer `layer`'s K and V of the tokens whose hidden states entering it are `x` (at
+    /// `positions`), written into the cache rows `rows`: what [`Model::run_layers`] writes there,
+    /// without the attention and the MLP that make the layer's output. Compose's check pass
+    /// needs the check layer's K/V of every token, its output only of the tokens recomputed.
+    pub fn write_kv(
+        &self,
+        layer: usize,
+        x: &[f32],
+        positions: &[u32],
+        rows: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<(), EngineError> {
+        let (n, hidden, kv_dim) = (positions.len(), self.cfg.hidden, self.cfg.kv_dim());
+        if rows.len() != n || x.len() != n * hidden || rows.iter().any(|&r| r >= cache.len()) {
+            return Err(EngineError::Internal("write_kv: rows and hidden states do not match".into()));
+        }
+        let (mut h, mut q, mut k) = (vec![0f32; n * hidden], vec![0f32; n * hidden], vec![0f32; n * kv_dim]);
+        let mut access = CacheAccess::Write { cache, rows };
+        self.project(layer, x, positions, (&mut h, &mut q, &mut k), &mut access, Weights::F32)
+    }
+
+    /// Layer `l`'s attention inputs: `x` normed into `h`, the rotated Q and K into `q` and `k`;
+    /// with `Write`, K and V into the cache rows.
+    fn project(
+        &self,
+        l: usize,
+        x: &[f32],
+        positions: &[u32],
+        (h, q, k): (&mut [f32], &mut [f32], &mut [f32]),
+        access: &mut CacheAccess,
+        w: Weights,
+    ) -> Result<(), EngineError> {
+        let (hidden, kv_dim) = (self.cfg.hidden, self.cfg.kv_dim());
+        let layer = &self.layers[l];
+        let row = hidden + 2 * kv_dim;
+        rms_norm(x, &layer.attn_norm, self.cfg.rms_eps, h);
+        layer.qkv.forward(h, positions.len(), w, |qkv| {
+            for (i, r) in qkv.chunks_exact(row).enumerate() {
+                q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
+                k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
+                if let CacheAccess::Write { cache, rows } = access {
+                    let v = &mut cache.layers[l].v;
+                    v[rows[i] * kv_dim..(rows[i] + 1) * kv_dim].copy_from_slice(&r[hidden + kv_dim..]);
+                }
+            }
+        })?;
+        self.rope.rotate(q, positions, 1.0);
+        self.rope.rotate(k, positions, 1.0);
+        if let CacheAccess::Write { cache, rows } = access {
+            let kv = &mut cache.layers[l].k;
+            for (i, &r) in rows.iter().enumerate() {
+                kv[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
+            }
+        }
+        Ok(())
+    }
+
     /// The layer loop: each token's rotated K and its V go into its cache row before it
     /// attends (`Write`), or the cache is read as it is (`Read`: the tokens already sit in it).
     fn layers(
@@ -599,28 +656,9 @@ impl Model {
         let mut k = vec![0f32; n * kv_dim];
         let mut attn = vec![0f32; n * hidden];
         let mut act = vec![0f32; n * ffn];
-        let row = hidden + 2 * kv_dim;
         for l in layers {
             let layer = &self.layers[l];
-            rms_norm(x, &layer.attn_norm, cfg.rms_eps, &mut h);
-            layer.qkv.forward(&h, n, w, |qkv| {
-                for (i, r) in qkv.chunks_exact(row).enumerate() {
-                    q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
-                    k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
-                    if let CacheAccess::Write { cache, rows } = &mut access {
-                        let v = &mut cache.layers[l].v;
-                        v[rows[i] * kv_dim..(rows[i] + 1) * kv_dim].copy_from_slice(&r[hidden + kv_dim..]);
-                    }
-                }
-            })?;
-            self.rope.rotate(&mut q, positions, 1.0);
-            self.rope.rotate(&mut k, positions, 1.0);
-            if let CacheAccess::Write { cache, rows } = &mut access {
-                let kv = &mut cache.layers[l].k;
-                for (i, &r) in rows.iter().enumerate() {
-                    kv[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
-                }
-            }
+            self.project(l, x, positions, (&mut h, &mut q, &mut k), &mut access, w)?;
             let cache = access.cache();
             let kv = &cache.layers[l];
             let keys = Keys { k: &kv.k, v: &kv.v, positions: &cache.positions, sorted };
