@@ -299,6 +299,7 @@ pub struct Overrides {
     pub cache_mode: Option<CacheMode>,
     pub recompute_budget: Option<f32>,
     pub min_span: Option<usize>,
+    pub check_layer: Option<usize>,
     pub ram_budget_bytes: Option<u64>,
     pub data_dir: Option<PathBuf>,
     pub disk_budget_bytes: Option<u64>,
@@ -413,6 +414,9 @@ impl Config {
         if let Some(v) = o.min_span {
             self.min_span = v;
         }
+        if let Some(v) = o.check_layer {
+            self.check_layer = v;
+        }
         if let Some(v) = o.ram_budget_bytes {
             self.ram_budget_bytes = v;
         }
@@ -488,6 +492,13 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "min_span",
                 message: format!("must be at least {} tokens", crate::store::span::ANCHOR_TOKENS),
+            });
+        }
+        if self.check_layer == 0 {
+            return Err(ConfigError::Invalid {
+                key: "check_layer",
+                message: "must be at least 1 (layer 0's K/V do not depend on the context: nothing deviates there)"
+                    .into(),
             });
         }
         if self.max_running == 0 {
@@ -586,6 +597,10 @@ mod tests {
         assert!(e.contains("lisen") && e.contains("kvgate.toml"), "{e}");
         let e = Config::default().apply(Overrides { queue_capacity: Some(0), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("queue_capacity"));
+        let e = Config::default().apply(Overrides { check_layer: Some(0), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("check_layer"), "{e}");
+        let c = Config::default().apply(Overrides { check_layer: Some(3), ..Default::default() }).unwrap();
+        assert_eq!(c.scheduler_options().blend.check_layer, 3);
         assert!(
             Config::load(Some(Path::new("/nonexistent/kvgate.toml"))).unwrap_err().to_string().contains("cannot read")
         );

@@ -120,6 +120,9 @@ struct ServeArgs {
     /// Shortest run of tokens reused from inside a stored chunk in compose mode (at least 8).
     #[arg(long, env = "KVGATE_MIN_SPAN")]
     min_span: Option<usize>,
+    /// Layer at which compose measures the reused tokens' deviation and attention (at least 1).
+    #[arg(long, env = "KVGATE_CHECK_LAYER")]
+    check_layer: Option<usize>,
     /// Byte budget of the chunk store's RAM tier (e.g. 2GiB).
     #[arg(long, env = "KVGATE_RAM_BUDGET_BYTES", value_parser = kvgate::config::parse_bytes)]
     ram_budget_bytes: Option<u64>,
@@ -339,7 +342,7 @@ struct BenchDenoiseArgs {
     warmup: usize,
     #[arg(long, default_value_t = 12)]
     requests: usize,
-    /// deviation, even, random, heads:N, starts, oracle.
+    /// deviation, even, random, heads:N, starts, oracle, attention, impact, attn-first:N, adaptive:THRESHOLD, …
     #[arg(long, value_delimiter = ',', default_values_t = ["deviation".to_string(), "even".into(), "starts".into(), "oracle".into()])]
     strategies: Vec<String>,
     #[arg(long, value_delimiter = ',', default_values_t = [0.05, 0.15, 0.3])]
@@ -584,6 +587,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cache_mode: args.cache_mode,
         recompute_budget: args.recompute_budget,
         min_span: args.min_span,
+        check_layer: args.check_layer,
         ram_budget_bytes: args.ram_budget_bytes,
         data_dir: args.data_dir,
         disk_budget_bytes: args.disk_budget_bytes,

@@ -58,6 +58,14 @@ pub enum Strategy {
     Spans,
     /// Whole spans, those with the largest mean true deviation first (needs `off`).
     SpansOracle,
+    /// Every token whose check-layer deviation exceeds the threshold (in thousandths), the
+    /// largest first, up to the budget: an easy prompt recomputes less, a hard one more.
+    Adaptive(u32),
+    /// The `n` most attended among the tokens that deviate more than the median, then the
+    /// largest deviations.
+    AttentionDeviating(usize),
+    /// The smallest sum of a token's rank by deviation and its rank by attention.
+    RankSum,
 }
 
 impl std::str::FromStr for Strategy {
@@ -74,6 +82,7 @@ impl std::str::FromStr for Strategy {
             "impact" => Ok(Strategy::Impact),
             "impact-oracle" => Ok(Strategy::ImpactOracle),
             "spans-oracle" => Ok(Strategy::SpansOracle),
+            "rank-sum" => Ok(Strategy::RankSum),
             _ => {
                 let arg = |prefix: &str| s.strip_prefix(prefix).and_then(|n| n.parse().ok());
                 if let Some(n) = arg("heads:") {
@@ -84,10 +93,14 @@ impl std::str::FromStr for Strategy {
                     Ok(Strategy::MixImpact(n as u32))
                 } else if let Some(n) = arg("attn-first:") {
                     Ok(Strategy::AttentionFirst(n))
+                } else if let Some(n) = arg("attn-dev:") {
+                    Ok(Strategy::AttentionDeviating(n))
+                } else if let Some(x) = s.strip_prefix("adaptive:").and_then(|x| x.parse::<f64>().ok()) {
+                    Ok(Strategy::Adaptive((x * 1000.0).round() as u32))
                 } else {
                     Err(format!(
                         "unknown strategy `{s}` (deviation, even, random, heads:N, starts, oracle, attention, \
-                         impact, impact-oracle, mix:PCT, mix-impact:PCT, spans, spans-oracle)"
+                         impact, impact-oracle, mix:PCT, mix-impact:PCT, spans, spans-oracle, adaptive:THRESHOLD)"
                     ))
                 }
             }
@@ -112,6 +125,9 @@ impl std::fmt::Display for Strategy {
             Strategy::Impact => write!(f, "impact"),
             Strategy::ImpactOracle => write!(f, "impact-oracle"),
             Strategy::SpansOracle => write!(f, "spans-oracle"),
+            Strategy::Adaptive(t) => write!(f, "adaptive:{}", *t as f64 / 1000.0),
+            Strategy::AttentionDeviating(n) => write!(f, "attn-dev:{n}"),
+            Strategy::RankSum => write!(f, "rank-sum"),
         }
     }
 }
@@ -154,6 +170,9 @@ pub struct DenoiseReport {
     pub deviation_by_offset: Vec<(String, f64)>,
     /// Mean Spearman correlation of the check layer's deviation with the true one, per check layer.
     pub spearman: Vec<(usize, f64)>,
+    /// The check layer's deviations of every reused token, pooled: (check layer, p50, p90, p99)
+    /// — the scale an adaptive selector's threshold is set on.
+    pub deviation_quantiles: Vec<(usize, f64, f64, f64)>,
     pub rows: Vec<Row>,
 }
 
@@ -219,6 +238,36 @@ impl Policy for Chooser {
                     .collect();
                 top(&rest, i.budget - first).into_iter().for_each(|t| chosen[t as usize] = true);
                 (0..n as u32).filter(|&t| chosen[t as usize]).collect()
+            }
+            Strategy::AttentionDeviating(k) => {
+                let mut sorted = i.deviations.to_vec();
+                sorted.sort_by(|a, b| a.total_cmp(b));
+                let median = sorted.get(n / 2).copied().unwrap_or(0.0);
+                let read: Vec<f32> =
+                    (0..n).map(|t| if i.deviations[t] > median { i.attention[t] } else { f32::NEG_INFINITY }).collect();
+                let mut chosen = vec![false; n];
+                let first = top(&read, k.min(i.budget));
+                first.iter().for_each(|&t| chosen[t as usize] = true);
+                let rest: Vec<f32> =
+                    (0..n).map(|t| if chosen[t] { f32::NEG_INFINITY } else { i.deviations[t] }).collect();
+                top(&rest, i.budget - first.len()).into_iter().for_each(|t| chosen[t as usize] = true);
+                (0..n as u32).filter(|&t| chosen[t as usize]).collect()
+            }
+            Strategy::RankSum => {
+                let rank = |score: &[f32]| {
+                    let mut order: Vec<usize> = (0..n).collect();
+                    order.sort_by(|&a, &b| score[b].total_cmp(&score[a]));
+                    let mut r = vec![0f32; n];
+                    order.iter().enumerate().for_each(|(k, &t)| r[t] = k as f32);
+                    r
+                };
+                let (rd, ra) = (rank(i.deviations), rank(i.attention));
+                let score: Vec<f32> = rd.iter().zip(&ra).map(|(a, b)| -(a + b)).collect();
+                top(&score, i.budget)
+            }
+            Strategy::Adaptive(t) => {
+                let over = i.deviations.iter().filter(|&&d| d as f64 * 1000.0 > t as f64).count();
+                top(i.deviations, over.min(i.budget))
             }
             Strategy::Impact => {
                 let score: Vec<f32> = i.deviations.iter().zip(i.attention).map(|(d, a)| d * a).collect();
@@ -388,6 +437,7 @@ pub fn run(m: &LoadedModel, o: &DenoiseOptions, mut progress: impl FnMut(&str)) 
     let (mut floor_first, mut floor_tf, mut reused, mut total) = (0f64, 0f64, 0usize, 0usize);
     let mut by_offset = vec![(0f64, 0usize); OFFSET_BUCKETS.len()];
     let mut rho: Vec<(f64, usize)> = vec![(0.0, 0); o.check_layers.len()];
+    let mut pooled: Vec<Vec<f32>> = vec![Vec::new(); o.check_layers.len()];
     let measured = &requests[o.warmup..];
     for (i, r) in measured.iter().enumerate() {
         progress(&format!("prompt {}/{}", i + 1, measured.len()));
@@ -428,6 +478,7 @@ pub fn run(m: &LoadedModel, o: &DenoiseOptions, mut progress: impl FnMut(&str)) 
             if let Some((dev, pos, span_starts)) = probe.seen.borrow().as_ref() {
                 let t: Vec<f32> = pos.iter().map(|&p| truth[p as usize]).collect();
                 rho[ci] = (rho[ci].0 + spearman(dev, &t), rho[ci].1 + 1);
+                pooled[ci].extend_from_slice(dev);
                 if ci == 0 {
                     for (k, &p) in pos.iter().enumerate() {
                         let start = span_starts.iter().rev().find(|&&s| s as usize <= k).copied().unwrap_or(0) as usize;
@@ -478,6 +529,16 @@ pub fn run(m: &LoadedModel, o: &DenoiseOptions, mut progress: impl FnMut(&str)) 
             .map(|(b, (sum, count))| (b.2.to_string(), if *count > 0 { sum / *count as f64 } else { 0.0 }))
             .collect(),
         spearman: o.check_layers.iter().zip(&rho).map(|(&c, (sum, k))| (c, sum / (*k).max(1) as f64)).collect(),
+        deviation_quantiles: o
+            .check_layers
+            .iter()
+            .zip(&mut pooled)
+            .map(|(&c, d)| {
+                d.sort_by(|a, b| a.total_cmp(b));
+                let q = |p: f64| d.get(((d.len() as f64 - 1.0) * p) as usize).map_or(0.0, |&x| x as f64);
+                (c, q(0.5), q(0.9), q(0.99))
+            })
+            .collect(),
         rows,
     })
 }
@@ -496,6 +557,13 @@ pub fn table(r: &DenoiseReport) -> String {
     out += &r.deviation_by_offset.iter().map(|(b, v)| format!("{b}: {v:.1}")).collect::<Vec<_>>().join(", ");
     out += "\nSpearman(check-layer deviation, true deviation): ";
     out += &r.spearman.iter().map(|(c, v)| format!("layer {c}: {v:.2}")).collect::<Vec<_>>().join(", ");
+    out += "\ncheck-layer deviation p50 / p90 / p99: ";
+    out += &r
+        .deviation_quantiles
+        .iter()
+        .map(|(c, a, b, d)| format!("layer {c}: {a:.3} / {b:.3} / {d:.3}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     out += &format!(
         "\n{:<12} {:>5} {:>6} {:>10} {:>8} {:>10} {:>8}\n",
         "strategy", "check", "budget", "1st KL", "1st =", "TF KL", "recomp"

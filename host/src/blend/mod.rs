@@ -16,8 +16,8 @@
 //!   pre-RoPE to the new positions, V as is); layers `0..check_layer` run over the whole
 //!   prompt and its K/V at `check_layer` are projected, the deviation of each reused token's
 //!   K/V there is measured, the selector picks the tokens to recompute, and layers
-//!   `check_layer..` run only over those plus every token no run covered. Every recomputed token attends to exactly the keys at
-//!   positions `≤` its own.
+//!   `check_layer..` run only over those plus every token no run covered. Every recomputed
+//!   token attends to exactly the keys at positions `≤` its own.
 //!
 //! The last token is always computed (its logits start generation). What no run covered is
 //! stored as new chunks, cut where the chunker says, with the KV computed in this prompt's
@@ -78,7 +78,9 @@ pub struct BlendOptions {
     pub chunk_tokens: usize,
     /// Share of reused tokens recomputed, 0..=1.
     pub recompute_budget: f32,
-    /// Layer at which deviations are measured; layers up to it run over every token.
+    /// Layer at which deviations and attention are measured; layers before it run over every
+    /// token. 2 by measurement (`kvgate bench denoise`, check 1 against 2 at 15 %: agent
+    /// traces' teacher-forced KL 0.064 -> 0.028, joined passages 0.014 -> 0.012).
     pub check_layer: usize,
     /// Tokens at the head of every reused chunk recomputed first (EPIC), within the budget.
     pub chunk_head_tokens: usize,
@@ -89,7 +91,7 @@ pub struct BlendOptions {
 
 impl Default for BlendOptions {
     fn default() -> Self {
-        Self { chunk_tokens: 256, recompute_budget: 0.15, check_layer: 1, chunk_head_tokens: 0, min_span: 16 }
+        Self { chunk_tokens: 256, recompute_budget: 0.15, check_layer: 2, chunk_head_tokens: 0, min_span: 16 }
     }
 }
 
