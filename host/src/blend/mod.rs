@@ -169,8 +169,9 @@ pub trait Policy {
     fn select(&self, input: &SelectInput) -> Vec<u32>;
 }
 
-/// Fixed-size cuts within segments; the most-read tokens then the largest deviations (or,
-/// with `chunk_head_tokens`, EPIC-style chunk heads then the largest deviations).
+/// Fixed-size cuts within segments; half the budget to the most-read tokens, half to the
+/// largest deviations (or, with `chunk_head_tokens`, EPIC-style chunk heads then the largest
+/// deviations).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BuiltinPolicy {
     pub chunk_head_tokens: usize,
@@ -183,7 +184,9 @@ impl Policy for BuiltinPolicy {
 
     fn select(&self, i: &SelectInput) -> Vec<u32> {
         match self.chunk_head_tokens {
-            0 => select::attention_then_deviation(i.deviations, i.attention, i.budget, select::ATTENTION_FIRST),
+            0 => {
+                select::attention_then_deviation(i.deviations, i.attention, i.budget, select::attention_share(i.budget))
+            }
             head => select::chunk_heads_then_deviation(i.deviations, i.chunk_starts, i.budget, head),
         }
     }

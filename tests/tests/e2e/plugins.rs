@@ -306,6 +306,12 @@ fn plugin_check_and_reload_on_the_command_line() {
     assert!(!ok && text.contains("not a valid WebAssembly component"), "{text}");
     let (ok, text) = run(&["plugin", "check", "/nonexistent.wasm"]);
     assert!(!ok && text.contains("cannot read"), "{text}");
+    // The examples operators copy pass the same checks (self-test, a canned request).
+    let examples = installed().parent().unwrap().join("example-plugins");
+    for name in ["epic-selector", "adaptive-selector", "deviation-selector", "paragraph-chunker", "lfu-evictor"] {
+        let (ok, text) = run(&["plugin", "check", examples.join(format!("{name}.wasm")).to_str().unwrap()]);
+        assert!(ok && text.contains(name), "{name}: {text}");
+    }
 
     let tmp = plugins_dir(&["selector"]);
 
