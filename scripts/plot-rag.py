@@ -24,7 +24,7 @@ for row, t in zip(axes, traces):
         compose = sorted((r for r in rows if r.get("selector") == first and r["mode"] == "compose"),
                          key=lambda r: r["budget"])
     off = next(r for r in rows if r["label"] == "off")
-    prefix = next((r for r in rows if r["mode"] == "prefix"), None)
+    prefix = next((r for r in rows if r["mode"] == "prefix" and "floor" not in r["label"]), None)
     budgets = [100 * r["budget"] for r in compose]
     name = t["shape"]
 

@@ -22,6 +22,12 @@ use super::OutPtr;
 /// as computing it (batch invariance), and quality comparisons see only real differences.
 const QUERY_BLOCK: usize = 64;
 
+/// The fewest keys a query block multiplies. gemm sums a `PV` product over k ≤ 4 keys in
+/// another order than over more (measured: a row with ≤ 4 visible keys gave other bits when
+/// its block reached 2, 3-4 or ≥ 5 keys; with ≥ 5 visible keys every block agreed), so every
+/// block takes at least 8 (of a cache holding 8 or more), the masked ones adding exact zeros.
+const MIN_KEYS: usize = 8;
+
 /// Below this many (query, key) pairs per head, waking the thread pool costs more than the
 /// work: decode steps run on the calling thread.
 const SEQUENTIAL_MAX_WORK: usize = 32 * 1024;
@@ -227,7 +233,12 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
         let r1 = (r0 + QUERY_BLOCK).min(n);
         let rows = r1 - r0;
         let block_max = q_pos[r0..r1].iter().copied().max().unwrap_or(0);
-        let kend = if keys.sorted { keys.positions.partition_point(|&p| p <= block_max) } else { t };
+        // At least MIN_KEYS keys (masked past each row's own): gemm multiplies a product with
+        // fewer in another order, and a row's result would depend on its block's other rows.
+        let kend = match keys.sorted {
+            true => keys.positions.partition_point(|&p| p <= block_max).max(MIN_KEYS.min(t)),
+            false => t,
+        };
         if kend == 0 {
             for r in r0..r1 {
                 // SAFETY: row r, head h belongs to this task only; in bounds by the asserts.
@@ -578,6 +589,39 @@ pub fn fast_exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row's attention output does not depend on the other rows of its block: a block's
+    /// last visible key moves with them (from the row's own up to 200 keys on), the row's bits
+    /// stay — also for the first rows of a prompt, which see fewer keys than gemm's small-k
+    /// path takes.
+    #[test]
+    fn a_row_does_not_depend_on_how_far_its_block_reaches() {
+        let heads = Heads { q_heads: 9, kv_heads: 3, head_dim: 64 };
+        let (t, width) = (256, 3 * 64);
+        let mut seed = 1u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        let k: Vec<f32> = (0..t * width).map(|_| rnd()).collect();
+        let v: Vec<f32> = (0..t * width).map(|_| rnd()).collect();
+        let q: Vec<f32> = (0..9 * 64).map(|_| rnd()).collect();
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let keys = Keys { k: &k, v: &v, positions: &positions, sorted: true };
+        for own in [0u32, 1, 2, 3, 4, 5, 9, 17] {
+            let mut first: Option<Vec<f32>> = None;
+            for reach in [0u32, 1, 2, 3, 4, 5, 7, 8, 15, 63, 64, 95, 200] {
+                // A block of two rows: ours at `own`, the other `reach` positions later.
+                let mut out = vec![0f32; 2 * q.len()];
+                attention(heads, &[q.clone(), q.clone()].concat(), &[own, own + reach], &keys, &mut out, false);
+                let mine = out[..q.len()].to_vec();
+                match &first {
+                    None => first = Some(mine),
+                    Some(f) => assert!(*f == mine, "row at {own}: other bits when its block reaches {}", own + reach),
+                }
+            }
+        }
+    }
 
     #[test]
     fn fast_exp_is_accurate_over_the_softmax_range() {
