@@ -28,6 +28,9 @@ pub struct ModeFigures {
     pub token_hit_rate: f64,
     pub recompute_ratio: f64,
     pub first_token_agreement: f64,
+    /// Where the first token differs from the reference's: the reference's margin there between
+    /// its two likeliest first tokens (nats). A flip at a near-tie is rounding, not reuse.
+    pub first_token_flip_margins: Vec<f64>,
     pub identical_first_n: f64,
     /// Free-running mean KL (steps where both runs still agree).
     pub mean_kl: f64,
@@ -99,8 +102,17 @@ pub fn figures(label: &str, mode: &str, budget: Option<f32>, selector: Option<St
     let mut first = 0.0;
     let mut identical = 0.0;
     let mut kls = Vec::new();
+    let mut flips = Vec::new();
     for (a, o) in runs.iter().zip(r.reference) {
         first += (a.tokens.first() == o.tokens.first()) as u8 as f64;
+        if a.tokens.first() != o.tokens.first() {
+            let mut top = o.tops.first().map(|t| t.iter().map(|x| x.1).collect::<Vec<_>>()).unwrap_or_default();
+            top.sort_by(|a, b| b.total_cmp(a));
+            flips.push(match top[..] {
+                [a, b, ..] => a - b,
+                _ => f64::NAN,
+            });
+        }
         identical += (a.tokens == o.tokens) as u8 as f64;
         for (i, (ta, to)) in a.tops.iter().zip(&o.tops).enumerate() {
             kls.push(step_kl(to, ta));
@@ -129,6 +141,7 @@ pub fn figures(label: &str, mode: &str, budget: Option<f32>, selector: Option<St
         token_hit_rate: if prompt > 0 { reused as f64 / prompt as f64 } else { 0.0 },
         recompute_ratio: if reused > 0 { recomputed as f64 / reused as f64 } else { 0.0 },
         first_token_agreement: first / n,
+        first_token_flip_margins: flips,
         identical_first_n: identical / n,
         mean_kl: mean(kls.into_iter()),
         tf_kl,
@@ -187,5 +200,18 @@ mod tests {
         assert!(f.tf_kl.unwrap() > 0.0);
         assert_eq!((f.fact_accuracy, f.fact_questions, f.first_token_agreement), (Some(1.0), 1, 1.0));
         assert_eq!(f.fact_choice_accuracy, Some(0.0));
+        assert!(f.first_token_flip_margins.is_empty());
+    }
+
+    #[test]
+    fn a_first_token_flip_reports_the_reference_margin() {
+        let sample = |t: u32, tops: Vec<(u32, f64)>| Sample { tokens: vec![t], tops: vec![tops], ..Default::default() };
+        let off = [sample(7, vec![(8, -1.2), (7, -0.3)]), sample(5, vec![(5, -0.1), (6, -2.0)])];
+        let runs = [sample(8, vec![(8, -0.5), (7, -0.6)]), sample(5, vec![(5, -0.1), (6, -2.0)])];
+        let r = Runs { samples: &runs, forced: None, reference: &off, reference_forced: None, facts: &[None, None] };
+        let f = figures("x", "compose", Some(0.1), None, &r);
+        assert_eq!(f.first_token_agreement, 0.5);
+        assert_eq!(f.first_token_flip_margins.len(), 1);
+        assert!((f.first_token_flip_margins[0] - 0.9).abs() < 1e-9, "{:?}", f.first_token_flip_margins);
     }
 }

@@ -285,6 +285,15 @@ pub fn table(r: &RagReport) -> String {
                 base / f.ttft_p50_s.max(1e-9),
             ));
         }
+        for f in t.results.iter().filter(|f| !f.first_token_flip_margins.is_empty()) {
+            let margins: Vec<String> = f.first_token_flip_margins.iter().map(|m| format!("{m:.2}")).collect();
+            out.push_str(&format!(
+                "  {}: first token differs on {} prompt(s); off's top-2 margin there: {} nats\n",
+                f.label,
+                margins.len(),
+                margins.join(", ")
+            ));
+        }
         if let Some(c) = t.results.iter().rev().find(|f| f.mode == "compose") {
             let m = &c.mean_timings;
             out.push_str(&format!(
