@@ -245,13 +245,7 @@ impl Policy for Chooser {
                 let median = sorted.get(n / 2).copied().unwrap_or(0.0);
                 let read: Vec<f32> =
                     (0..n).map(|t| if i.deviations[t] > median { i.attention[t] } else { f32::NEG_INFINITY }).collect();
-                let mut chosen = vec![false; n];
-                let first = top(&read, k.min(i.budget));
-                first.iter().for_each(|&t| chosen[t as usize] = true);
-                let rest: Vec<f32> =
-                    (0..n).map(|t| if chosen[t] { f32::NEG_INFINITY } else { i.deviations[t] }).collect();
-                top(&rest, i.budget - first.len()).into_iter().for_each(|t| chosen[t as usize] = true);
-                (0..n as u32).filter(|&t| chosen[t as usize]).collect()
+                blend::select::attention_then_deviation(i.deviations, &read, i.budget, k)
             }
             Strategy::RankSum => {
                 let rank = |score: &[f32]| {
