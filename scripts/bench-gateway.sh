@@ -13,14 +13,10 @@
 set -euo pipefail
 kvgate=${1:?usage: bench-gateway.sh KVGATE_BIN OUT_DIR}
 out=${2:?}
-corpus=${KVGATE_BENCH_CORPUS:-$(rustc --print sysroot)/share/doc/rust/html/book}
-if [ ! -d "$corpus" ]; then
-    echo "corpus $corpus not found: install rust-docs (rustup component add rust-docs) or set KVGATE_BENCH_CORPUS" >&2
-    exit 1
-fi
 mkdir -p "$out"
 # shellcheck source=scripts/servers.sh
 . "$(dirname "$0")/servers.sh"
+bench_corpus
 serve=(--threads "${THREADS:-1}" --ram-budget-bytes "${RAM_BUDGET:-512MiB}")
 start upstream "${serve[@]}" --model-name upstream-smollm2
 upstream=$started

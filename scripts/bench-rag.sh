@@ -10,15 +10,11 @@ set -euo pipefail
 kvgate=${1:?usage: bench-rag.sh KVGATE_BIN PYTHON OUT_DIR}
 python=${2:?}
 out=${3:?}
-corpus=${KVGATE_BENCH_CORPUS:-$(rustc --print sysroot)/share/doc/rust/html/book}
-if [ ! -d "$corpus" ]; then
-    echo "corpus $corpus not found: install rust-docs (rustup component add rust-docs) or set KVGATE_BENCH_CORPUS" >&2
-    exit 1
-fi
 mkdir -p "$out"
 plugins_src=${KVGATE_PLUGINS_DIR:-$HOME/.cache/kvgate/plugins}
 # shellcheck source=scripts/servers.sh
 . "$(dirname "$0")/servers.sh"
+bench_corpus
 cp -r "$plugins_src" "$work/plugins"
 # shellcheck disable=SC2086
 start main --threads "${THREADS:-2}" --plugins-dir "$work/plugins" ${KVGATE_BENCH_SERVE_ARGS:-}

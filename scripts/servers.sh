@@ -25,3 +25,13 @@ start() {
     cat "$work/$name.log" >&2
     exit 1
 }
+
+# `bench_corpus`: the corpus the bench scripts draw passages from (KVGATE_BENCH_CORPUS, or the
+# Rust book that rustup installs), or a message naming the fix and exit.
+bench_corpus() {
+    corpus=${KVGATE_BENCH_CORPUS:-$(rustc --print sysroot)/share/doc/rust/html/book}
+    if [ ! -d "$corpus" ]; then
+        echo "corpus $corpus not found: install rust-docs (rustup component add rust-docs) or set KVGATE_BENCH_CORPUS" >&2
+        exit 1
+    fi
+}
