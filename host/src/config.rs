@@ -53,6 +53,9 @@ pub struct Config {
     pub cache_mode: CacheMode,
     /// Share of reused tokens recomputed when stitching chunks, 0..=1.
     pub recompute_budget: f32,
+    /// CacheBlend's gradual filtering: the check layer recomputes this many times the tokens
+    /// the last layer does, the least deviating dropped layer by layer (>= 1; 1: none).
+    pub recompute_taper: f32,
     /// Tokens per chunk of the built-in chunker.
     pub chunk_tokens: usize,
     /// Layer at which KV deviation is measured for selective recompute.
@@ -203,6 +206,7 @@ impl Default for Config {
             log: "info".into(),
             cache_mode: CacheMode::Compose,
             recompute_budget: BlendOptions::default().recompute_budget,
+            recompute_taper: BlendOptions::default().recompute_taper,
             chunk_tokens: BlendOptions::default().chunk_tokens,
             check_layer: BlendOptions::default().check_layer,
             chunk_head_tokens: BlendOptions::default().chunk_head_tokens,
@@ -298,6 +302,7 @@ pub struct Overrides {
     pub log: Option<String>,
     pub cache_mode: Option<CacheMode>,
     pub recompute_budget: Option<f32>,
+    pub recompute_taper: Option<f32>,
     pub min_span: Option<usize>,
     pub check_layer: Option<usize>,
     pub ram_budget_bytes: Option<u64>,
@@ -332,6 +337,7 @@ impl Config {
             blend: BlendOptions {
                 chunk_tokens: self.chunk_tokens,
                 recompute_budget: self.recompute_budget,
+                recompute_taper: self.recompute_taper,
                 check_layer: self.check_layer,
                 chunk_head_tokens: self.chunk_head_tokens,
                 min_span: self.min_span,
@@ -411,6 +417,9 @@ impl Config {
         if let Some(v) = o.recompute_budget {
             self.recompute_budget = v;
         }
+        if let Some(v) = o.recompute_taper {
+            self.recompute_taper = v;
+        }
         if let Some(v) = o.min_span {
             self.min_span = v;
         }
@@ -484,6 +493,12 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.recompute_budget) {
             return Err(ConfigError::Invalid { key: "recompute_budget", message: "must be between 0 and 1".into() });
+        }
+        if !(self.recompute_taper >= 1.0 && self.recompute_taper.is_finite()) {
+            return Err(ConfigError::Invalid {
+                key: "recompute_taper",
+                message: "must be a number of at least 1 (1: the same tokens at every layer)".into(),
+            });
         }
         if self.chunk_tokens == 0 {
             return Err(ConfigError::Invalid { key: "chunk_tokens", message: "must be at least 1".into() });
@@ -597,6 +612,8 @@ mod tests {
         assert!(e.contains("lisen") && e.contains("kvgate.toml"), "{e}");
         let e = Config::default().apply(Overrides { queue_capacity: Some(0), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("queue_capacity"));
+        let e = Config::default().apply(Overrides { recompute_taper: Some(0.5), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("recompute_taper"), "{e}");
         let e = Config::default().apply(Overrides { check_layer: Some(0), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("check_layer"), "{e}");
         let c = Config::default().apply(Overrides { check_layer: Some(3), ..Default::default() }).unwrap();

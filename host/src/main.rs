@@ -117,6 +117,10 @@ struct ServeArgs {
     /// Default share of reused tokens recomputed, 0..=1 (per request: `x-kvgate-recompute-budget`).
     #[arg(long, env = "KVGATE_RECOMPUTE_BUDGET")]
     recompute_budget: Option<f32>,
+    /// Gradual filtering: the check layer recomputes this many times the tokens the last layer
+    /// does, the least deviating dropped layer by layer, the mean the budget's (>= 1; 1: none).
+    #[arg(long, env = "KVGATE_RECOMPUTE_TAPER")]
+    recompute_taper: Option<f32>,
     /// Shortest run of tokens reused from inside a stored chunk in compose mode (at least 8).
     #[arg(long, env = "KVGATE_MIN_SPAN")]
     min_span: Option<usize>,
@@ -347,8 +351,11 @@ struct BenchDenoiseArgs {
     strategies: Vec<String>,
     #[arg(long, value_delimiter = ',', default_values_t = [0.05, 0.15, 0.3])]
     budgets: Vec<f32>,
-    #[arg(long, value_delimiter = ',', default_values_t = [1])]
+    #[arg(long, value_delimiter = ',', default_values_t = [2])]
     check_layers: Vec<usize>,
+    /// Recompute tapers (gradual filtering; 1: none).
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0])]
+    tapers: Vec<f32>,
     /// Tokens of `off`'s answer scored teacher-forced.
     #[arg(long, default_value_t = 32)]
     answer_tokens: usize,
@@ -586,6 +593,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         log: args.log,
         cache_mode: args.cache_mode,
         recompute_budget: args.recompute_budget,
+        recompute_taper: args.recompute_taper,
         min_span: args.min_span,
         check_layer: args.check_layer,
         ram_budget_bytes: args.ram_budget_bytes,
@@ -786,6 +794,7 @@ fn bench_denoise(args: BenchDenoiseArgs) -> anyhow::Result<()> {
             .collect::<Result<_, String>>()
             .map_err(anyhow::Error::msg)?,
         check_layers: args.check_layers,
+        tapers: args.tapers,
         answer_tokens: args.answer_tokens.max(1),
         seed: args.seed,
     };

@@ -142,6 +142,8 @@ pub struct DenoiseOptions {
     pub budgets: Vec<f32>,
     pub strategies: Vec<Strategy>,
     pub check_layers: Vec<usize>,
+    /// Recompute tapers (CacheBlend's gradual filtering; 1: none).
+    pub tapers: Vec<f32>,
     /// Tokens of `off`'s answer scored teacher-forced.
     pub answer_tokens: usize,
     pub seed: u64,
@@ -153,6 +155,7 @@ pub struct Row {
     pub strategy: String,
     pub check_layer: usize,
     pub budget: f32,
+    pub taper: f32,
     pub first_token_kl: f64,
     pub first_token_agreement: f64,
     pub tf_kl: f64,
@@ -422,10 +425,14 @@ pub fn run(m: &LoadedModel, o: &DenoiseOptions, mut progress: impl FnMut(&str)) 
         let (ids, starts) = encode(r)?;
         fill(&ids, &starts)?;
     }
-    let configs: Vec<(usize, Strategy, f32)> = o
+    let configs: Vec<(usize, Strategy, f32, f32)> = o
         .check_layers
         .iter()
-        .flat_map(|&c| o.strategies.iter().flat_map(move |&s| o.budgets.iter().map(move |&b| (c, s, b))))
+        .flat_map(|&c| {
+            o.strategies
+                .iter()
+                .flat_map(move |&s| o.budgets.iter().flat_map(move |&b| o.tapers.iter().map(move |&t| (c, s, b, t))))
+        })
         .collect();
     let mut sums = vec![(0f64, 0f64, 0f64, 0f64); configs.len()];
     let (mut floor_first, mut floor_tf, mut reused, mut total) = (0f64, 0f64, 0usize, 0usize);
@@ -482,10 +489,11 @@ pub fn run(m: &LoadedModel, o: &DenoiseOptions, mut progress: impl FnMut(&str)) 
                     }
                 }
             }
-            for (k, &(c, strategy, budget)) in configs.iter().enumerate().filter(|(_, c)| c.0 == check) {
+            for (k, &(c, strategy, budget, taper)) in configs.iter().enumerate().filter(|(_, c)| c.0 == check) {
                 let chooser =
                     Chooser { strategy, truth: truth.clone(), seed: o.seed + i as u64, seen: RefCell::new(None) };
-                let opts = BlendOptions { recompute_budget: budget, check_layer: c, ..base.clone() };
+                let opts =
+                    BlendOptions { recompute_budget: budget, recompute_taper: taper, check_layer: c, ..base.clone() };
                 let p = blend::prefill_with(&m.model, &input, CacheMode::Compose, &opts, &frozen, &chooser)?;
                 let rows = answer_rows(m, &p, &answer)?;
                 let s = &mut sums[k];
@@ -501,10 +509,11 @@ pub fn run(m: &LoadedModel, o: &DenoiseOptions, mut progress: impl FnMut(&str)) 
     let rows = configs
         .iter()
         .zip(&sums)
-        .map(|(&(c, s, b), sum)| Row {
+        .map(|(&(c, s, b, t), sum)| Row {
             strategy: s.to_string(),
             check_layer: c,
             budget: b,
+            taper: t,
             first_token_kl: sum.0 / n,
             first_token_agreement: sum.1 / n,
             tf_kl: sum.2 / n,
@@ -559,15 +568,16 @@ pub fn table(r: &DenoiseReport) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     out += &format!(
-        "\n{:<12} {:>5} {:>6} {:>10} {:>8} {:>10} {:>8}\n",
-        "strategy", "check", "budget", "1st KL", "1st =", "TF KL", "recomp"
+        "\n{:<12} {:>5} {:>6} {:>5} {:>10} {:>8} {:>10} {:>8}\n",
+        "strategy", "check", "budget", "taper", "1st KL", "1st =", "TF KL", "recomp"
     );
     for row in &r.rows {
         out += &format!(
-            "{:<12} {:>5} {:>5.0}% {:>10.4} {:>7.0}% {:>10.4} {:>8.1}   ({:.1}x floor)\n",
+            "{:<12} {:>5} {:>5.0}% {:>5} {:>10.4} {:>7.0}% {:>10.4} {:>8.1}   ({:.1}x floor)\n",
             row.strategy,
             row.check_layer,
             row.budget * 100.0,
+            row.taper,
             row.first_token_kl,
             row.first_token_agreement * 100.0,
             row.tf_kl,

@@ -16,7 +16,8 @@
 //!   pre-RoPE to the new positions, V as is); layers `0..check_layer` run over the whole
 //!   prompt and its K/V at `check_layer` are projected, the deviation of each reused token's
 //!   K/V there is measured, the selector picks the tokens to recompute, and layers
-//!   `check_layer..` run only over those plus every token no run covered. Every recomputed
+//!   `check_layer..` run only over those plus every token no run covered (with a taper,
+//!   fewer of those at each layer: [`BlendOptions::recompute_taper`]). Every recomputed
 //!   token attends to exactly the keys at positions `≤` its own.
 //!
 //! The last token is always computed (its logits start generation). What no run covered is
@@ -76,8 +77,14 @@ impl std::str::FromStr for CacheMode {
 pub struct BlendOptions {
     /// Tokens per chunk inside a segment (the built-in cutter).
     pub chunk_tokens: usize,
-    /// Share of reused tokens recomputed, 0..=1.
+    /// Share of reused tokens recomputed, 0..=1 (averaged over the layers past the check
+    /// layer when `recompute_taper` > 1).
     pub recompute_budget: f32,
+    /// CacheBlend's gradual filtering: the selector picks `recompute_taper` times as many
+    /// tokens for the check layer as stay recomputed at the last layer, and at each layer
+    /// between, the recomputed reused tokens whose K/V deviated least there are dropped (their
+    /// spliced K/V kept), so that the mean count per layer is the budget's. 1: no taper.
+    pub recompute_taper: f32,
     /// Layer at which deviations and attention are measured; layers before it run over every
     /// token. 2 by measurement (`kvgate bench denoise`, check 1 against 2 at 15 %: agent
     /// traces' teacher-forced KL 0.064 -> 0.028, joined passages 0.014 -> 0.012).
@@ -91,7 +98,14 @@ pub struct BlendOptions {
 
 impl Default for BlendOptions {
     fn default() -> Self {
-        Self { chunk_tokens: 256, recompute_budget: 0.15, check_layer: 2, chunk_head_tokens: 0, min_span: 16 }
+        Self {
+            chunk_tokens: 256,
+            recompute_budget: 0.15,
+            recompute_taper: 1.0,
+            check_layer: 2,
+            chunk_head_tokens: 0,
+            min_span: 16,
+        }
     }
 }
 
@@ -100,7 +114,8 @@ impl Default for BlendOptions {
 pub struct ReuseReport {
     /// Prompt tokens whose KV came from the cache.
     pub reused_tokens: usize,
-    /// Of those, recomputed in the later layers.
+    /// Of those, recomputed in the later layers (averaged over those layers: with a taper,
+    /// more at the check layer, fewer at the last).
     pub recomputed_tokens: usize,
     /// Prompt tokens computed from scratch (those no stored run covered, and the last).
     pub computed_tokens: usize,
@@ -230,6 +245,24 @@ pub fn prefill_with(
     }
 }
 
+/// The taper of compose's recompute pass over `layers` layers (the check layer first) for a
+/// `budget` of the `reused` tokens: how many tokens the selector is asked for, and how many of
+/// those stay recomputed at each layer — falling linearly from the ask to the last layer's
+/// count, `taper` times fewer, their mean the budget's (or as near as `reused` allows).
+pub(crate) fn taper_schedule(budget: usize, reused: usize, taper: f32, layers: usize) -> (usize, Vec<usize>) {
+    let budget = budget.min(reused);
+    if taper <= 1.0 || layers < 2 || budget == 0 {
+        return (budget, vec![budget; layers]);
+    }
+    let t = taper as f64;
+    let ask = ((budget as f64 * 2.0 * t / (1.0 + t)).round() as usize).min(reused);
+    let last = (2 * budget).saturating_sub(ask) as f64;
+    let counts = (0..layers)
+        .map(|j| (ask as f64 + (last - ask as f64) * j as f64 / (layers - 1) as f64).round() as usize)
+        .collect();
+    (ask, counts)
+}
+
 fn micros(since: Instant) -> u64 {
     since.elapsed().as_micros() as u64
 }
@@ -314,6 +347,20 @@ mod tests {
         assert_eq!(pieces(0..100, &cuts, 1), vec![0..10, 10..40, 40..43, 43..100]);
         assert_eq!(pieces(12..20, &cuts, 16), vec![12..20], "a run shorter than min_len stays one piece");
         assert_eq!(pieces(0..12, &cuts, 8), vec![0..12], "a short first piece takes the next");
+    }
+
+    #[test]
+    fn a_taper_spends_the_budget_on_average_and_narrows_to_the_last_layer() {
+        assert_eq!(taper_schedule(30, 200, 1.0, 28), (30, vec![30; 28]), "no taper: the budget at every layer");
+        let (ask, counts) = taper_schedule(30, 200, 4.0, 28);
+        assert_eq!((ask, counts[0], *counts.last().unwrap()), (48, 48, 12));
+        assert!(counts.windows(2).all(|w| w[0] >= w[1]), "{counts:?}");
+        let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
+        assert!((mean - 30.0).abs() < 0.5, "mean {mean}");
+        let (ask, counts) = taper_schedule(200, 200, 4.0, 28);
+        assert_eq!((ask, counts), (200, vec![200; 28]), "a budget of everything stays everything");
+        assert_eq!(taper_schedule(0, 200, 4.0, 28), (0, vec![0; 28]));
+        assert_eq!(taper_schedule(30, 200, 4.0, 1), (30, vec![30]));
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //! - `Check` (compose): layers `0..check_layer` and the K/V at `check_layer` over every
 //!   token; then the deviations, the attention from the prompt's last tokens, and the
 //!   selector's choice.
-//! - `Recompute` (compose): layers `check_layer..` over the chosen reused tokens and every
-//!   token no stored run covered.
+//! - `Recompute` (compose): layers `check_layer..`, a layer at a time, over the chosen reused
+//!   tokens and every token no stored run covered; with a taper, the reused tokens narrow
+//!   between layers.
 //!
 //! Kernels are batch-invariant (a row's result does not depend on the rows beside it), so a
 //! prefill run in slices is bit for bit the prefill run at once.
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::chunk::ChunkKey;
+use super::select;
 use super::{
     ATTENTION_QUERIES, BlendOptions, CacheMode, CutInput, Policy, Prefill, ReuseReport, SelectInput, extract, gaps,
     micros, pieces, splice,
@@ -62,13 +64,60 @@ struct Check {
     done: usize,
 }
 
-/// Compose's recompute pass in progress.
+/// Compose's recompute pass in progress, a layer at a time (the taper narrows the rows
+/// between layers).
 struct Recompute {
-    /// Cache rows recomputed, in position order (the last row of the prompt last).
+    /// Cache rows `layer` recomputes, in position order (the last row of the prompt last).
     rows: Vec<usize>,
+    /// Which of `rows` are reused tokens (the taper may drop them; the others run every layer).
+    reused: Vec<bool>,
+    /// Hidden states of `rows` entering `layer` (of the rows `..done`: leaving it).
     xs: Vec<f32>,
+    layer: usize,
+    /// Rows of `layer` done.
     done: usize,
+    /// Reused rows recomputed at each layer from the check layer on.
+    keep: Vec<usize>,
+    /// K+V deviation of each of `rows` at `layer` from its spliced values (reused rows, when
+    /// the next layer keeps fewer).
+    deviations: Vec<f32>,
+    /// The attention each of `rows` received at the check layer from the prompt's last tokens.
+    attention: Vec<f32>,
     logits: Vec<f32>,
+}
+
+impl Recompute {
+    /// Reused rows recomputed at `layer` (counted from the check layer).
+    fn keeps(&self, layer: usize, check: usize) -> usize {
+        self.keep.get(layer - check).copied().unwrap_or(0)
+    }
+
+    /// Rows that run every layer: the new tokens and the last.
+    fn fresh(&self) -> usize {
+        self.reused.iter().filter(|&&r| !r).count()
+    }
+
+    /// Keeps `keep` of the reused rows, as the default selector chose them: half the most read
+    /// at the check layer, half those that deviated most at the layer just done; and every
+    /// other row.
+    fn narrow(&mut self, keep: usize, hidden: usize) {
+        let reused: Vec<usize> = (0..self.rows.len()).filter(|&i| self.reused[i]).collect();
+        let deviations: Vec<f32> = reused.iter().map(|&i| self.deviations[i]).collect();
+        let attention: Vec<f32> = reused.iter().map(|&i| self.attention[i]).collect();
+        let mut stay: Vec<bool> = self.reused.iter().map(|&r| !r).collect();
+        for k in select::attention_then_deviation(&deviations, &attention, keep, select::attention_share(keep)) {
+            stay[reused[k as usize]] = true;
+        }
+        let mut xs = Vec::with_capacity(self.xs.len());
+        for (row, _) in self.xs.chunks_exact(hidden).zip(&stay).filter(|(_, s)| **s) {
+            xs.extend_from_slice(row);
+        }
+        self.xs = xs;
+        self.rows = kept(&self.rows, &stay);
+        self.reused = kept(&self.reused, &stay);
+        self.attention = kept(&self.attention, &stay);
+        self.deviations = vec![0.0; self.rows.len()];
+    }
 }
 
 enum Stage {
@@ -127,7 +176,11 @@ impl Prefilling {
             Stage::Start => n * layers,
             Stage::Extend { done, .. } => (n - done) * layers,
             Stage::Check(c) => (n - c.done) * (self.opts.check_layer + 1) + (n - c.reused.len()) * layers,
-            Stage::Recompute(r) => (r.rows.len() - r.done) * (layers - self.opts.check_layer),
+            Stage::Recompute(r) => {
+                let check = self.opts.check_layer.min(layers - 1);
+                let later: usize = (r.layer + 1..layers).map(|l| r.keeps(l, check) + r.fresh()).sum();
+                r.rows.len() - r.done + later
+            }
             Stage::Done => 0,
         }
     }
@@ -178,21 +231,12 @@ impl Prefilling {
                     };
                 }
                 Stage::Recompute(mut r) => {
-                    let per = layers - check;
-                    let take = (left / per.max(1)).clamp(1, r.rows.len() - r.done);
+                    let take = left.clamp(1, r.rows.len() - r.done);
                     let started = Instant::now();
-                    let hidden = model.config().hidden;
-                    let rows = &r.rows[r.done..r.done + take];
-                    let mut xs = r.xs[r.done * hidden..(r.done + take) * hidden].to_vec();
-                    let positions: Vec<u32> = rows.iter().map(|&row| self.cache.positions[row]).collect();
-                    model.run_layers(check..layers, &mut xs, &positions, rows, &mut self.cache, Weights::F32)?;
-                    r.done += take;
-                    if r.done == r.rows.len() {
-                        r.logits = model.logits(&xs, &[take - 1])?;
-                    }
+                    self.recompute_slice(model, &mut r, take, check)?;
                     self.report.timings.compute_us += micros(started);
-                    left = left.saturating_sub(take * per);
-                    if r.done < r.rows.len() {
+                    left = left.saturating_sub(take);
+                    if r.layer < layers {
                         self.stage = Stage::Recompute(r);
                     } else {
                         let logits = std::mem::take(&mut r.logits);
@@ -342,12 +386,11 @@ impl Prefilling {
         let query_positions: Vec<u32> = (first_query as u32..n as u32).collect();
         let mass = model.attention_mass(check, &c.queries, &query_positions, &self.cache)?;
         let at = &self.cache.layers[check];
-        let sq = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>();
         let deviations: Vec<f32> = c
             .reused
             .iter()
             .zip(&c.spliced)
-            .map(|(&r, (k, v))| sq(&at.k[r * d..(r + 1) * d], k) + sq(&at.v[r * d..(r + 1) * d], v))
+            .map(|(&r, (k, v))| sq_dist(&at.k[r * d..(r + 1) * d], k) + sq_dist(&at.v[r * d..(r + 1) * d], v))
             .collect();
         let attention: Vec<f32> = c.reused.iter().map(|&r| mass[r]).collect();
         let mut chunk_starts = Vec::with_capacity(c.spans.len());
@@ -358,21 +401,86 @@ impl Prefilling {
         }
         let budget =
             ((self.opts.recompute_budget.clamp(0.0, 1.0) * c.reused.len() as f32).round() as usize).min(c.reused.len());
+        let layers = model.config().layers;
+        let (ask, counts) = super::taper_schedule(budget, c.reused.len(), self.opts.recompute_taper, layers - check);
         let positions: Vec<u32> = c.reused.iter().map(|&r| r as u32).collect();
         let selected = policy.select(&SelectInput {
             deviations: &deviations,
             positions: &positions,
             chunk_starts: &chunk_starts,
             attention: &attention,
-            budget,
+            budget: ask,
         });
-        self.report.recomputed_tokens = selected.len();
-        let mut rows: Vec<usize> = selected.iter().map(|&i| c.reused[i as usize]).collect();
-        rows.extend(c.uncovered.iter().flat_map(|r| r.clone()));
-        rows.sort_unstable();
-        let xs = rows.iter().flat_map(|&r| c.x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
+        // A selector that chose fewer than it was asked for narrows in proportion.
+        let keep: Vec<usize> = match ask {
+            0 => counts,
+            _ => counts.iter().map(|&k| (k * selected.len()).div_ceil(ask).min(selected.len())).collect(),
+        };
+        self.report.recomputed_tokens = (keep.iter().sum::<usize>() as f64 / keep.len().max(1) as f64).round() as usize;
+        let mut rows: Vec<(usize, bool, f32)> =
+            selected.iter().map(|&i| (c.reused[i as usize], true, attention[i as usize])).collect();
+        rows.extend(c.uncovered.iter().flat_map(|r| r.clone()).map(|r| (r, false, 0.0)));
+        rows.sort_unstable_by_key(|&(r, _, _)| r);
+        let xs = rows.iter().flat_map(|&(r, _, _)| c.x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
         self.report.timings.check_us += micros(started);
-        Ok(Stage::Recompute(Box::new(Recompute { rows, xs, done: 0, logits: Vec::new() })))
+        Ok(Stage::Recompute(Box::new(Recompute {
+            deviations: vec![0.0; rows.len()],
+            reused: rows.iter().map(|&(_, reused, _)| reused).collect(),
+            attention: rows.iter().map(|&(_, _, a)| a).collect(),
+            rows: rows.into_iter().map(|(r, _, _)| r).collect(),
+            xs,
+            layer: check,
+            done: 0,
+            keep,
+            logits: Vec::new(),
+        })))
+    }
+
+    /// The next `take` rows of the recompute pass through its current layer; once the layer
+    /// is done, the rows narrowed for the next (or, after the last, the logits).
+    fn recompute_slice(
+        &mut self,
+        model: &Model,
+        r: &mut Recompute,
+        take: usize,
+        check: usize,
+    ) -> Result<(), EngineError> {
+        let (hidden, d, layers) = (model.config().hidden, self.cache.kv_dim(), model.config().layers);
+        let l = r.layer;
+        let narrows = l + 1 < layers && r.keeps(l + 1, check) < r.keeps(l, check);
+        let slice = r.done..r.done + take;
+        let rows = &r.rows[slice.clone()];
+        let spliced: Vec<(usize, Vec<f32>, Vec<f32>)> = match narrows {
+            true => {
+                let at = &self.cache.layers[l];
+                (slice.clone())
+                    .filter(|&i| r.reused[i])
+                    .map(|i| {
+                        let row = r.rows[i];
+                        (i, at.k[row * d..(row + 1) * d].to_vec(), at.v[row * d..(row + 1) * d].to_vec())
+                    })
+                    .collect()
+            }
+            false => Vec::new(),
+        };
+        let positions: Vec<u32> = rows.iter().map(|&row| self.cache.positions[row]).collect();
+        let xs = &mut r.xs[slice.start * hidden..slice.end * hidden];
+        model.run_layers(l..l + 1, xs, &positions, rows, &mut self.cache, Weights::F32)?;
+        let at = &self.cache.layers[l];
+        for (i, k, v) in spliced {
+            let row = r.rows[i];
+            r.deviations[i] = sq_dist(&at.k[row * d..(row + 1) * d], &k) + sq_dist(&at.v[row * d..(row + 1) * d], &v);
+        }
+        r.done += take;
+        if r.done == r.rows.len() {
+            if l + 1 == layers {
+                r.logits = model.logits(&r.xs[(r.rows.len() - 1) * hidden..], &[0])?;
+            } else if narrows {
+                r.narrow(r.keeps(l + 1, check), hidden);
+            }
+            (r.layer, r.done) = (l + 1, 0);
+        }
+        Ok(())
     }
 
     /// Stores what the prompt brought new; the finished prefill.
@@ -430,4 +538,14 @@ impl Prefilling {
         let cache = std::mem::replace(&mut self.cache, model.new_cache());
         Prefill { cache, logits, report: self.report }
     }
+}
+
+/// Squared Euclidean distance.
+fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// The items of `v` whose `stay` is set.
+fn kept<T: Copy>(v: &[T], stay: &[bool]) -> Vec<T> {
+    v.iter().zip(stay).filter(|(_, s)| **s).map(|(x, _)| *x).collect()
 }

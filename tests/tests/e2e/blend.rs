@@ -79,6 +79,52 @@ fn full_recompute_budget_equals_off() {
     assert_eq!(full.logits, off.logits);
 }
 
+/// Gradual filtering: with a taper the check layer's recomputed set narrows layer by layer to
+/// the tokens that deviate most, spending the budget on average; everything recomputed is
+/// still everything.
+#[test]
+fn a_taper_narrows_the_recomputed_tokens_layer_by_layer() {
+    let store = ram(1 << 30);
+    run(&rag(&[0, 1, 2], "What does Cargo do?"), CacheMode::Compose, 0.15, &store);
+    let msgs = rag(&[2, 0, 1], "What does the borrow checker enforce?");
+    let (ids, starts) = tokens(&msgs);
+    let m = model();
+    let with = |budget: f32, taper: f32| {
+        let opts = BlendOptions { recompute_budget: budget, recompute_taper: taper, ..Default::default() };
+        blend::prefill(&m.model, &ids, &starts, CacheMode::Compose, &opts, &store).unwrap()
+    };
+    let zero = with(0.0, 1.0);
+    let d = m.model.config().kv_dim();
+    // Rows whose K/V at `layer` differ from those of a prefill recomputing nothing reused.
+    let differ_at = |p: &Prefill, layer: usize| -> Vec<usize> {
+        let (a, b) = (&p.cache.layers[layer], &zero.cache.layers[layer]);
+        (0..ids.len()).filter(|&r| a.k[r * d..(r + 1) * d] != b.k[r * d..(r + 1) * d]).collect()
+    };
+    let check = BlendOptions::default().check_layer;
+    let last = m.model.config().layers - 1;
+    // Right after the check layer only the recomputed reused tokens differ (the new tokens' K/V
+    // there depend on the check layer's, which every token had computed); of those, the ones
+    // still recomputed at the last layer differ there too.
+    let flat = with(0.3, 1.0);
+    let budget = (0.3 * flat.report.reused_tokens as f32).round() as usize;
+    let kept_at = |p: &Prefill, from: &[usize], layer: usize| -> Vec<usize> {
+        differ_at(p, layer).into_iter().filter(|r| from.contains(r)).collect()
+    };
+    let selected = differ_at(&flat, check + 1);
+    assert_eq!(selected.len(), budget);
+    assert_eq!(kept_at(&flat, &selected, last), selected, "no taper: the same tokens at every layer");
+    let tapered = with(0.3, 4.0);
+    let early = differ_at(&tapered, check + 1);
+    let late = kept_at(&tapered, &early, last);
+    assert!(tapered.report.recomputed_tokens.abs_diff(budget) <= 1, "{:?}, budget {budget}", tapered.report);
+    assert!(early.len() > budget && late.len() < budget, "{} then {} of budget {budget}", early.len(), late.len());
+    for taper in [1.0, 4.0] {
+        let full = with(1.0, taper);
+        let off = blend::prefill(&m.model, &ids, &starts, CacheMode::Off, &BlendOptions::default(), &ram(0)).unwrap();
+        assert!(full.logits == off.logits, "taper {taper}: everything recomputed must be a full prefill");
+    }
+}
+
 #[test]
 fn budget_zero_recomputes_nothing_reused_and_is_still_close() {
     let store = ram(1 << 30);

@@ -113,9 +113,11 @@ fn a_prefill_in_slices_equals_one_in_one_go() {
         msgs.push(ChatMessage { role: "user".into(), content: "What does Cargo do?".into() });
         msgs
     };
-    for mode in [CacheMode::Off, CacheMode::Prefix, CacheMode::Compose] {
+    for (mode, taper) in
+        [(CacheMode::Off, 1.0), (CacheMode::Prefix, 1.0), (CacheMode::Compose, 1.0), (CacheMode::Compose, 4.0)]
+    {
         let (whole_store, sliced_store) = (ram(), ram());
-        let opts = BlendOptions::default();
+        let opts = BlendOptions { recompute_taper: taper, ..Default::default() };
         let policy = blend::BuiltinPolicy::default();
         for order in [[0, 1, 2], [2, 0, 1]] {
             let (ids, starts) = m.encode_chat(&chat(order)).unwrap();
