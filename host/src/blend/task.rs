@@ -15,13 +15,14 @@
 //! - `Check` (compose): layers `0..check_layer` and the K/V at `check_layer` over every
 //!   token; then the deviations, the attention from the prompt's last tokens, and the
 //!   selector's choice.
-//! - `Recompute` (compose): layers `check_layer..`, a layer at a time, over the chosen reused
-//!   tokens and every token no stored run covered; with a taper, the reused tokens narrow
-//!   between layers.
+//! - `Recompute` (compose): layers `check_layer..` over the chosen reused tokens and every
+//!   token no stored run covered; with a taper, in stretches of layers between which the
+//!   reused tokens narrow.
 //!
 //! Kernels are batch-invariant (a row's result does not depend on the rows beside it), so a
 //! prefill run in slices is bit for bit the prefill run at once.
 
+use std::cmp::Ordering;
 use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Arc;
@@ -64,22 +65,24 @@ struct Check {
     done: usize,
 }
 
-/// Compose's recompute pass in progress, a layer at a time (the taper narrows the rows
-/// between layers).
+/// Compose's recompute pass in progress, in stretches of layers between the taper's
+/// narrowings (one stretch without a taper).
 struct Recompute {
-    /// Cache rows `layer` recomputes, in position order (the last row of the prompt last).
+    /// Cache rows the stretch recomputes, in position order (the last row of the prompt last).
     rows: Vec<usize>,
     /// Which of `rows` are reused tokens (the taper may drop them; the others run every layer).
     reused: Vec<bool>,
-    /// Hidden states of `rows` entering `layer` (of the rows `..done`: leaving it).
+    /// Hidden states of `rows` entering `layer` (of the rows `..done`: leaving the stretch of
+    /// layers up to the next narrowing).
     xs: Vec<f32>,
+    /// The first layer of the stretch the rows are going through.
     layer: usize,
-    /// Rows of `layer` done.
+    /// Rows through the stretch.
     done: usize,
     /// Reused rows recomputed at each layer from the check layer on.
     keep: Vec<usize>,
-    /// K+V deviation of each of `rows` at `layer` from its spliced values (reused rows, when
-    /// the next layer keeps fewer).
+    /// K+V deviation of each of `rows` from its spliced values at the stretch's last layer
+    /// (reused rows, when the layer after it keeps fewer).
     deviations: Vec<f32>,
     /// The attention each of `rows` received at the check layer from the prompt's last tokens.
     attention: Vec<f32>,
@@ -231,11 +234,10 @@ impl Prefilling {
                     };
                 }
                 Stage::Recompute(mut r) => {
-                    let take = left.clamp(1, r.rows.len() - r.done);
                     let started = Instant::now();
-                    self.recompute_slice(model, &mut r, take, check)?;
+                    let done = self.recompute_slice(model, &mut r, left, check)?;
                     self.report.timings.compute_us += micros(started);
-                    left = left.saturating_sub(take);
+                    left = left.saturating_sub(done);
                     if r.layer < layers {
                         self.stage = Stage::Recompute(r);
                     } else {
@@ -411,10 +413,12 @@ impl Prefilling {
             attention: &attention,
             budget: ask,
         });
-        // A selector that chose fewer than it was asked for narrows in proportion.
-        let keep: Vec<usize> = match ask {
-            0 => counts,
-            _ => counts.iter().map(|&k| (k * selected.len()).div_ceil(ask).min(selected.len())).collect(),
+        // A selector that chose fewer than it was asked for narrows in proportion; more (a
+        // failed plugin's fallback: every token) is kept at every layer.
+        let keep: Vec<usize> = match selected.len().cmp(&ask) {
+            Ordering::Equal => counts,
+            Ordering::Less => counts.iter().map(|&k| (k * selected.len()).div_ceil(ask)).collect(),
+            Ordering::Greater => vec![selected.len(); counts.len()],
         };
         self.report.recomputed_tokens = (keep.iter().sum::<usize>() as f64 / keep.len().max(1) as f64).round() as usize;
         let mut rows: Vec<(usize, bool, f32)> =
@@ -436,23 +440,28 @@ impl Prefilling {
         })))
     }
 
-    /// The next `take` rows of the recompute pass through its current layer; once the layer
-    /// is done, the rows narrowed for the next (or, after the last, the logits).
+    /// About `work` token-layers of the recompute pass: the next rows through the layers from
+    /// the current one up to where the taper narrows next (all the rest without a taper); once
+    /// every row is through them, the rows narrowed (or, after the last layer, the logits).
+    /// Returns the token-layers done.
     fn recompute_slice(
         &mut self,
         model: &Model,
         r: &mut Recompute,
-        take: usize,
+        work: usize,
         check: usize,
-    ) -> Result<(), EngineError> {
+    ) -> Result<usize, EngineError> {
         let (hidden, d, layers) = (model.config().hidden, self.cache.kv_dim(), model.config().layers);
         let l = r.layer;
-        let narrows = l + 1 < layers && r.keeps(l + 1, check) < r.keeps(l, check);
+        let until = (l + 1..layers).find(|&u| r.keeps(u, check) < r.keeps(u - 1, check)).unwrap_or(layers);
+        // The deviations at the stretch's last layer choose the rows that go on past it.
+        let measured = until - 1;
+        let take = (work / (until - l)).clamp(1, r.rows.len() - r.done);
         let slice = r.done..r.done + take;
         let rows = &r.rows[slice.clone()];
-        let spliced: Vec<(usize, Vec<f32>, Vec<f32>)> = match narrows {
+        let spliced: Vec<(usize, Vec<f32>, Vec<f32>)> = match until < layers {
             true => {
-                let at = &self.cache.layers[l];
+                let at = &self.cache.layers[measured];
                 (slice.clone())
                     .filter(|&i| r.reused[i])
                     .map(|i| {
@@ -465,22 +474,21 @@ impl Prefilling {
         };
         let positions: Vec<u32> = rows.iter().map(|&row| self.cache.positions[row]).collect();
         let xs = &mut r.xs[slice.start * hidden..slice.end * hidden];
-        model.run_layers(l..l + 1, xs, &positions, rows, &mut self.cache, Weights::F32)?;
-        let at = &self.cache.layers[l];
+        model.run_layers(l..until, xs, &positions, rows, &mut self.cache, Weights::F32)?;
+        let at = &self.cache.layers[measured];
         for (i, k, v) in spliced {
             let row = r.rows[i];
             r.deviations[i] = sq_dist(&at.k[row * d..(row + 1) * d], &k) + sq_dist(&at.v[row * d..(row + 1) * d], &v);
         }
         r.done += take;
         if r.done == r.rows.len() {
-            if l + 1 == layers {
-                r.logits = model.logits(&r.xs[(r.rows.len() - 1) * hidden..], &[0])?;
-            } else if narrows {
-                r.narrow(r.keeps(l + 1, check), hidden);
+            match until == layers {
+                true => r.logits = model.logits(&r.xs[(r.rows.len() - 1) * hidden..], &[0])?,
+                false => r.narrow(r.keeps(until, check), hidden),
             }
-            (r.layer, r.done) = (l + 1, 0);
+            (r.layer, r.done) = (until, 0);
         }
-        Ok(())
+        Ok(take * (until - l))
     }
 
     /// Stores what the prompt brought new; the finished prefill.
