@@ -84,6 +84,12 @@ pub struct BlendOptions {
     /// tokens for the check layer as stay recomputed at the last layer, and at each layer
     /// between, the recomputed reused tokens whose K/V deviated least there are dropped (their
     /// spliced K/V kept), so that the mean count per layer is the budget's. 1: no taper.
+    /// 2 by measurement (`kvgate bench denoise --tapers 1,2,4`, budget 15 %, check layer 2,
+    /// teacher-forced KL with 1 / 2 / 4, 24 prompts each: joined passages under bracket labels
+    /// 0.0190 / 0.0156 / 0.0168, agent turns 0.0311 / 0.0300 / 0.0227, memory 0.0121 / 0.0122 /
+    /// 0.0133; the first token agreeing on 83 / 88 / 83 % and 96 / 100 / 100 % of the bracket
+    /// and memory prompts). 4 gains more where the question reads few tokens and loses where it
+    /// reads many; 2 never lost more than noise.
     pub recompute_taper: f32,
     /// Layer at which deviations and attention are measured; layers before it run over every
     /// token. 2 by measurement (`kvgate bench denoise`, check 1 against 2 at 15 %: agent
@@ -101,7 +107,7 @@ impl Default for BlendOptions {
         Self {
             chunk_tokens: 256,
             recompute_budget: 0.15,
-            recompute_taper: 1.0,
+            recompute_taper: 2.0,
             check_layer: 2,
             chunk_head_tokens: 0,
             min_span: 16,
