@@ -160,6 +160,10 @@ fn swapping_the_selector_under_load_changes_behaviour_and_fails_nothing() {
     assert_eq!(s.metric("kvgate:request_errors_total{status=\"5xx\"}"), 0.0);
 }
 
+/// With a recompute taper the selector is asked for more than the budget (the check layer's
+/// count): the servers that send a selector budget 7 run without one.
+const NO_TAPER: &[&str] = &["--recompute-taper", "1"];
+
 /// Budget 7 is what the misbehaving test selectors react to: pick the fraction of the reused
 /// tokens that rounds to exactly 7.
 fn budget_seven(s: &Server) -> String {
@@ -182,7 +186,7 @@ fn a_looping_a_hogging_and_a_trapping_selector_each_fall_back_to_full_recompute(
         let tmp = temp_dir("plugins");
         let dir = tmp.path();
         install(&test_component(component), dir, "selector.wasm");
-        let s = serve(dir, limits);
+        let s = serve(dir, &[limits, NO_TAPER].concat());
         assert_eq!(status(&s, "selector")["name"], component, "it loads: only budget 7 misbehaves");
         let seven = budget_seven(&s);
         let started = Instant::now();
@@ -203,7 +207,7 @@ fn a_looping_a_hogging_and_a_trapping_selector_each_fall_back_to_full_recompute(
 fn repeated_failures_roll_back_to_the_previous_version() {
     let tmp = plugins_dir(&["selector"]);
     let dir = tmp.path();
-    let s = serve(dir, &["--no-watch-plugins"]);
+    let s = serve(dir, &[&["--no-watch-plugins"], NO_TAPER].concat());
     let seven = budget_seven(&s);
     install(&test_component("test-trap-selector"), dir, "selector.wasm");
     let reload: Value = ureq::post(&s.url("/admin/plugins/reload")).call().unwrap().into_json().unwrap();
