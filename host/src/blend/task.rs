@@ -95,6 +95,11 @@ impl Recompute {
         self.keep.get(layer - check).copied().unwrap_or(0)
     }
 
+    /// The end of the stretch of layers from `layer`: the next layer that keeps fewer rows.
+    fn stretch_end(&self, check: usize, layers: usize) -> usize {
+        (self.layer + 1..layers).find(|&u| self.keeps(u, check) < self.keeps(u - 1, check)).unwrap_or(layers)
+    }
+
     /// Rows that run every layer: the new tokens and the last.
     fn fresh(&self) -> usize {
         self.reused.iter().filter(|&&r| !r).count()
@@ -181,8 +186,9 @@ impl Prefilling {
             Stage::Check(c) => (n - c.done) * (self.opts.check_layer + 1) + (n - c.reused.len()) * layers,
             Stage::Recompute(r) => {
                 let check = self.opts.check_layer.min(layers - 1);
-                let later: usize = (r.layer + 1..layers).map(|l| r.keeps(l, check) + r.fresh()).sum();
-                r.rows.len() - r.done + later
+                let until = r.stretch_end(check, layers);
+                let later: usize = (until..layers).map(|l| r.keeps(l, check) + r.fresh()).sum();
+                (r.rows.len() - r.done) * (until - r.layer) + later
             }
             Stage::Done => 0,
         }
@@ -453,7 +459,7 @@ impl Prefilling {
     ) -> Result<usize, EngineError> {
         let (hidden, d, layers) = (model.config().hidden, self.cache.kv_dim(), model.config().layers);
         let l = r.layer;
-        let until = (l + 1..layers).find(|&u| r.keeps(u, check) < r.keeps(u - 1, check)).unwrap_or(layers);
+        let until = r.stretch_end(check, layers);
         // The deviations at the stretch's last layer choose the rows that go on past it.
         let measured = until - 1;
         let take = (work / (until - l)).clamp(1, r.rows.len() - r.done);
