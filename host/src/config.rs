@@ -54,7 +54,8 @@ pub struct Config {
     /// Share of reused tokens recomputed when stitching chunks, 0..=1.
     pub recompute_budget: f32,
     /// CacheBlend's gradual filtering: the check layer recomputes this many times the tokens
-    /// the last layer does, the least deviating dropped layer by layer (>= 1; 1: none).
+    /// the last layer does, narrowed layer by layer to the most read and the most deviating
+    /// (>= 1; 1: none).
     pub recompute_taper: f32,
     /// Tokens per chunk of the built-in chunker.
     pub chunk_tokens: usize,

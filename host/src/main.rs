@@ -118,7 +118,8 @@ struct ServeArgs {
     #[arg(long, env = "KVGATE_RECOMPUTE_BUDGET")]
     recompute_budget: Option<f32>,
     /// Gradual filtering: the check layer recomputes this many times the tokens the last layer
-    /// does, the least deviating dropped layer by layer, the mean the budget's (>= 1; 1: none).
+    /// does, narrowed layer by layer to the most read and the most deviating, the mean the
+    /// budget's (>= 1; 1: none).
     #[arg(long, env = "KVGATE_RECOMPUTE_TAPER")]
     recompute_taper: Option<f32>,
     /// Shortest run of tokens reused from inside a stored chunk in compose mode (at least 8).
@@ -351,10 +352,11 @@ struct BenchDenoiseArgs {
     strategies: Vec<String>,
     #[arg(long, value_delimiter = ',', default_values_t = [0.05, 0.15, 0.3])]
     budgets: Vec<f32>,
-    #[arg(long, value_delimiter = ',', default_values_t = [2])]
+    /// Default: the server's.
+    #[arg(long, value_delimiter = ',', default_values_t = [kvgate::blend::BlendOptions::default().check_layer])]
     check_layers: Vec<usize>,
-    /// Recompute tapers (gradual filtering; 1: none).
-    #[arg(long, value_delimiter = ',', default_values_t = [1.0])]
+    /// Recompute tapers (gradual filtering; 1: none). Default: the server's.
+    #[arg(long, value_delimiter = ',', default_values_t = [kvgate::blend::BlendOptions::default().recompute_taper])]
     tapers: Vec<f32>,
     /// Tokens of `off`'s answer scored teacher-forced.
     #[arg(long, default_value_t = 32)]

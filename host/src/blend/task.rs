@@ -187,7 +187,8 @@ impl Prefilling {
             Stage::Recompute(r) => {
                 let check = self.opts.check_layer.min(layers - 1);
                 let until = r.stretch_end(check, layers);
-                let later: usize = (until..layers).map(|l| r.keeps(l, check) + r.fresh()).sum();
+                let fresh = r.fresh();
+                let later: usize = (until..layers).map(|l| r.keeps(l, check) + fresh).sum();
                 (r.rows.len() - r.done) * (until - r.layer) + later
             }
             Stage::Done => 0,

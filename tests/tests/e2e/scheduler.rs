@@ -113,9 +113,14 @@ fn a_prefill_in_slices_equals_one_in_one_go() {
         msgs.push(ChatMessage { role: "user".into(), content: "What does Cargo do?".into() });
         msgs
     };
-    for (mode, taper) in
-        [(CacheMode::Off, 1.0), (CacheMode::Prefix, 1.0), (CacheMode::Compose, 1.0), (CacheMode::Compose, 4.0)]
-    {
+    let default_taper = BlendOptions::default().recompute_taper;
+    for (mode, taper) in [
+        (CacheMode::Off, 1.0),
+        (CacheMode::Prefix, 1.0),
+        (CacheMode::Compose, 1.0),
+        (CacheMode::Compose, default_taper),
+        (CacheMode::Compose, 4.0),
+    ] {
         let (whole_store, sliced_store) = (ram(), ram());
         let opts = BlendOptions { recompute_taper: taper, ..Default::default() };
         let policy = blend::BuiltinPolicy::default();
