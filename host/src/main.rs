@@ -137,6 +137,12 @@ struct ServeArgs {
     /// Byte budget of the disk tier (e.g. 16GiB); 0 turns it off.
     #[arg(long, env = "KVGATE_DISK_BUDGET_BYTES", value_parser = kvgate::config::parse_bytes)]
     disk_budget_bytes: Option<u64>,
+    /// The fleet's shared chunk tier, e.g. redis://:password@10.0.0.5:6379/0 (default: none).
+    #[arg(long, env = "KVGATE_REMOTE_URL")]
+    remote_url: Option<String>,
+    /// Longest a request waits on the shared tier before serving without it (ms).
+    #[arg(long, env = "KVGATE_REMOTE_TIMEOUT_MS")]
+    remote_timeout_ms: Option<u64>,
     /// Element type of stored K/V: f32, f16 or bf16.
     #[arg(long, env = "KVGATE_KV_DTYPE")]
     kv_dtype: Option<kvgate::store::KvDtype>,
@@ -601,6 +607,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ram_budget_bytes: args.ram_budget_bytes,
         data_dir: args.data_dir,
         disk_budget_bytes: args.disk_budget_bytes,
+        remote_url: args.remote_url,
+        remote_timeout_ms: args.remote_timeout_ms,
         kv_dtype: args.kv_dtype,
         prefix_kv_dtype: args.prefix_kv_dtype,
         admin_token: args.admin_token,

@@ -261,6 +261,27 @@ fn render_store(out: &mut String, s: &crate::store::StoreStats) {
         &[("", get(&s.degraded))],
     );
     family("kvgate:chunk_store_disk_enabled", "gauge", "1 when the disk tier is open.", &[("", get(&s.disk_enabled))]);
+    let r = &s.remote;
+    for (name, kind, help, v) in [
+        ("enabled", "gauge", "1 when a shared (Redis) tier is configured.", &r.enabled),
+        ("up", "gauge", "1 while the shared tier answers.", &r.up),
+        ("breaker_open", "gauge", "1 while the circuit breaker skips the shared tier.", &r.breaker_open),
+        ("hits_total", "counter", "Chunks read from the shared tier.", &r.hits),
+        ("misses_total", "counter", "Shared-tier reads that found nothing (evicted or gone).", &r.misses),
+        ("errors_total", "counter", "Shared-tier commands that failed or timed out.", &r.errors),
+        ("corruptions_total", "counter", "Shared-tier values that failed their checks (deleted).", &r.corruptions),
+        ("writes_total", "counter", "Chunks written to the shared tier.", &r.writes),
+        (
+            "writes_skipped_total",
+            "counter",
+            "Chunks not shared: queue full, breaker open or write failed.",
+            &r.writes_skipped,
+        ),
+        ("read_bytes_total", "counter", "Value bytes read from the shared tier.", &r.bytes_read),
+        ("events_total", "counter", "Fleet events applied to the span index.", &r.events),
+    ] {
+        family(&format!("kvgate:chunk_store_remote_{name}"), kind, help, &[("", get(v))]);
+    }
     s.disk_load_seconds.render(
         out,
         "kvgate:chunk_store_disk_load_seconds",

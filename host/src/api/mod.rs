@@ -189,8 +189,13 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, id: &str) -> Resul
     match path.as_str() {
         "/health" => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         "/ready" => match state.scheduler.get() {
-            Some(_) => {
-                Ok(json_response(StatusCode::OK, &json!({"status": "ready", "upstreams": state.upstreams.status()})))
+            Some(scheduler) => {
+                let mut body = json!({"status": "ready", "upstreams": state.upstreams.status()});
+                // Ready either way (the local tiers serve); a router or an operator sees the fleet tier.
+                if let Some(up) = scheduler.store().remote_up() {
+                    body["remote_tier"] = json!(if up { "up" } else { "down" });
+                }
+                Ok(json_response(StatusCode::OK, &body))
             }
             None => Err(ApiError::not_ready()),
         },

@@ -1,9 +1,12 @@
 //! The chunk store: where chunk KV lives between requests and across restarts.
 //!
-//! Two tiers, each under its own byte budget. The RAM tier holds decoded chunks ready to
-//! splice; the disk tier keeps every chunk it has room for in segment files on local disk,
-//! indexed by sled. Tiers are inclusive: a put goes to RAM at once and to disk behind the
-//! request (a writer thread, so fsync never delays a token); a disk hit is promoted to RAM.
+//! Two local tiers, each under its own byte budget, and an optional shared one. The RAM tier
+//! holds decoded chunks ready to splice; the disk tier keeps every chunk it has room for in
+//! segment files on local disk, indexed by sled; the remote tier ([`remote`]) shares compose
+//! chunks with every node of a fleet through Redis. Tiers are inclusive: a put goes to RAM at
+//! once and to disk and Redis behind the request (writer threads, so neither fsync nor the
+//! network ever delays a token); a lookup reads RAM, then disk, then Redis, and a hit below
+//! RAM is promoted (a remote hit to RAM and disk).
 //! Over a budget, a tier asks its [`Evictor`] for victims (least recently used until the
 //! `evictor` plugin takes the seam over).
 //!
@@ -11,12 +14,13 @@
 //! removed); a full or read-only disk degrades to serving without storing, counted, and the
 //! writer tries again after a pause, so the store recovers when space returns.
 //!
-//! Only this module knows sled.
+//! Only this module knows sled and Redis.
 //!
 //! - [`payload`]: the versioned, checksummed on-disk form of a chunk.
 //! - [`segment`]: segment files behind an I/O seam, and the extent allocator.
 //! - [`disk`]: the sled-indexed disk tier, its recovery.
 //! - [`ram`]: the RAM tier.
+//! - [`remote`]: the shared tier on Redis, its value format and event stream.
 //! - [`evict`]: the eviction seam and least-recently-used.
 //! - [`span`]: the span index — which stored chunk holds a run of tokens, wherever it sits
 //!   — and the tree of prefix-cache chunks.
@@ -25,6 +29,7 @@ pub mod disk;
 pub mod evict;
 pub mod payload;
 mod ram;
+pub mod remote;
 pub mod segment;
 pub mod span;
 #[cfg(test)]
@@ -42,6 +47,8 @@ use disk::{DiskTier, Lookup};
 pub use evict::{Candidate, Evictor, LeastRecentlyUsed};
 pub use payload::{KvDtype, Layout};
 use ram::RamTier;
+use remote::{Fetched, RemoteTier};
+pub use remote::{RemoteOptions, RemoteStats};
 use span::Tier;
 pub use span::{SpanIndex, SpanMatch};
 
@@ -294,6 +301,8 @@ pub struct StoreStats {
     pub disk_enabled: AtomicU64,
     /// Time to read, check and decode one chunk from disk.
     pub disk_load_seconds: Histogram,
+    /// The shared tier's (zeros when none is configured).
+    pub remote: Arc<RemoteStats>,
 }
 
 const LOAD_BOUNDS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0];
@@ -309,6 +318,7 @@ impl Default for StoreStats {
             degraded: AtomicU64::new(0),
             disk_enabled: AtomicU64::new(0),
             disk_load_seconds: Histogram::new(LOAD_BOUNDS),
+            remote: Arc::default(),
         }
     }
 }
@@ -335,6 +345,8 @@ pub struct StoreOptions {
     /// Share of each tier's budget one namespace may fill (1: no limit of its own); a
     /// namespace over it evicts its own chunks, never another's.
     pub namespace_share: f64,
+    /// The fleet's shared tier, if any.
+    pub remote: Option<RemoteOptions>,
 }
 
 impl Default for StoreOptions {
@@ -350,6 +362,7 @@ impl Default for StoreOptions {
             retry_after: Duration::from_secs(2),
             min_span: 16,
             namespace_share: 1.0,
+            remote: None,
         }
     }
 }
@@ -360,7 +373,7 @@ pub struct ChunkInfo {
     pub key: String,
     /// Its namespace (empty: the open server's / the `default` tenant's).
     pub namespace: String,
-    /// Tiers holding it: `ram`, `disk`.
+    /// Tiers holding it: `ram`, `disk`, `remote` (as the event stream tells).
     pub tiers: Vec<&'static str>,
     #[serde(flatten)]
     pub stats: ChunkStats,
@@ -372,11 +385,28 @@ enum WriteJob {
     Barrier(std::sync::mpsc::Sender<()>),
 }
 
-/// The two tiers and the disk writer.
+/// What the remote writer does (off the request path).
+enum RemoteJob {
+    Put(ChunkKey, Arc<ChunkKv>),
+    /// Deleted and announced (of the namespace with this id).
+    Gone(ChunkKey, u64),
+    /// Answers once every job before it is done.
+    Barrier(std::sync::mpsc::Sender<()>),
+}
+
+/// The shared tier and the threads that write to it and tail its events.
+struct Remote {
+    tier: Arc<RemoteTier>,
+    jobs: SyncSender<RemoteJob>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// The tiers and their writers.
 pub struct Store {
     ram: Mutex<RamTier>,
     disk: Option<Arc<DiskTier>>,
     writer: Option<(SyncSender<WriteJob>, JoinHandle<()>)>,
+    remote: Option<Remote>,
     evictor: Arc<RwLock<Arc<dyn Evictor>>>,
     dtype: KvDtype,
     prefix_dtype: KvDtype,
@@ -418,7 +448,14 @@ impl Store {
         });
         let wanted = options.data_dir.is_some() && options.disk_budget_bytes > 0;
         let unavailable = wanted && disk.is_none();
-        let store = Self::with_disk(options, disk);
+        let remote = options.remote.as_ref().and_then(|r| match RemoteTier::new(r, layout.clone()) {
+            Ok(tier) => Some(tier),
+            Err(e) => {
+                tracing::error!(error = %e, "chunk store: remote tier unavailable, serving from local tiers only");
+                None
+            }
+        });
+        let store = Self::with_tiers(options, disk, remote);
         if unavailable {
             // Visible on /metrics as well as in the log.
             store.stats.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -429,7 +466,16 @@ impl Store {
 
     /// A store over an already opened disk tier (tests put their own I/O behind it).
     pub fn with_disk(options: &StoreOptions, disk: Option<DiskTier>) -> Self {
-        let stats = Arc::new(StoreStats::default());
+        Self::with_tiers(options, disk, None)
+    }
+
+    /// A store over an already opened disk tier and a remote tier.
+    fn with_tiers(options: &StoreOptions, disk: Option<DiskTier>, remote: Option<RemoteTier>) -> Self {
+        let mut stats = StoreStats::default();
+        if let Some(r) = &remote {
+            stats.remote = r.stats().clone();
+        }
+        let stats = Arc::new(stats);
         stats.ram.budget.store(options.ram_budget_bytes, Ordering::Relaxed);
         let evictor: Arc<RwLock<Arc<dyn Evictor>>> = Arc::new(RwLock::new(Arc::new(LeastRecentlyUsed)));
         let mut index = SpanIndex::new(options.min_span);
@@ -461,10 +507,30 @@ impl Store {
                 .expect("spawn the store writer");
             (tx, handle)
         });
+        let remote = remote.map(|tier| {
+            let tier = Arc::new(tier);
+            let (jobs, rx) = sync_channel(tier.options().write_queue.max(1));
+            let writer = {
+                let tier = tier.clone();
+                std::thread::Builder::new()
+                    .name("kvgate-remote-writer".into())
+                    .spawn(move || remote_writer(&tier, rx))
+                    .expect("spawn the remote writer")
+            };
+            let tailer = {
+                let (tier, spans) = (tier.clone(), spans.clone());
+                std::thread::Builder::new()
+                    .name("kvgate-remote-tailer".into())
+                    .spawn(move || remote_tailer(&tier, &spans))
+                    .expect("spawn the remote tailer")
+            };
+            Remote { tier, jobs, threads: vec![writer, tailer] }
+        });
         let store = Self {
             ram: Mutex::new(RamTier::new(options.ram_budget_bytes, options.namespace_share)),
             disk,
             writer,
+            remote,
             evictor,
             dtype: options.dtype,
             prefix_dtype: options.prefix_dtype,
@@ -492,11 +558,18 @@ impl Store {
         self.evictor.read().unwrap().clone()
     }
 
-    /// Waits until every chunk handed to the writer before this call is on disk (or failed).
+    /// Waits until every chunk handed to the writers before this call is on disk and in
+    /// Redis (or failed).
     pub fn sync(&self) {
         if let Some((tx, _)) = &self.writer {
             let (done, wait) = std::sync::mpsc::channel();
             if tx.send(WriteJob::Barrier(done)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+        if let Some(r) = &self.remote {
+            let (done, wait) = std::sync::mpsc::channel();
+            if r.jobs.send(RemoteJob::Barrier(done)).is_ok() {
                 let _ = wait.recv();
             }
         }
@@ -519,14 +592,20 @@ impl Store {
         keys.len()
     }
 
-    /// Drops one chunk from both tiers; whether it was held.
+    /// Drops one chunk from every tier (the shared one included: the fleet is told); whether
+    /// it was held.
     pub fn remove(&self, key: &ChunkKey) -> bool {
         self.sync();
+        let namespace = self.spans.read().unwrap().namespace_of(key);
+        let in_remote = self.spans.read().unwrap().in_tier(key, Tier::Remote);
         let in_ram = self.ram.lock().unwrap().remove(key);
         let on_disk = self.disk.as_ref().is_some_and(|d| d.remove(key));
+        if let (Some(r), Some(ns)) = (&self.remote, namespace) {
+            announce_gone(r, key, ns);
+        }
         self.spans.write().unwrap().remove(key);
         self.refresh_gauges();
-        in_ram || on_disk
+        in_ram || on_disk || in_remote
     }
 
     /// Chunks in key order after `after`, at most `limit` (of `namespace` only, when given);
@@ -595,6 +674,109 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Puts a chunk read from a lower tier into RAM.
+    fn promote(&self, key: &ChunkKey, kv: &Arc<ChunkKv>, stats: ChunkStats) {
+        let evicted = self.ram.lock().unwrap().insert(*key, kv.clone(), stats, &*self.evictor(), &self.stats.ram);
+        self.stats.ram.evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        self.spans.write().unwrap().held(*key, &kv.tokens, kv.parent, Tier::Ram, kv.namespace.id());
+        self.evicted(&evicted, Tier::Ram);
+        self.refresh_gauges();
+    }
+
+    /// Whether the remote tier is configured and answering (for `/ready`): `None` without one.
+    pub fn remote_up(&self) -> Option<bool> {
+        self.remote.as_ref().map(|r| r.tier.stats().up.load(Ordering::Relaxed) == 1)
+    }
+}
+
+/// Hands the fleet the news that `key` (of namespace id `ns`) is gone.
+fn announce_gone(r: &Remote, key: &ChunkKey, ns: u64) {
+    if r.jobs.try_send(RemoteJob::Gone(*key, ns)).is_err() {
+        r.tier.stats().writes_skipped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The remote writer thread: shares chunks and news of gone ones, off the request path. A
+/// job that finds the breaker open is dropped (the chunk stays local); a failed one drops
+/// the connection, which the next job opens afresh.
+fn remote_writer(tier: &RemoteTier, jobs: Receiver<RemoteJob>) {
+    let mut conn: Option<redis::Connection> = None;
+    let stats = tier.stats().clone();
+    while let Ok(job) = jobs.recv() {
+        if let RemoteJob::Barrier(done) = job {
+            let _ = done.send(());
+            continue;
+        }
+        if !tier.allowed() {
+            stats.writes_skipped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let result = tier.run(&mut conn, tier.options().timeout, |c| match &job {
+            RemoteJob::Put(key, kv) => tier.put(c, key, kv),
+            RemoteJob::Gone(key, ns) => tier.gone(c, key, *ns),
+            RemoteJob::Barrier(_) => unreachable!("answered above"),
+        });
+        match result {
+            Ok(()) => {
+                if matches!(job, RemoteJob::Put(..)) {
+                    stats.writes.fetch_add(1, Ordering::Relaxed);
+                }
+                tier.succeeded();
+            }
+            Err(e) => {
+                stats.writes_skipped.fetch_add(1, Ordering::Relaxed);
+                tier.failed(&e);
+            }
+        }
+    }
+}
+
+/// The remote tailer thread: applies the fleet's events to the span index, from the oldest
+/// the stream keeps on; reconnects (and so probes a Redis that failed) every half second
+/// until the store closes.
+fn remote_tailer(tier: &RemoteTier, spans: &RwLock<SpanIndex>) {
+    const BLOCK: Duration = Duration::from_millis(500);
+    let mut cursor = "0".to_string();
+    let mut conn: Option<redis::Connection> = None;
+    while !tier.closing.load(Ordering::Relaxed) {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match tier.connect(BLOCK + tier.options().timeout) {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    tier.failed(&e);
+                    std::thread::sleep(BLOCK);
+                    continue;
+                }
+            },
+        };
+        match tier.read_events(c, &cursor, BLOCK) {
+            Ok((events, next)) => {
+                tier.succeeded();
+                if !events.is_empty() {
+                    let mut index = spans.write().unwrap();
+                    for e in &events {
+                        match e {
+                            remote::Event::Put { key, namespace, tokens } => {
+                                index.held(*key, tokens, None, Tier::Remote, *namespace)
+                            }
+                            remote::Event::Gone { key, .. } => index.dropped(key, Tier::Remote),
+                        }
+                    }
+                    tier.stats().events.fetch_add(events.len() as u64, Ordering::Relaxed);
+                }
+                cursor = next;
+            }
+            Err(e) => {
+                conn = None;
+                tier.failed(&e);
+                std::thread::sleep(BLOCK);
+            }
+        }
+    }
+}
+
 impl ChunkStore for Store {
     fn fetch(&self, key: &ChunkKey, used: Use) -> Option<Arc<ChunkKv>> {
         let now = now_ms();
@@ -607,33 +789,66 @@ impl ChunkStore for Store {
             return Some(kv);
         }
         s.ram.misses.fetch_add(1, Ordering::Relaxed);
-        let Some(disk) = self.disk.as_ref() else {
-            self.spans.write().unwrap().dropped(key, Tier::Ram);
+        if let Some(disk) = self.disk.as_ref() {
+            let started = Instant::now();
+            match disk.get(key, now, used) {
+                Lookup::Hit(kv, stats) => {
+                    s.disk_load_seconds.observe(started.elapsed().as_secs_f64());
+                    s.disk.hits.fetch_add(1, Ordering::Relaxed);
+                    let kv = Arc::new(kv);
+                    self.promote(key, &kv, stats);
+                    return Some(kv);
+                }
+                Lookup::Miss => {
+                    s.disk.misses.fetch_add(1, Ordering::Relaxed);
+                }
+                Lookup::Corrupt => {
+                    s.disk.misses.fetch_add(1, Ordering::Relaxed);
+                    s.corruptions.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let Some(r) = &self.remote else {
+            // Whatever the index believed, no tier holds it.
+            self.spans.write().unwrap().remove(key);
+            self.refresh_gauges();
             return None;
         };
-        let started = Instant::now();
-        match disk.get(key, now, used) {
-            Lookup::Hit(kv, stats) => {
-                s.disk_load_seconds.observe(started.elapsed().as_secs_f64());
-                s.disk.hits.fetch_add(1, Ordering::Relaxed);
+        let Some(ns) = self.spans.read().unwrap().namespace_of(key) else { return None };
+        match r.tier.fetch(key, ns) {
+            Fetched::Hit(kv) => {
+                let stats = ChunkStats {
+                    tokens: kv.tokens.len() as u32,
+                    created_ms: now,
+                    last_access_ms: now,
+                    hits: 1,
+                    partial_hits: (used == Use::Part) as u32,
+                    namespace: ns,
+                    ..ChunkStats::default()
+                };
                 let kv = Arc::new(kv);
-                let evicted = self.ram.lock().unwrap().insert(*key, kv.clone(), stats, &*self.evictor(), &s.ram);
-                s.ram.evictions.fetch_add(evicted.len() as u64, Ordering::Relaxed);
-                self.spans.write().unwrap().held(*key, &kv.tokens, kv.parent, Tier::Ram, kv.namespace.id());
-                self.evicted(&evicted, Tier::Ram);
-                self.refresh_gauges();
+                self.promote(key, &kv, stats);
+                // Kept on local disk too: the node serves it while Redis is away.
+                if let Some((tx, _)) = &self.writer {
+                    if let Err(TrySendError::Full(_)) = tx.try_send(WriteJob::Put(*key, kv.clone(), stats)) {
+                        s.writes_skipped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 Some(kv)
             }
-            Lookup::Miss => {
-                s.disk.misses.fetch_add(1, Ordering::Relaxed);
-                // Whatever the index believed, no tier holds it.
+            Fetched::Miss | Fetched::Corrupt => {
+                // The GET is the authority: no node should look for it again.
                 self.spans.write().unwrap().remove(key);
+                announce_gone(r, key, ns);
+                self.refresh_gauges();
                 None
             }
-            Lookup::Corrupt => {
-                s.disk.misses.fetch_add(1, Ordering::Relaxed);
-                s.corruptions.fetch_add(1, Ordering::Relaxed);
-                self.spans.write().unwrap().remove(key);
+            Fetched::Unavailable => {
+                // Redis may still hold it: keep what the stream said, try again later.
+                let mut spans = self.spans.write().unwrap();
+                spans.dropped(key, Tier::Ram);
+                spans.dropped(key, Tier::Disk);
+                drop(spans);
                 self.refresh_gauges();
                 None
             }
@@ -679,6 +894,12 @@ impl ChunkStore for Store {
             self.spans.write().unwrap().held(key, &kv.tokens, kv.parent, Tier::Ram, kv.namespace.id());
         }
         self.evicted(&evicted, Tier::Ram);
+        if let Some(r) = &self.remote {
+            // Compose chunks are what other nodes can place anywhere; prefix chunks stay local.
+            if kv.rotated_at.is_none() && r.jobs.try_send(RemoteJob::Put(key, kv.clone())).is_err() {
+                r.tier.stats().writes_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Some((tx, _)) = &self.writer {
             if let Err(TrySendError::Full(_)) = tx.try_send(WriteJob::Put(key, kv, stats)) {
                 self.stats.writes_skipped.fetch_add(1, Ordering::Relaxed);
@@ -694,6 +915,13 @@ impl Drop for Store {
         if let Some((tx, handle)) = self.writer.take() {
             drop(tx);
             let _ = handle.join();
+        }
+        if let Some(r) = self.remote.take() {
+            r.tier.closing.store(true, Ordering::Relaxed);
+            drop(r.jobs);
+            r.threads.into_iter().for_each(|t| {
+                let _ = t.join();
+            });
         }
     }
 }

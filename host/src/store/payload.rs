@@ -44,6 +44,15 @@ impl KvDtype {
         }
     }
 
+    /// The name it is configured by (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Bf16 => "bf16",
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             KvDtype::F32 => 0,

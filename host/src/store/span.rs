@@ -69,6 +69,8 @@ impl SpanMatch {
 pub enum Tier {
     Ram,
     Disk,
+    /// The fleet's shared tier (Redis), as its event stream tells.
+    Remote,
 }
 
 impl Tier {
@@ -76,6 +78,7 @@ impl Tier {
         match self {
             Tier::Ram => 1,
             Tier::Disk => 2,
+            Tier::Remote => 4,
         }
     }
 }
@@ -190,6 +193,18 @@ impl SpanIndex {
 
     pub fn contains(&self, key: &ChunkKey) -> bool {
         self.by_key.contains_key(key)
+    }
+
+    /// The namespace id of an indexed chunk.
+    pub fn namespace_of(&self, key: &ChunkKey) -> Option<u64> {
+        let slot = *self.by_key.get(key)?;
+        self.slots[slot as usize].as_ref().map(|c| c.namespace)
+    }
+
+    /// Whether `tier` holds the indexed chunk `key`.
+    pub fn in_tier(&self, key: &ChunkKey, tier: Tier) -> bool {
+        let Some(&slot) = self.by_key.get(key) else { return false };
+        self.slots[slot as usize].as_ref().is_some_and(|c| c.tiers & tier.bit() != 0)
     }
 
     /// The keys of every indexed chunk.

@@ -57,6 +57,7 @@ fn options(dir: &Path, ram: u64, disk: u64) -> StoreOptions {
         min_span: 16,
         prefix_dtype: KvDtype::F32,
         namespace_share: 1.0,
+        remote: None,
     }
 }
 

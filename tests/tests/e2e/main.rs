@@ -7,6 +7,7 @@
 mod api;
 mod blend;
 mod engine;
+mod fleet;
 mod gateway;
 mod openai_python;
 mod plugins;

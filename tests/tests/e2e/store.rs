@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use crate::util::{Server, temp_dir};
 
-const PASSAGES: [&str; 3] = [
+pub(crate) const PASSAGES: [&str; 3] = [
     "Cargo builds Rust code, fetches crates from the registry and runs the tests.",
     "Traits define shared behaviour in Rust; generic functions are bounded by them.",
     "The borrow checker forbids dangling references and data races at compile time.",
@@ -18,7 +18,7 @@ fn rag(order: [usize; 3], question: &str) -> Value {
 }
 
 /// GET with an optional bearer token; status and JSON body.
-fn get(s: &Server, path: &str, token: Option<&str>) -> (u16, Value) {
+pub(crate) fn get(s: &Server, path: &str, token: Option<&str>) -> (u16, Value) {
     send(ureq::get(&s.url(path)), token)
 }
 
@@ -221,20 +221,23 @@ fn a_full_disk_is_survived_and_storing_resumes_when_space_returns() {
     assert!(s.metric("kvgate:chunk_store_entries{tier=\"disk\"}") > on_disk);
 }
 
+/// A RAG prompt as frameworks send it: the passages in `order`, joined in one message under
+/// numbered `label`s, then the question.
+pub(crate) fn joined(order: [usize; 3], label: &str, question: &str) -> Value {
+    let body: Vec<String> =
+        order.iter().enumerate().map(|(i, &p)| format!("{label} {}: {}", i + 1, PASSAGES[p])).collect();
+    json!({"messages": [
+        {"role": "system", "content": "Answer from the passages."},
+        {"role": "user", "content": format!("{}\n\nQuestion: {question}", body.join("\n\n"))},
+    ], "temperature": 0, "max_tokens": 2})
+}
+
 /// Passages joined under labels are found inside their stored chunks after a restart: the
 /// span index is rebuilt from the disk tier.
 #[test]
 fn a_restart_keeps_span_hits() {
     let tmp = temp_dir("restart-spans");
     let dir = tmp.path();
-    let joined = |order: [usize; 3], label: &str, question: &str| {
-        let body: Vec<String> =
-            order.iter().enumerate().map(|(i, &p)| format!("{label} {}: {}", i + 1, PASSAGES[p])).collect();
-        json!({"messages": [
-            {"role": "system", "content": "Answer from the passages."},
-            {"role": "user", "content": format!("{}\n\nQuestion: {question}", body.join("\n\n"))},
-        ], "temperature": 0, "max_tokens": 2})
-    };
     {
         let mut s = Server::start_in(dir, &[]);
         assert_eq!(s.post("/v1/chat/completions", &joined([0, 1, 2], "Passage", "What does Cargo do?")).0, 200);

@@ -188,3 +188,71 @@ pub fn sse_events(body: &str) -> Vec<String> {
     assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
     events
 }
+
+/// A `redis-server` of the test's own, without persistence.
+pub struct Redis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut r = Self { port, child: None };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let bin = std::env::var("KVGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = std::process::Command::new(&bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{bin}` ({e}): `make test` installs redis-server"));
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.conn().is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not come up on port {}", self.port);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn conn(&self) -> redis::RedisResult<redis::Connection> {
+        let mut c = redis::Client::open(self.url())?.get_connection_with_timeout(std::time::Duration::from_secs(1))?;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        redis::cmd("PING").query::<String>(&mut c)?;
+        Ok(c)
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.as_ref().expect("running").id() as libc::pid_t;
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// Killed and started again on the same port, empty.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGCONT) };
+        }
+        self.stop();
+    }
+}
