@@ -18,6 +18,7 @@
 mod admin;
 pub mod auth;
 pub mod error;
+mod ingest;
 pub mod openai;
 pub mod upstream;
 
@@ -168,7 +169,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, id: &str) -> Resul
         return admin::route(state, req).await;
     }
     let allowed = match path.as_str() {
-        "/v1/chat/completions" | "/v1/completions" | "/tokenize" | "/detokenize" => "POST",
+        "/v1/chat/completions" | "/v1/completions" | "/tokenize" | "/detokenize" | "/v1/kvgate/ingest" => "POST",
         "/v1/models" | "/health" | "/ready" | "/metrics" | "/tokenizer_info" => "GET",
         _ => return Err(ApiError::route_not_found(&path)),
     };
@@ -226,6 +227,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, id: &str) -> Resul
             Ok(json_response(StatusCode::OK, &json!({"object": "list", "data": data})))
         }
         "/v1/chat/completions" => generate(state, req, Endpoint::Chat, caller.expect("checked above"), id).await,
+        "/v1/kvgate/ingest" => ingest::ingest(state, req, caller.expect("checked above"), id).await,
         "/tokenize" => {
             let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
             let body = read_body(req, state.max_body_bytes).await?;

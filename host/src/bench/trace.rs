@@ -150,8 +150,7 @@ pub fn passages(dir: &Path, words: usize) -> anyhow::Result<Vec<String>> {
     files.sort();
     let mut out = Vec::new();
     for f in files {
-        let raw = std::fs::read_to_string(&f).unwrap_or_default();
-        let text = if f.extension().is_some_and(|e| e == "html" || e == "htm") { html_text(&raw) } else { raw };
+        let text = file_text(&f).unwrap_or_default();
         let mut current: Vec<&str> = Vec::new();
         for para in text.split("\n\n") {
             let w: Vec<&str> = para.split_whitespace().collect();
@@ -166,6 +165,54 @@ pub fn passages(dir: &Path, words: usize) -> anyhow::Result<Vec<String>> {
         }
     }
     anyhow::ensure!(out.len() >= 8, "the corpus {} gave only {} passages of {words} words", dir.display(), out.len());
+    Ok(out)
+}
+
+/// The text of a corpus file (an HTML page's readable text).
+fn file_text(f: &Path) -> std::io::Result<String> {
+    let raw = std::fs::read_to_string(f)?;
+    Ok(if f.extension().is_some_and(|e| e == "html" || e == "htm") { html_text(&raw) } else { raw })
+}
+
+/// The files at `paths` (directories walked for .txt/.md/.html) as documents for ingest:
+/// (file and part, text), each of whole paragraphs up to about `words` words.
+pub fn documents(paths: &[PathBuf], words: usize) -> anyhow::Result<Vec<(String, String)>> {
+    let mut files = Vec::new();
+    for p in paths {
+        match p.is_dir() {
+            true => collect_files(p, &mut files)?,
+            false => files.push(p.clone()),
+        }
+    }
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text = file_text(&f).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
+        let mut current = String::new();
+        let mut part = 0;
+        let mut flush = |current: &mut String| {
+            if !current.trim().is_empty() {
+                out.push((format!("{}#{part}", f.display()), std::mem::take(current)));
+                part += 1;
+            }
+            current.clear();
+        };
+        for para in text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
+            if !current.is_empty() && current.split_whitespace().count() + para.split_whitespace().count() > words {
+                flush(&mut current);
+            }
+            if !current.is_empty() {
+                current.push_str("\n\n");
+            }
+            current.push_str(para);
+        }
+        flush(&mut current);
+    }
+    anyhow::ensure!(
+        !out.is_empty(),
+        "no text found in {}",
+        paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
     Ok(out)
 }
 

@@ -254,3 +254,64 @@ fn a_restart_keeps_span_hits() {
     let partial: u64 = listed["data"].as_array().unwrap().iter().map(|c| c["partial_hits"].as_u64().unwrap()).sum();
     assert!(partial >= 1, "/admin/chunks shows the chunk matched in part: {listed}");
 }
+
+/// Passages long enough that each holds runs the span index finds on its own.
+const CORPUS: [&str; 3] = [
+    "The lighthouse keeper on the northern island recorded the weather every morning at six, noting the wind, \
+     the height of the swell and the colour of the sky, and sent the log to the harbour office by the Friday boat.",
+    "Copper wire conducts electricity with little loss, which is why the old telegraph lines ran on it; aluminium \
+     replaced it on long overhead spans because it weighs a third as much for the same resistance per kilogram.",
+    "Sourdough bread rises on wild yeast and lactic bacteria kept alive in a starter of flour and water, fed daily, \
+     which gives the crumb its open holes and the crust its slight sour taste after a long, cool fermentation.",
+];
+
+/// A corpus ingested with `kvgate ingest` ahead of traffic is found inside the first client
+/// prompt that joins its passages under labels, in another order; bad input is refused with
+/// a readable error and stores nothing.
+#[test]
+fn an_ingested_corpus_is_reused_by_the_first_prompt_that_quotes_it() {
+    let s = Server::start(&[]);
+    let dir = temp_dir("ingest");
+    for (i, p) in CORPUS.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("doc{i}.txt")), p).unwrap();
+    }
+    let out = std::process::Command::new(crate::util::kvgate_bin())
+        .args(["ingest", "--url", &s.base, "--batch", "2"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ingested 3 documents"), "{stdout}");
+
+    let body: Vec<String> = [2, 0, 1].iter().enumerate().map(|(i, &p)| format!("[{}] {}", i + 1, CORPUS[p])).collect();
+    let ask = json!({"messages": [
+        {"role": "system", "content": "Answer from the sources."},
+        {"role": "user", "content": format!("{}\n\nWhy did aluminium replace copper?", body.join("\n\n"))},
+    ], "temperature": 0, "max_tokens": 2});
+    let (st, r) = s.post("/v1/chat/completions", &ask);
+    assert_eq!(st, 200, "{r}");
+    let k = &r["kvgate"];
+    assert!(k["spans"].as_u64().unwrap() >= 3, "every ingested passage found: {k}");
+    assert!(k["reused_tokens"].as_u64().unwrap() >= 100, "{k}");
+
+    let before = s.metric("kvgate:chunk_store_entries{tier=\"ram\"}");
+    for (bad, says) in [
+        (json!({"documents": []}), "1 to"),
+        (json!({"documents": ["fine", "  "]}), "document 1 is empty"),
+        (json!({"docs": ["x"]}), "documents"),
+        (json!({"documents": ["x"], "namespace": "nope"}), "namespace"),
+    ] {
+        let (st, e) = s.post("/v1/kvgate/ingest", &bad);
+        assert!(st == 400 || st == 403, "{bad}: {st} {e}");
+        let msg = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(says), "{bad}: {e}");
+    }
+    assert_eq!(s.metric("kvgate:chunk_store_entries{tier=\"ram\"}"), before, "a refused ingest stores nothing");
+    let out = std::process::Command::new(crate::util::kvgate_bin())
+        .args(["ingest", "--url", "http://127.0.0.1:9"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
