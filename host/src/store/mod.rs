@@ -373,7 +373,7 @@ pub struct ChunkInfo {
     pub key: String,
     /// Its namespace (empty: the open server's / the `default` tenant's).
     pub namespace: String,
-    /// Tiers holding it: `ram`, `disk`, `remote` (as the event stream tells).
+    /// Tiers holding it: `ram`, `disk`.
     pub tiers: Vec<&'static str>,
     #[serde(flatten)]
     pub stats: ChunkStats,
@@ -596,8 +596,10 @@ impl Store {
     /// it was held.
     pub fn remove(&self, key: &ChunkKey) -> bool {
         self.sync();
-        let namespace = self.spans.read().unwrap().namespace_of(key);
-        let in_remote = self.spans.read().unwrap().in_tier(key, Tier::Remote);
+        let (namespace, in_remote) = {
+            let spans = self.spans.read().unwrap();
+            (spans.namespace_of(key), spans.in_tier(key, Tier::Remote))
+        };
         let in_ram = self.ram.lock().unwrap().remove(key);
         let on_disk = self.disk.as_ref().is_some_and(|d| d.remove(key));
         if let (Some(r), Some(ns)) = (&self.remote, namespace) {
@@ -837,7 +839,8 @@ impl ChunkStore for Store {
                 Some(kv)
             }
             Fetched::Miss | Fetched::Corrupt => {
-                // The GET is the authority: no node should look for it again.
+                // The GET is the authority: no node should look for it again (the `gone` job
+                // also deletes a corrupt value).
                 self.spans.write().unwrap().remove(key);
                 announce_gone(r, key, ns);
                 self.refresh_gauges();

@@ -108,7 +108,7 @@ pub enum Event {
 pub enum Fetched {
     Hit(ChunkKv),
     Miss,
-    /// Present but failed its checks; deleted.
+    /// Present but failed its checks.
     Corrupt,
     /// Redis did not answer (or the breaker is open): nothing is known.
     Unavailable,
@@ -269,7 +269,8 @@ impl RemoteTier {
     }
 
     /// Reads and verifies the chunk `key` of namespace `namespace`. A value that fails its
-    /// checks is deleted.
+    /// checks is the caller's to delete (the store announces it gone, which deletes it off the
+    /// request path).
     pub fn fetch(&self, key: &ChunkKey, namespace: u64) -> Fetched {
         let rkey = self.value_key(key, namespace);
         let Some(value) = self.on_reads(|c| redis::cmd("GET").arg(&rkey).query::<Option<Vec<u8>>>(c)) else {
@@ -287,9 +288,8 @@ impl RemoteTier {
             }
             other => {
                 let why = other.err().unwrap_or_else(|| "value of another namespace".into());
-                tracing::warn!(key = ?key, error = %why, "remote tier: corrupt value deleted");
+                tracing::warn!(key = ?key, error = %why, "remote tier: corrupt value, served as a miss");
                 self.stats.corruptions.fetch_add(1, Ordering::Relaxed);
-                let _ = self.on_reads(|c| redis::cmd("DEL").arg(&rkey).query::<i64>(c));
                 Fetched::Corrupt
             }
         }
