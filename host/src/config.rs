@@ -126,6 +126,58 @@ pub struct Config {
     /// OpenAI-compatible servers that requests for other models are passed to (`[[upstream]]`).
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    /// This node's name in a fleet: on the shared tier's event stream and to routers. Default:
+    /// `<hostname>:<port>` (stable across restarts, so a router keeps what it learnt).
+    pub node_id: Option<String>,
+    /// `kvgate route`: the nodes it spreads requests over, and how (`[router]`).
+    pub router: RouterConfig,
+}
+
+/// How `kvgate route` chooses a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutePolicy {
+    /// The node expected to answer first: the tokens it can reuse from its RAM and disk
+    /// (learnt from the shared tier's event stream) against the work queued on it.
+    #[default]
+    CacheAware,
+    /// Each node in turn (nodes that are down are skipped).
+    RoundRobin,
+}
+
+/// `[router]`: the settings of `kvgate route`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Base URLs of the kvgate nodes, e.g. `http://10.0.0.5:8080`.
+    pub nodes: Vec<String>,
+    pub policy: RoutePolicy,
+    /// Imbalance override (SGLang's router's rule): when the busiest node has more than this
+    /// many requests in flight beyond the idlest...
+    pub balance_abs_threshold: usize,
+    /// ...and more than this many times the idlest's, requests go to the idlest node.
+    pub balance_rel_threshold: f64,
+    /// How often each node's `/v1/kvgate/node` is asked for its queue and health, ms.
+    pub poll_ms: u64,
+    /// A node that does not answer its poll (or a connection) within this is skipped, ms.
+    pub node_timeout_ms: u64,
+    /// What reading a token's KV from the shared tier costs against computing it (0..1):
+    /// weighs a node holding a chunk locally against one that would fetch it from Redis.
+    pub fetch_cost: f64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            nodes: Vec::new(),
+            policy: RoutePolicy::CacheAware,
+            balance_abs_threshold: 2,
+            balance_rel_threshold: 1.5,
+            poll_ms: 250,
+            node_timeout_ms: 1000,
+            fetch_cost: 0.05,
+        }
+    }
 }
 
 /// One API key and whose it is.
@@ -243,6 +295,8 @@ impl Default for Config {
             public_health: true,
             log_format: LogFormat::Text,
             upstreams: Vec::new(),
+            node_id: None,
+            router: RouterConfig::default(),
         }
     }
 }
@@ -336,6 +390,10 @@ pub struct Overrides {
     pub max_completion_tokens: Option<usize>,
     pub request_timeout_secs: Option<u64>,
     pub log_format: Option<LogFormat>,
+    pub node_id: Option<String>,
+    /// Replace the file's `[router] nodes` when not empty.
+    pub router_nodes: Vec<String>,
+    pub route_policy: Option<RoutePolicy>,
 }
 
 impl Config {
@@ -370,6 +428,19 @@ impl Config {
     }
 
     /// The chunk store's options from these settings.
+    /// This node's name in a fleet: `node_id`, else `<hostname>:<port>`.
+    pub fn node_name(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into());
+            format!("{host}:{}", self.listen.port())
+        })
+    }
+
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
             ram_budget_bytes: self.ram_budget_bytes,
@@ -382,6 +453,7 @@ impl Config {
             remote: self.remote_url.as_ref().map(|url| RemoteOptions {
                 url: url.clone(),
                 timeout: Duration::from_millis(self.remote_timeout_ms),
+                node: self.node_name(),
                 ..RemoteOptions::default()
             }),
             ..StoreOptions::default()
@@ -503,7 +575,17 @@ impl Config {
         if let Some(v) = o.log_format {
             self.log_format = v;
         }
+        if let Some(v) = o.node_id {
+            self.node_id = Some(v);
+        }
+        if !o.router_nodes.is_empty() {
+            self.router.nodes = o.router_nodes;
+        }
+        if let Some(v) = o.route_policy {
+            self.router.policy = v;
+        }
         self.check_gateway()?;
+        self.check_router()?;
         if self.plugin_timeout_ms == 0 {
             return Err(ConfigError::Invalid { key: "plugin_timeout_ms", message: "must be at least 1".into() });
         }
@@ -558,6 +640,39 @@ impl Config {
             return Err(ConfigError::Invalid { key: "max_body_bytes", message: "must be at least 1024".into() });
         }
         Ok(self)
+    }
+
+    /// Checks the node's name and the router's settings (its nodes are needed only by
+    /// `kvgate route`, which checks that there are some).
+    fn check_router(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| Err(ConfigError::Invalid { key, message });
+        if let Some(id) = &self.node_id {
+            if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                return invalid("node_id", "use 1-128 visible ASCII characters".into());
+            }
+        }
+        let r = &self.router;
+        for (i, url) in r.nodes.iter().enumerate() {
+            if let Err(e) = crate::api::upstream::parse_base_url(url) {
+                return invalid("router.nodes", format!("node {} (`{url}`): {e}", i + 1));
+            }
+            if r.nodes[..i].contains(url) {
+                return invalid("router.nodes", format!("`{url}` is listed twice"));
+            }
+        }
+        if r.nodes.len() > crate::fleet::MAX_NODES {
+            return invalid("router.nodes", format!("at most {} nodes", crate::fleet::MAX_NODES));
+        }
+        if !(r.balance_rel_threshold >= 1.0 && r.balance_rel_threshold.is_finite()) {
+            return invalid("router.balance_rel_threshold", "must be a number of at least 1".into());
+        }
+        if r.poll_ms == 0 || r.node_timeout_ms == 0 {
+            return invalid("router.poll_ms", "poll_ms and node_timeout_ms must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&r.fetch_cost) {
+            return invalid("router.fetch_cost", "must be between 0 and 1".into());
+        }
+        Ok(())
     }
 
     /// Checks keys, tenants, shared namespaces and upstreams.

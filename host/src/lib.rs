@@ -14,6 +14,8 @@
 //!   only module that knows sled.
 //! - [`policy`]: the wasmtime host — chunker, selector and evictor components, sandboxed,
 //!   validated, hot-reloaded, with safe fallbacks. The only module that knows wasmtime.
+//! - [`fleet`]: routing between the nodes of a fleet — the fleet's chunks learnt from the
+//!   shared tier's event stream, and the choice of a node per request.
 //! - [`config`]: the `kvgate.toml` / env / flag configuration.
 //! - [`metrics`]: counters and histograms in Prometheus text format.
 //! - [`bench`]: `kvgate bench` workloads.
@@ -23,6 +25,7 @@ pub mod bench;
 pub mod blend;
 pub mod config;
 pub mod engine;
+pub mod fleet;
 pub mod metrics;
 pub mod policy;
 pub mod scheduler;

@@ -36,6 +36,45 @@ enum Command {
     Key(KeyCommand),
     /// Store a corpus's chunks on a running server ahead of traffic (POST /v1/kvgate/ingest).
     Ingest(IngestArgs),
+    /// Route requests over a fleet of kvgate nodes: each to the node expected to answer
+    /// first, by the tokens it holds (learnt from the shared tier) and the work queued on it.
+    Route(RouteArgs),
+}
+
+#[derive(clap::Args)]
+struct RouteArgs {
+    /// TOML configuration file: its `[router]` table, keys and shared namespaces (the nodes').
+    #[arg(long, env = "KVGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, env = "KVGATE_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// A node's base URL, e.g. http://10.0.0.5:8080 (repeatable; replaces `[router] nodes`).
+    #[arg(long = "node", env = "KVGATE_ROUTER_NODES", value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// cache-aware (default) or round-robin.
+    #[arg(long, env = "KVGATE_ROUTE_POLICY", value_enum)]
+    policy: Option<kvgate::config::RoutePolicy>,
+    /// The shared tier the nodes use (its event stream tells the router which node holds what).
+    #[arg(long, env = "KVGATE_REMOTE_URL")]
+    remote_url: Option<String>,
+    /// The nodes' GGUF model (only its tokenizer and chat template are read).
+    #[arg(long, env = "KVGATE_MODEL")]
+    model: Option<PathBuf>,
+    /// This router's name (in `x-kvgate-routed-by`). Default: <hostname>:<port>.
+    #[arg(long, env = "KVGATE_NODE_ID")]
+    node_id: Option<String>,
+    /// An API key of the `default` tenant, as the nodes have (repeatable).
+    #[arg(long = "api-key", env = "KVGATE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    api_keys: Vec<String>,
+    /// A TOML file of hashed keys, as the nodes have.
+    #[arg(long, env = "KVGATE_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `kvgate=debug` (`RUST_LOG` wins).
+    #[arg(long, env = "KVGATE_LOG")]
+    log: Option<String>,
+    #[arg(long, env = "KVGATE_LOG_FORMAT", value_enum)]
+    log_format: Option<kvgate::config::LogFormat>,
 }
 
 #[derive(clap::Args)]
@@ -167,6 +206,9 @@ struct ServeArgs {
     /// Longest a request waits on the shared tier before serving without it (ms).
     #[arg(long, env = "KVGATE_REMOTE_TIMEOUT_MS")]
     remote_timeout_ms: Option<u64>,
+    /// This node's name in a fleet (event stream, routers). Default: <hostname>:<port>.
+    #[arg(long, env = "KVGATE_NODE_ID")]
+    node_id: Option<String>,
     /// Element type of stored K/V: f32, f16 or bf16.
     #[arg(long, env = "KVGATE_KV_DTYPE")]
     kv_dtype: Option<kvgate::store::KvDtype>,
@@ -238,6 +280,63 @@ enum BenchCommand {
     Gateway(BenchGatewayArgs),
     /// The span index's lookup cost as the store and the prompt grow (synthetic chunks).
     Spans(BenchSpansArgs),
+    /// A fleet on loopback (redis-server, N nodes, the router): reuse, tokens computed, TTFT
+    /// and load per node, for round robin and cache-aware routing, own caches and shared.
+    Cluster(BenchClusterArgs),
+}
+
+#[derive(Parser)]
+struct BenchClusterArgs {
+    /// Nodes of the fleet.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Inference threads per node.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// RAM tier of each node (less than the corpus's KV: a node cannot keep it all).
+    #[arg(long, default_value = "128MiB", value_parser = kvgate::config::parse_bytes)]
+    ram_budget_bytes: u64,
+    /// Use this Redis instead of starting redis-server (the hang setup needs our own).
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// GGUF model. Default: the embedded SmolLM2-135M-Instruct.
+    #[arg(long, env = "KVGATE_MODEL")]
+    model: Option<PathBuf>,
+    /// Directory of .txt/.md/.html files to draw passages from.
+    #[arg(long)]
+    corpus: PathBuf,
+    /// Words per passage (~1.3 tokens per word).
+    #[arg(long, default_value_t = 180)]
+    passage_words: usize,
+    /// Passages the trace draws from (by Zipf popularity).
+    #[arg(long, default_value_t = 60)]
+    pool: usize,
+    /// Passages per request.
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    #[arg(long, default_value_t = 0.8)]
+    zipf_s: f64,
+    #[arg(long, default_value_t = 120)]
+    requests: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 3)]
+    clients: usize,
+    #[arg(long, default_value_t = 8)]
+    max_tokens: usize,
+    /// How long Redis is stopped in the hang setup, seconds.
+    #[arg(long, default_value_t = 30)]
+    hang_secs: u64,
+    /// When in the hang setup's run Redis stops, seconds.
+    #[arg(long, default_value_t = 10)]
+    hang_after_secs: u64,
+    /// Setups to run (comma-separated; default: all).
+    #[arg(long, value_delimiter = ',', default_values_t = kvgate::bench::cluster::SETUPS.map(String::from))]
+    setups: Vec<String>,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Write the report as JSON here (scripts/plot-cluster.py draws it).
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -539,6 +638,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Denoise(args)) => bench_denoise(args),
         Command::Bench(BenchCommand::Load(args)) => bench_load(args),
         Command::Bench(BenchCommand::Gateway(args)) => bench_gateway(args),
+        Command::Bench(BenchCommand::Cluster(args)) => bench_cluster(args),
         Command::Bench(BenchCommand::Spans(args)) => {
             let points = kvgate::bench::spans::run(
                 &args.chunks,
@@ -566,6 +666,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ingest(args) => ingest(args),
+        Command::Route(args) => route(args),
         Command::Info => {
             println!("kvgate {}", env!("CARGO_PKG_VERSION"));
             println!("{}", kvgate::engine::cpu::report());
@@ -650,6 +751,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_completion_tokens: args.max_completion_tokens,
         request_timeout_secs: args.request_timeout_secs,
         log_format: args.log_format,
+        node_id: args.node_id,
+        router_nodes: Vec::new(),
+        route_policy: None,
     })?;
     set_threads(config.threads);
     init_logging_as(&config.log, config.log_format);
@@ -687,6 +791,37 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             bail!("the scheduler started twice");
         }
         server.await?;
+        Ok(())
+    })
+}
+
+fn route(args: RouteArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref())?.apply(Overrides {
+        listen: args.listen,
+        model: args.model,
+        remote_url: args.remote_url,
+        node_id: args.node_id,
+        router_nodes: args.nodes,
+        route_policy: args.policy,
+        api_keys: args.api_keys,
+        api_keys_file: args.api_keys_file,
+        log: args.log,
+        log_format: args.log_format,
+        ..Overrides::default()
+    })?;
+    init_logging_as(&config.log, config.log_format);
+    check_model(&config.model)?;
+    let (tokenizer, template) = kvgate::engine::load_prompting(&config.model)?;
+    let router = api::route::Router::new(&config, tokenizer, template).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        println!("kvgate router listening on http://{}", listener.local_addr()?);
+        router.watch();
+        api::route::serve(listener, router.clone(), shutdown_signal()).await;
+        router.index().close();
         Ok(())
     })
 }
@@ -888,6 +1023,35 @@ fn bench_denoise(args: BenchDenoiseArgs) -> anyhow::Result<()> {
         false => print!("{}", kvgate::bench::denoise::table(&r)),
     }
     Ok(())
+}
+
+fn bench_cluster(args: BenchClusterArgs) -> anyhow::Result<()> {
+    init_logging("warn");
+    if let Some(m) = &args.model {
+        check_model(m)?;
+    }
+    let o = kvgate::bench::cluster::ClusterOptions {
+        kvgate: std::env::current_exe().context("finding this kvgate binary")?,
+        model: args.model,
+        nodes: args.nodes,
+        threads: args.threads,
+        ram_budget_bytes: args.ram_budget_bytes,
+        redis_url: args.redis_url,
+        corpus: args.corpus,
+        passage_words: args.passage_words,
+        pool: args.pool,
+        k: args.k,
+        zipf_s: args.zipf_s,
+        requests: args.requests,
+        clients: args.clients,
+        max_tokens: args.max_tokens,
+        hang_secs: args.hang_secs,
+        hang_after_secs: args.hang_after_secs,
+        setups: args.setups,
+        seed: args.seed,
+    };
+    let r = kvgate::bench::cluster::run(&o, |s| eprintln!("{s}"))?;
+    print_report("cluster", &kvgate::bench::cluster::table(&r), &r, args.json.as_deref())
 }
 
 fn bench_store(args: BenchStoreArgs) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@
 //! - [`openai`]: request validation and response shapes.
 //! - [`auth`]: API keys, tenants, per-key limits, namespaces, request ids.
 //! - [`upstream`]: passing requests to other OpenAI-compatible servers.
+//! - [`route`]: `kvgate route`, the router in front of a fleet of nodes.
 //! - [`admin`]: the operator endpoints (chunk store), behind the admin token.
 //! - [`error`]: OpenAI-shaped errors and their status codes.
 
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod error;
 mod ingest;
 pub mod openai;
+pub mod route;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -75,6 +77,16 @@ pub struct AppState {
     pub max_completion_tokens: usize,
     /// Longest a request may run (`None`: no limit).
     pub request_timeout: Option<Duration>,
+    /// What `/v1/kvgate/node` says of this node besides its queue.
+    pub node: NodeIdentity,
+}
+
+/// This node as a router sees it (see [`crate::fleet::NodeReport`]).
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub cache_mode: crate::blend::CacheMode,
+    pub min_span: usize,
 }
 
 impl AppState {
@@ -91,6 +103,7 @@ impl AppState {
             max_completion_tokens: config.max_completion_tokens,
             request_timeout: (config.request_timeout_secs > 0)
                 .then(|| Duration::from_secs(config.request_timeout_secs)),
+            node: NodeIdentity { name: config.node_name(), cache_mode: config.cache_mode, min_span: config.min_span },
         })
     }
 
@@ -107,6 +120,15 @@ impl AppState {
 /// Serves HTTP on `listener` until `shutdown` resolves, then lets requests in flight finish
 /// (up to [`SHUTDOWN_GRACE`]).
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    serve_connections(listener, shutdown, move |req| handle(state.clone(), req)).await
+}
+
+/// The connection loop of a server (the API's, the router's): each request to `handler`.
+async fn serve_connections<F, Fut>(listener: TcpListener, shutdown: impl Future<Output = ()>, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -122,9 +144,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let st = state.clone();
-                let conn = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service_fn(move |req| handle(st.clone(), req)));
+                let h = handler.clone();
+                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(h));
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
@@ -170,13 +191,14 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, id: &str) -> Resul
     }
     let allowed = match path.as_str() {
         "/v1/chat/completions" | "/v1/completions" | "/tokenize" | "/detokenize" | "/v1/kvgate/ingest" => "POST",
-        "/v1/models" | "/health" | "/ready" | "/metrics" | "/tokenizer_info" => "GET",
+        "/v1/models" | "/health" | "/ready" | "/metrics" | "/tokenizer_info" | "/v1/kvgate/node" => "GET",
         _ => return Err(ApiError::route_not_found(&path)),
     };
     if method != allowed && !(method == Method::HEAD && allowed == "GET") {
         return Err(ApiError::method_not_allowed(&method, &path, allowed));
     }
-    let public = matches!(path.as_str(), "/health" | "/ready" | "/metrics") && !state.gate.protect_health;
+    let public =
+        matches!(path.as_str(), "/health" | "/ready" | "/metrics" | "/v1/kvgate/node") && !state.gate.protect_health;
     let caller = match public {
         true => None,
         false => Some(state.gate.admit(req.headers()).inspect_err(|e| {
@@ -200,6 +222,20 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, id: &str) -> Resul
             }
             None => Err(ApiError::not_ready()),
         },
+        "/v1/kvgate/node" => {
+            let engine = state.scheduler.get().ok_or_else(ApiError::not_ready)?;
+            let stats = engine.stats();
+            let report = crate::fleet::NodeReport {
+                node: state.node.name.clone(),
+                model: engine.model().name.clone(),
+                events: engine.store().remote_events_key(),
+                cache_mode: state.node.cache_mode.as_str().to_string(),
+                min_span: state.node.min_span,
+                waiting: stats.waiting.load(Ordering::Relaxed),
+                running: stats.running.load(Ordering::Relaxed),
+            };
+            Ok(json_response(StatusCode::OK, &serde_json::to_value(report).expect("serializable")))
+        }
         "/metrics" => Ok(Response::builder()
             .header(CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(full({
@@ -785,6 +821,11 @@ fn error_response(state: &AppState, e: &ApiError) -> Response<Body> {
         state.metrics.errors_4xx.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(status = %e.status, message = %e.message, "request refused");
     }
+    error_reply(e)
+}
+
+/// The response of an error: its JSON, status and headers.
+fn error_reply(e: &ApiError) -> Response<Body> {
     let mut r = json_response(e.status, &e.body());
     if let Some(allow) = e.allow {
         r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));

@@ -249,35 +249,7 @@ impl Upstreams {
             }
             Ok(Ok(r)) => r,
         };
-        let status = resp.status();
-        let content_type = resp.headers().get(CONTENT_TYPE).cloned();
-        let sse =
-            content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
-        let json = content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
-        if !status.is_success() && !json {
-            // The upstream's own error, in OpenAI's shape.
-            let text = tokio::time::timeout(u.timeout, resp.into_body().collect())
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).chars().take(1000).collect::<String>())
-                .unwrap_or_default();
-            let e = ApiError {
-                status,
-                message: format!("upstream `{}` answered {status}: {}", u.name, text.trim()),
-                ..ApiError::bad_gateway("")
-            };
-            return Err(e);
-        }
-        let mut out = Response::builder().status(status);
-        if let Some(ct) = content_type {
-            out = out.header(CONTENT_TYPE, ct);
-        }
-        if sse {
-            out = out.header(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        }
-        let relay = Relay::new(resp.into_body(), u.timeout, sse, u.name.clone());
-        Ok(out.body(UnsyncBoxBody::new(relay)).expect("a valid response"))
+        relay(resp, u.timeout, &u.name, None).await
     }
 
     /// `kvgate:upstream_*` metrics.
@@ -323,6 +295,50 @@ impl Upstreams {
         };
         Value::Array(self.list.iter().map(|u| json!({"name": u.name, "health": health(u)})).collect())
     }
+}
+
+/// Something told how a relayed answer goes: when its first piece passes, and (dropped)
+/// when it ends, however it ends.
+pub trait Progress: Send {
+    fn first_piece(&mut self);
+}
+
+/// Relays `resp`, an answer of `name`, as it arrives: its status, content type and body (an
+/// SSE stream piece by piece; a stall of `idle` ends it with an error event). An error that
+/// is not JSON is wrapped in OpenAI's shape.
+pub async fn relay(
+    resp: Response<Incoming>,
+    idle: Duration,
+    name: &str,
+    progress: Option<Box<dyn Progress>>,
+) -> Result<Response<Body>, ApiError> {
+    let status = resp.status();
+    let content_type = resp.headers().get(CONTENT_TYPE).cloned();
+    let sse = content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
+    let json = content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
+    if !status.is_success() && !json {
+        let text = tokio::time::timeout(idle, resp.into_body().collect())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).chars().take(1000).collect::<String>())
+            .unwrap_or_default();
+        let e = ApiError {
+            status,
+            message: format!("upstream `{name}` answered {status}: {}", text.trim()),
+            ..ApiError::bad_gateway("")
+        };
+        return Err(e);
+    }
+    let mut out = Response::builder().status(status);
+    if let Some(ct) = content_type {
+        out = out.header(CONTENT_TYPE, ct);
+    }
+    if sse {
+        out = out.header(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    let relay = Relay::new(resp.into_body(), idle, sse, name.to_string(), progress);
+    Ok(out.body(UnsyncBoxBody::new(relay)).expect("a valid response"))
 }
 
 /// Finds whole SSE events in a byte stream that arrives in arbitrary pieces: an event ends at
@@ -378,10 +394,12 @@ struct Relay {
     /// A last frame to send before ending.
     tail: Option<Bytes>,
     finished: bool,
+    progress: Option<Box<dyn Progress>>,
+    started: bool,
 }
 
 impl Relay {
-    fn new(inner: Incoming, idle: Duration, sse: bool, upstream: String) -> Self {
+    fn new(inner: Incoming, idle: Duration, sse: bool, upstream: String, progress: Option<Box<dyn Progress>>) -> Self {
         Self {
             inner,
             idle,
@@ -390,6 +408,8 @@ impl Relay {
             upstream,
             tail: None,
             finished: false,
+            progress,
+            started: false,
         }
     }
 
@@ -420,6 +440,11 @@ impl hyper::body::Body for Relay {
                     let Ok(data) = frame.into_data() else { continue }; // trailers: not relayed
                     if let Some(s) = self.scanner.as_mut() {
                         s.feed(&data);
+                    }
+                    if !std::mem::replace(&mut self.started, true) {
+                        if let Some(p) = self.progress.as_mut() {
+                            p.first_piece();
+                        }
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }

@@ -26,6 +26,8 @@ pub struct Sample {
     /// Per generated token, its top-20 (id, logprob).
     pub tops: Vec<Vec<(u32, f64)>>,
     pub text: String,
+    /// The node that answered, when a router named it (`x-kvgate-node`).
+    pub node: Option<String>,
 }
 
 /// Phases of the server's prefill, µs (`kvgate.timings`).
@@ -97,7 +99,7 @@ pub fn chat(mode: &Mode, body: &Value, max_tokens: usize) -> anyhow::Result<Samp
         .post("/v1/chat/completions")
         .send_string(&body.to_string())
         .map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
-    let mut sample = Sample::default();
+    let mut sample = Sample { node: resp.header("x-kvgate-node").map(str::to_string), ..Sample::default() };
     for line in BufReader::new(resp.into_reader()).lines() {
         let line = line?;
         let Some(data) = line.strip_prefix("data: ") else { continue };

@@ -11,10 +11,13 @@
 //! - [`load`] runs many streaming clients at once against any OpenAI-compatible server:
 //!   TTFT, inter-token latency and throughput per concurrency.
 //! - [`spans`] times the span index's lookup as the store (10³–10⁶ chunks) and the prompt grow.
+//! - [`cluster`] runs a fleet on loopback (Redis, N nodes, the router) and compares round
+//!   robin and cache-aware routing, own caches and the shared tier.
 //! - [`gateway`] soaks the gateway: many clients for minutes over local and upstream models,
 //!   with over-limit clients beside them; failures, latency and resident memory.
 
 pub mod client;
+pub mod cluster;
 pub mod denoise;
 pub mod gateway;
 pub mod load;

@@ -131,6 +131,13 @@ fn passage(passages: &[String], p: usize) -> String {
     }
 }
 
+/// Every passage the trace `o` draws from, as its prompts carry them (planted facts in
+/// place): what an operator ingests ahead of the trace.
+pub fn corpus(passages: &[String], o: &TraceOptions) -> Vec<String> {
+    let zipf = Zipf::new(passages.len(), o.pool, o.zipf_s, o.seed);
+    zipf.ranked[..zipf.cdf.len()].iter().map(|&p| passage(passages, p)).collect()
+}
+
 /// How a trace is drawn.
 #[derive(Debug, Clone)]
 pub struct TraceOptions {

@@ -92,6 +92,41 @@ impl From<candle_core::Error> for EngineError {
     }
 }
 
+/// The tokenizer and chat template of a GGUF model, read from its metadata alone (no weights:
+/// what a router needs to see prompts as the nodes do).
+pub fn load_prompting(path: &Path) -> Result<(Tokenizer, ChatTemplate), EngineError> {
+    let mut file = std::fs::File::open(path).map_err(|e| EngineError::Model(format!("{}: {e}", path.display())))?;
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .map_err(|e| EngineError::Model(format!("{}: not a GGUF file: {e}", path.display())))?;
+    prompting(&ct)
+}
+
+fn prompting(ct: &candle_core::quantized::gguf_file::Content) -> Result<(Tokenizer, ChatTemplate), EngineError> {
+    let tokenizer = Tokenizer::from_gguf(ct)?;
+    let source = ct.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok());
+    let template = ChatTemplate::new(source.map(String::as_str), tokenizer.bos_text(), tokenizer.eos_text())?;
+    Ok((tokenizer, template))
+}
+
+/// Renders and tokenizes a conversation; also returns the token index where each message
+/// begins (0 first).
+pub fn encode_chat(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+) -> Result<(Vec<u32>, Vec<usize>), EngineError> {
+    let enc = tokenizer.encode(&template.render(messages)?)?;
+    let mut segment_starts = vec![0];
+    // Message starts in bytes → the first token at or after each.
+    for b in template::segment_starts(template, messages) {
+        let t = enc.offsets.partition_point(|o| o.0 < b);
+        if t < enc.ids.len() && segment_starts.last() != Some(&t) {
+            segment_starts.push(t);
+        }
+    }
+    Ok((enc.ids, segment_starts))
+}
+
 /// A model with its tokenizer and chat template: everything needed to turn a request
 /// into tokens and back.
 pub struct LoadedModel {
@@ -106,7 +141,7 @@ impl LoadedModel {
     /// Loads the GGUF at `path`; `name` defaults to the file stem.
     pub fn load(path: &Path, name: Option<&str>) -> Result<Arc<Self>, EngineError> {
         let (model, ct) = Model::load(path)?;
-        let tokenizer = Tokenizer::from_gguf(&ct)?;
+        let (tokenizer, template) = prompting(&ct)?;
         if tokenizer.vocab_size() != model.config().vocab {
             return Err(EngineError::Model(format!(
                 "tokenizer has {} tokens but the embedding has {} rows",
@@ -114,8 +149,6 @@ impl LoadedModel {
                 model.config().vocab
             )));
         }
-        let source = ct.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok());
-        let template = ChatTemplate::new(source.map(String::as_str), tokenizer.bos_text(), tokenizer.eos_text())?;
         let name = match name {
             Some(n) => n.to_string(),
             None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
@@ -126,16 +159,7 @@ impl LoadedModel {
     /// Renders and tokenizes a conversation; also returns the token index where each message
     /// begins (0 first).
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<(Vec<u32>, Vec<usize>), EngineError> {
-        let enc = self.tokenizer.encode(&self.template.render(messages)?)?;
-        let mut segment_starts = vec![0];
-        // Message starts in bytes → the first token at or after each.
-        for b in template::segment_starts(&self.template, messages) {
-            let t = enc.offsets.partition_point(|o| o.0 < b);
-            if t < enc.ids.len() && segment_starts.last() != Some(&t) {
-                segment_starts.push(t);
-            }
-        }
-        Ok((enc.ids, segment_starts))
+        encode_chat(&self.tokenizer, &self.template, messages)
     }
 
     /// The text the tokens spell and the byte offset of each token in it (what the chunker

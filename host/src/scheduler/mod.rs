@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::blend::{BlendOptions, BuiltinPolicy, CacheMode, CutInput, Policy, Prefilling, ReuseReport};
+use crate::engine::template::ChatTemplate;
+use crate::engine::tokenizer::Tokenizer;
 use crate::engine::{EngineError, KvCache, LoadedModel};
 use crate::policy::Policies;
 use crate::store::{ChunkStore, ReadOnly, Store};
@@ -91,6 +93,26 @@ impl Default for SchedulerOptions {
             kv_budget_bytes: 4 << 30,
             reserve_tokens: 512,
             prefill_chunk_tokens: 256,
+        }
+    }
+}
+
+/// A prompt's token ids, as a request with it is prefilled, and the token indices where chat
+/// messages start (a router tokenizes with the model's tokenizer alone).
+pub fn encode_prompt(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    prompt: &Prompt,
+) -> Result<(Vec<u32>, Vec<usize>), EngineError> {
+    match prompt {
+        Prompt::Text(t) => Ok((tokenizer.encode_prompt(t)?.ids, vec![0])),
+        Prompt::Chat(msgs) => crate::engine::encode_chat(tokenizer, template, msgs),
+        Prompt::Tokens(ids) => {
+            let vocab = tokenizer.vocab_size();
+            if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::InvalidToken { id: bad, vocab });
+            }
+            Ok((ids.clone(), vec![0]))
         }
     }
 }
@@ -226,18 +248,7 @@ impl Scheduler {
 
     /// Token ids and the token indices where chat messages start.
     fn encode(&self, prompt: &Prompt) -> Result<(Vec<u32>, Vec<usize>), EngineError> {
-        let m = &self.model;
-        match prompt {
-            Prompt::Text(t) => Ok((m.tokenizer.encode_prompt(t)?.ids, vec![0])),
-            Prompt::Chat(msgs) => m.encode_chat(msgs),
-            Prompt::Tokens(ids) => {
-                let vocab = m.tokenizer.vocab_size();
-                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                    return Err(EngineError::InvalidToken { id: bad, vocab });
-                }
-                Ok((ids.clone(), vec![0]))
-            }
-        }
+        encode_prompt(&self.model.tokenizer, &self.model.template, prompt)
     }
 
     /// Renders and tokenizes a request and checks that it fits in the context.

@@ -47,7 +47,7 @@ use disk::{DiskTier, Lookup};
 pub use evict::{Candidate, Evictor, LeastRecentlyUsed};
 pub use payload::{KvDtype, Layout};
 use ram::RamTier;
-use remote::{Fetched, RemoteTier};
+use remote::{Fetched, Holding, RemoteTier};
 pub use remote::{RemoteOptions, RemoteStats};
 use span::Tier;
 pub use span::{SpanIndex, SpanMatch};
@@ -390,6 +390,8 @@ enum RemoteJob {
     Put(ChunkKey, Arc<ChunkKv>),
     /// Deleted and announced (of the namespace with this id).
     Gone(ChunkKey, u64),
+    /// What this node's local tiers gained or lost, announced.
+    Holding(Holding, ChunkKey, u64),
     /// Answers once every job before it is done.
     Barrier(std::sync::mpsc::Sender<()>),
 }
@@ -399,6 +401,36 @@ struct Remote {
     tier: Arc<RemoteTier>,
     jobs: SyncSender<RemoteJob>,
     threads: Vec<JoinHandle<()>>,
+}
+
+impl Remote {
+    fn announcer(&self) -> Announcer {
+        Announcer { jobs: self.jobs.clone(), stats: self.tier.stats().clone() }
+    }
+}
+
+/// Tells the fleet what this node's local tiers gained or lost (for routers), off the request
+/// path: a full queue drops the news, which costs a router's accuracy, never a request.
+struct Announcer {
+    jobs: SyncSender<RemoteJob>,
+    stats: Arc<RemoteStats>,
+}
+
+impl Announcer {
+    fn send(&self, job: RemoteJob) {
+        if self.jobs.try_send(job).is_err() {
+            self.stats.writes_skipped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Announces the chunks of `keys` that `spans` now knows only in the shared tier.
+    fn left_local(&self, spans: &SpanIndex, keys: &[ChunkKey]) {
+        for k in keys {
+            if let Some(ns) = spans.only_in(k, Tier::Remote) {
+                self.send(RemoteJob::Holding(Holding::Drop, *k, ns));
+            }
+        }
+    }
 }
 
 /// The tiers and their writers.
@@ -490,23 +522,6 @@ impl Store {
             d.set_namespace_share(options.namespace_share);
             Arc::new(d)
         });
-        let writer = disk.as_ref().map(|d| {
-            stats.disk_enabled.store(1, Ordering::Relaxed);
-            stats.disk.budget.store(d.budget(), Ordering::Relaxed);
-            let (tx, rx) = sync_channel(options.write_queue.max(1));
-            let w = Writer {
-                disk: d.clone(),
-                stats: stats.clone(),
-                evictor: evictor.clone(),
-                retry_after: options.retry_after,
-                spans: spans.clone(),
-            };
-            let handle = std::thread::Builder::new()
-                .name("kvgate-store-writer".into())
-                .spawn(move || w.run(rx))
-                .expect("spawn the store writer");
-            (tx, handle)
-        });
         let remote = remote.map(|tier| {
             let tier = Arc::new(tier);
             let (jobs, rx) = sync_channel(tier.options().write_queue.max(1));
@@ -517,14 +532,40 @@ impl Store {
                     .spawn(move || remote_writer(&tier, rx))
                     .expect("spawn the remote writer")
             };
-            let tailer = {
-                let (tier, spans) = (tier.clone(), spans.clone());
-                std::thread::Builder::new()
-                    .name("kvgate-remote-tailer".into())
-                    .spawn(move || remote_tailer(&tier, &spans))
-                    .expect("spawn the remote tailer")
-            };
+            // The tailer applies the fleet's events from the oldest the stream keeps on, and
+            // its reconnects probe a Redis that failed (closing the breaker once it answers).
+            let (t1, t2, t3, index) = (tier.clone(), tier.clone(), tier.clone(), spans.clone());
+            let tailer = remote::follow(
+                &tier.options().url,
+                "kvgate-remote-tailer",
+                tier.events_key(),
+                move |events| apply_events(&t1, &index, events),
+                move |r| match r {
+                    Ok(()) => t2.succeeded(),
+                    Err(e) => t2.failed(&e),
+                },
+                move || !t3.closing.load(Ordering::Relaxed),
+            )
+            .expect("spawn the remote tailer");
             Remote { tier, jobs, threads: vec![writer, tailer] }
+        });
+        let writer = disk.as_ref().map(|d| {
+            stats.disk_enabled.store(1, Ordering::Relaxed);
+            stats.disk.budget.store(d.budget(), Ordering::Relaxed);
+            let (tx, rx) = sync_channel(options.write_queue.max(1));
+            let w = Writer {
+                disk: d.clone(),
+                stats: stats.clone(),
+                evictor: evictor.clone(),
+                retry_after: options.retry_after,
+                spans: spans.clone(),
+                announce: remote.as_ref().map(Remote::announcer),
+            };
+            let handle = std::thread::Builder::new()
+                .name("kvgate-store-writer".into())
+                .spawn(move || w.run(rx))
+                .expect("spawn the store writer");
+            (tx, handle)
         });
         let store = Self {
             ram: Mutex::new(RamTier::new(options.ram_budget_bytes, options.namespace_share)),
@@ -578,16 +619,28 @@ impl Store {
         }
     }
 
-    /// Drops every chunk of both tiers (after pending writes); returns how many chunks went.
+    /// Drops every chunk of both local tiers (after pending writes); returns how many chunks
+    /// went. The fleet's shared tier keeps its chunks, and the index its entries of them.
     pub fn clear(&self) -> usize {
         self.sync();
         let mut keys = self.ram.lock().unwrap().clear();
         if let Some(d) = &self.disk {
             keys.extend(d.clear());
         }
-        self.spans.write().unwrap().clear();
         keys.sort_unstable();
         keys.dedup();
+        let mut spans = self.spans.write().unwrap();
+        match &self.remote {
+            None => spans.clear(),
+            Some(r) => {
+                for k in &keys {
+                    spans.dropped(k, Tier::Ram);
+                    spans.dropped(k, Tier::Disk);
+                }
+                r.announcer().left_local(&spans, &keys);
+            }
+        }
+        drop(spans);
         self.refresh_gauges();
         keys.len()
     }
@@ -603,7 +656,7 @@ impl Store {
         let in_ram = self.ram.lock().unwrap().remove(key);
         let on_disk = self.disk.as_ref().is_some_and(|d| d.remove(key));
         if let (Some(r), Some(ns)) = (&self.remote, namespace) {
-            announce_gone(r, key, ns);
+            r.announcer().send(RemoteJob::Gone(*key, ns));
         }
         self.spans.write().unwrap().remove(key);
         self.refresh_gauges();
@@ -651,11 +704,15 @@ impl Store {
         self.spans.read().unwrap()
     }
 
-    /// Reports chunks a tier evicted to the span index.
+    /// Reports chunks a tier evicted to the span index (and to the fleet, those no local
+    /// tier holds any more).
     fn evicted(&self, keys: &[ChunkKey], tier: Tier) {
         if !keys.is_empty() {
             let mut spans = self.spans.write().unwrap();
             keys.iter().for_each(|k| spans.dropped(k, tier));
+            if let Some(r) = &self.remote {
+                r.announcer().left_local(&spans, keys);
+            }
         }
     }
 
@@ -686,16 +743,14 @@ impl Store {
         self.refresh_gauges();
     }
 
+    /// The shared tier's event stream (what a router follows): `None` without a shared tier.
+    pub fn remote_events_key(&self) -> Option<String> {
+        self.remote.as_ref().map(|r| r.tier.events_key())
+    }
+
     /// Whether the remote tier is configured and answering (for `/ready`): `None` without one.
     pub fn remote_up(&self) -> Option<bool> {
         self.remote.as_ref().map(|r| r.tier.stats().up.load(Ordering::Relaxed) == 1)
-    }
-}
-
-/// Hands the fleet the news that `key` (of namespace id `ns`) is gone.
-fn announce_gone(r: &Remote, key: &ChunkKey, ns: u64) {
-    if r.jobs.try_send(RemoteJob::Gone(*key, ns)).is_err() {
-        r.tier.stats().writes_skipped.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -717,6 +772,7 @@ fn remote_writer(tier: &RemoteTier, jobs: Receiver<RemoteJob>) {
         let result = tier.run(&mut conn, tier.options().timeout, |c| match &job {
             RemoteJob::Put(key, kv) => tier.put(c, key, kv),
             RemoteJob::Gone(key, ns) => tier.gone(c, key, *ns),
+            RemoteJob::Holding(what, key, ns) => tier.holding(c, *what, key, *ns),
             RemoteJob::Barrier(_) => unreachable!("answered above"),
         });
         match result {
@@ -734,49 +790,18 @@ fn remote_writer(tier: &RemoteTier, jobs: Receiver<RemoteJob>) {
     }
 }
 
-/// The remote tailer thread: applies the fleet's events to the span index, from the oldest
-/// the stream keeps on; reconnects (and so probes a Redis that failed) every half second
-/// until the store closes.
-fn remote_tailer(tier: &RemoteTier, spans: &RwLock<SpanIndex>) {
-    const BLOCK: Duration = Duration::from_millis(500);
-    let mut cursor = "0".to_string();
-    let mut conn: Option<redis::Connection> = None;
-    while !tier.closing.load(Ordering::Relaxed) {
-        let c = match conn.as_mut() {
-            Some(c) => c,
-            None => match tier.connect(BLOCK + tier.options().timeout) {
-                Ok(c) => conn.insert(c),
-                Err(e) => {
-                    tier.failed(&e);
-                    std::thread::sleep(BLOCK);
-                    continue;
-                }
-            },
-        };
-        match tier.read_events(c, &cursor, BLOCK) {
-            Ok((events, next)) => {
-                tier.succeeded();
-                if !events.is_empty() {
-                    let mut index = spans.write().unwrap();
-                    for e in &events {
-                        match e {
-                            remote::Event::Put { key, namespace, tokens } => {
-                                index.held(*key, tokens, None, Tier::Remote, *namespace)
-                            }
-                            remote::Event::Gone { key, .. } => index.dropped(key, Tier::Remote),
-                        }
-                    }
-                    tier.stats().events.fetch_add(events.len() as u64, Ordering::Relaxed);
-                }
-                cursor = next;
-            }
-            Err(e) => {
-                conn = None;
-                tier.failed(&e);
-                std::thread::sleep(BLOCK);
-            }
+/// Applies the fleet's events to the span index (the remote tailer's work).
+fn apply_events(tier: &RemoteTier, spans: &RwLock<SpanIndex>, events: &[remote::NodeEvent]) {
+    let mut index = spans.write().unwrap();
+    for e in events {
+        match &e.event {
+            remote::Event::Put { key, namespace, tokens } => index.held(*key, tokens, None, Tier::Remote, *namespace),
+            remote::Event::Gone { key, .. } => index.dropped(key, Tier::Remote),
+            // Other nodes' local tiers: a router's business.
+            remote::Event::Have { .. } | remote::Event::Drop { .. } => {}
         }
     }
+    tier.stats().events.fetch_add(events.len() as u64, Ordering::Relaxed);
 }
 
 impl ChunkStore for Store {
@@ -830,6 +855,7 @@ impl ChunkStore for Store {
                 };
                 let kv = Arc::new(kv);
                 self.promote(key, &kv, stats);
+                r.announcer().send(RemoteJob::Holding(Holding::Have, *key, ns));
                 // Kept on local disk too: the node serves it while Redis is away.
                 if let Some((tx, _)) = &self.writer {
                     if let Err(TrySendError::Full(_)) = tx.try_send(WriteJob::Put(*key, kv.clone(), stats)) {
@@ -842,7 +868,7 @@ impl ChunkStore for Store {
                 // The GET is the authority: no node should look for it again (the `gone` job
                 // also deletes a corrupt value).
                 self.spans.write().unwrap().remove(key);
-                announce_gone(r, key, ns);
+                r.announcer().send(RemoteJob::Gone(*key, ns));
                 self.refresh_gauges();
                 None
             }
@@ -936,6 +962,8 @@ struct Writer {
     evictor: Arc<RwLock<Arc<dyn Evictor>>>,
     retry_after: Duration,
     spans: Arc<RwLock<SpanIndex>>,
+    /// With a shared tier: tells the fleet what the disk evicted.
+    announce: Option<Announcer>,
 }
 
 impl Writer {
@@ -962,6 +990,9 @@ impl Writer {
                         spans.held(key, &kv.tokens, kv.parent, Tier::Disk, kv.namespace.id());
                     }
                     evicted.iter().for_each(|k| spans.dropped(k, Tier::Disk));
+                    if let Some(a) = &self.announce {
+                        a.left_local(&spans, &evicted);
+                    }
                     drop(spans);
                     if failing_since.take().is_some() {
                         self.stats.degraded.store(0, Ordering::Relaxed);

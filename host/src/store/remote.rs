@@ -3,11 +3,13 @@
 //!
 //! Owns the Redis side of the store: one self-describing value per chunk (a checksummed
 //! header naming the chunk's namespace, then the chunk's payload with its own checksum) under
-//! a key namespaced by model, element type and tenant, and a stream of `put` / `gone` events
-//! that every node tails into its span index, so that matching a prompt needs no round trip
-//! and a passage one node computed is found by every other, as a whole chunk or a run inside
-//! one. A GET that misses is the authority: the entry leaves the index and the miss is
-//! announced.
+//! a key namespaced by model, element type and tenant, and a stream of chunk events that
+//! every node tails into its span index, so that matching a prompt needs no round trip and a
+//! passage one node computed is found by every other, as a whole chunk or a run inside one.
+//! A GET that misses is the authority: the entry leaves the index and the miss is announced.
+//! Events name the node that sent them, and nodes also announce what their local tiers gain
+//! (`have`: a remote hit kept) and lose (`drop`: evicted locally), so that a router following
+//! the stream ([`crate::fleet`]) knows which node holds which chunk in RAM or on disk.
 //!
 //! Redis is never on a request's critical path for longer than `timeout`: writes go through
 //! a queue to a writer thread (full queue or open breaker: the chunk is not shared), reads
@@ -47,6 +49,8 @@ pub struct RemoteOptions {
     /// Events the stream keeps (approximately; older ones are trimmed): a node that starts
     /// replays what is left, so this bounds what a new node can learn of older chunks.
     pub stream_len: usize,
+    /// This node's name on the event stream (what a router knows it by).
+    pub node: String,
 }
 
 impl Default for RemoteOptions {
@@ -59,6 +63,7 @@ impl Default for RemoteOptions {
             write_queue: 64,
             ttl_secs: 7 * 24 * 3600,
             stream_len: 200_000,
+            node: String::new(),
         }
     }
 }
@@ -95,13 +100,32 @@ pub struct RemoteStats {
     pub events: AtomicU64,
 }
 
-/// A chunk event of the stream.
+/// A chunk event of the stream, and the node that sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeEvent {
+    /// `""` for events of a node that gave no name.
+    pub node: String,
+    pub event: Event,
+}
+
+/// What happened to a chunk (of the namespace with this [`Namespace::id`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// Some node stored the chunk (of the namespace with this [`Namespace::id`]).
+    /// The node computed and stored the chunk (in Redis and its local tiers).
     Put { key: ChunkKey, namespace: u64, tokens: Vec<u32> },
-    /// Some node found it missing or corrupt, or removed it.
+    /// The node found it missing or corrupt in Redis, or removed it: no tier should hold it.
     Gone { key: ChunkKey, namespace: u64 },
+    /// The node read it from Redis and keeps it in its local tiers.
+    Have { key: ChunkKey, namespace: u64 },
+    /// The node's local tiers no longer hold it (Redis still may).
+    Drop { key: ChunkKey, namespace: u64 },
+}
+
+/// Local holdings a node announces (`have` / `drop` events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    Have,
+    Drop,
 }
 
 /// What a remote read found.
@@ -297,12 +321,20 @@ impl RemoteTier {
 
     /// Stores a chunk and announces it, atomically (no node sees the event before the value).
     pub(crate) fn put(&self, conn: &mut redis::Connection, key: &ChunkKey, kv: &ChunkKv) -> redis::RedisResult<()> {
+        self.put_pipeline(key, kv).query(conn)
+    }
+
+    /// What [`RemoteTier::put`] sends: the value and its `put` event in one MULTI / EXEC, so a
+    /// writer that dies at any byte of it leaves neither (Redis discards a transaction, or a
+    /// command, that its connection did not finish).
+    pub fn put_pipeline(&self, key: &ChunkKey, kv: &ChunkKv) -> redis::Pipeline {
         let value = encode_value(key, kv, &self.layout);
         let tokens: Vec<u8> = kv.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
         let ns = kv.namespace.id();
         let mut pipe = redis::pipe();
         pipe.atomic().cmd("SET").arg(self.value_key(key, ns)).arg(value).arg("EX").arg(self.options.ttl_secs.max(1));
-        self.event(pipe.ignore(), "put", key, ns).arg("tokens").arg(tokens).ignore().query(conn)
+        self.event(pipe.ignore(), "put", key, ns).arg("tokens").arg(tokens).ignore();
+        pipe
     }
 
     /// Deletes a chunk's value and announces that it is gone.
@@ -310,6 +342,22 @@ impl RemoteTier {
         let mut pipe = redis::pipe();
         pipe.atomic().cmd("DEL").arg(self.value_key(key, namespace));
         self.event(pipe.ignore(), "gone", key, namespace).ignore().query(conn)
+    }
+
+    /// Announces what this node's local tiers gained or lost.
+    pub(crate) fn holding(
+        &self,
+        conn: &mut redis::Connection,
+        what: Holding,
+        key: &ChunkKey,
+        namespace: u64,
+    ) -> redis::RedisResult<()> {
+        let op = match what {
+            Holding::Have => "have",
+            Holding::Drop => "drop",
+        };
+        let mut pipe = redis::pipe();
+        self.event(&mut pipe, op, key, namespace).ignore().query(conn)
     }
 
     /// Adds an `op` event of `key` to `pipe` (its fields so far: more may follow).
@@ -326,35 +374,91 @@ impl RemoteTier {
             .arg(key.to_hex())
             .arg("ns")
             .arg(format!("{ns:016x}"))
+            .arg("node")
+            .arg(&self.options.node)
     }
+}
 
-    /// Events after `cursor` (`"0"`: from the oldest kept), waiting up to `block` for one;
-    /// and the cursor after them.
-    pub(crate) fn read_events(
-        &self,
-        conn: &mut redis::Connection,
-        cursor: &str,
-        block: Duration,
-    ) -> redis::RedisResult<(Vec<Event>, String)> {
-        let reply: redis::Value = redis::cmd("XREAD")
-            .arg("COUNT")
-            .arg(1024)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(self.events_key())
-            .arg(cursor)
-            .query(conn)?;
-        let mut events = Vec::new();
-        let mut next = cursor.to_string();
-        for (id, fields) in stream_entries(reply) {
-            if let Some(e) = parse_event(&fields) {
-                events.push(e);
+/// Follows the stream `events_key` on the Redis at `url` from its oldest event, on a thread
+/// of its own (`name`): each batch read goes to `apply`, each read's outcome to `status`;
+/// reconnects (and so probes a Redis that failed) every half second while Redis is away;
+/// stops once `go_on` says no.
+pub fn follow(
+    url: &str,
+    name: &str,
+    events_key: String,
+    apply: impl Fn(&[NodeEvent]) + Send + 'static,
+    status: impl Fn(Result<(), redis::RedisError>) + Send + 'static,
+    go_on: impl Fn() -> bool + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    const BLOCK: Duration = Duration::from_millis(500);
+    check_url(url)?;
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let connect = move || -> redis::RedisResult<redis::Connection> {
+        let c = client.get_connection_with_timeout(BLOCK)?;
+        c.set_read_timeout(Some(BLOCK * 2))?;
+        Ok(c)
+    };
+    let tail = move || {
+        let mut cursor = "0".to_string();
+        let mut conn: Option<redis::Connection> = None;
+        while go_on() {
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => match connect() {
+                    Ok(c) => conn.insert(c),
+                    Err(e) => {
+                        status(Err(e));
+                        std::thread::sleep(BLOCK);
+                        continue;
+                    }
+                },
+            };
+            match read_events(c, &events_key, &cursor, BLOCK) {
+                Ok((events, next)) => {
+                    status(Ok(()));
+                    if !events.is_empty() {
+                        apply(&events);
+                    }
+                    cursor = next;
+                }
+                Err(e) => {
+                    status(Err(e));
+                    conn = None;
+                    std::thread::sleep(BLOCK);
+                }
             }
-            next = id;
         }
-        Ok((events, next))
+    };
+    std::thread::Builder::new().name(name.into()).spawn(tail).map_err(|e| e.to_string())
+}
+
+/// Events of the stream `events_key` after `cursor` (`"0"`: from the oldest kept), waiting
+/// up to `block` for one; and the cursor after them.
+pub fn read_events(
+    conn: &mut redis::Connection,
+    events_key: &str,
+    cursor: &str,
+    block: Duration,
+) -> redis::RedisResult<(Vec<NodeEvent>, String)> {
+    let reply: redis::Value = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(1024)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(events_key)
+        .arg(cursor)
+        .query(conn)?;
+    let mut events = Vec::new();
+    let mut next = cursor.to_string();
+    for (id, fields) in stream_entries(reply) {
+        if let Some(e) = parse_event(&fields) {
+            events.push(e);
+        }
+        next = id;
     }
+    Ok((events, next))
 }
 
 /// `url` with any password replaced by `***`.
@@ -445,8 +549,16 @@ fn stream_entries(reply: redis::Value) -> Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>
 }
 
 /// An event from its stream fields; `None` for anything malformed (skipped, never trusted).
-fn parse_event(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Event> {
+fn parse_event(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<NodeEvent> {
     let get = |name: &str| fields.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice());
+    let node = match get("node") {
+        Some(n) => std::str::from_utf8(n).ok()?.to_string(),
+        None => String::new(),
+    };
+    parse_chunk_event(&get).map(|event| NodeEvent { node, event })
+}
+
+fn parse_chunk_event<'f>(get: &impl Fn(&str) -> Option<&'f [u8]>) -> Option<Event> {
     let key = ChunkKey::from_hex(std::str::from_utf8(get("key")?).ok()?)?;
     let namespace = u64::from_str_radix(std::str::from_utf8(get("ns")?).ok()?, 16).ok()?;
     match get("op")? {
@@ -459,6 +571,8 @@ fn parse_event(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Event> {
             Some(Event::Put { key, namespace, tokens })
         }
         b"gone" => Some(Event::Gone { key, namespace }),
+        b"have" => Some(Event::Have { key, namespace }),
+        b"drop" => Some(Event::Drop { key, namespace }),
         _ => None,
     }
 }
@@ -510,7 +624,14 @@ mod tests {
         };
         let hex = ChunkKey([1; 32]).to_hex();
         let put = f(&[("op", b"put"), ("key", hex.as_bytes()), ("ns", b"0a"), ("tokens", &[1, 0, 0, 0, 2, 0, 0, 0])]);
-        assert_eq!(parse_event(&put), Some(Event::Put { key: ChunkKey([1; 32]), namespace: 10, tokens: vec![1, 2] }));
+        let put = parse_event(&put).unwrap();
+        assert_eq!(put.event, Event::Put { key: ChunkKey([1; 32]), namespace: 10, tokens: vec![1, 2] });
+        assert_eq!(put.node, "", "an event of a node without a name");
+        let have = f(&[("op", b"have"), ("key", hex.as_bytes()), ("ns", b"0a"), ("node", b"n1")]);
+        let have = parse_event(&have).unwrap();
+        assert_eq!((have.node.as_str(), have.event), ("n1", Event::Have { key: ChunkKey([1; 32]), namespace: 10 }));
+        let drop = f(&[("op", b"drop"), ("key", hex.as_bytes()), ("ns", b"0a"), ("node", &[0xff])]);
+        assert_eq!(parse_event(&drop), None, "a node name that is not UTF-8");
         assert_eq!(parse_event(&f(&[("op", b"gone"), ("key", hex.as_bytes()), ("ns", b"x")])), None, "a bad namespace");
         assert_eq!(
             parse_event(&f(&[("op", b"put"), ("key", hex.as_bytes()), ("ns", b"a"), ("tokens", &[1, 0])])),

@@ -207,6 +207,12 @@ impl SpanIndex {
         self.slots[slot as usize].as_ref().is_some_and(|c| c.tiers & tier.bit() != 0)
     }
 
+    /// The namespace id of `key` if `tier` is the only one holding it.
+    pub fn only_in(&self, key: &ChunkKey, tier: Tier) -> Option<u64> {
+        let slot = *self.by_key.get(key)?;
+        self.slots[slot as usize].as_ref().filter(|c| c.tiers == tier.bit()).map(|c| c.namespace)
+    }
+
     /// The keys of every indexed chunk.
     pub fn keys(&self) -> impl Iterator<Item = &ChunkKey> {
         self.by_key.keys()

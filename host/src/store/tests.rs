@@ -67,7 +67,21 @@ fn open_with(dir: &Path, ram: u64, disk: u64, files: Box<dyn SegmentFiles>) -> (
 }
 
 fn open(dir: &Path, ram: u64, disk: u64) -> (Store, disk::Recovery) {
-    open_with(dir, ram, disk, Box::new(FsSegments::open(&dir.join("segments")).unwrap()))
+    // sled's flusher thread can hold the index's file lock for a moment after the store that
+    // used it was dropped (within one process: a process that exits releases it at once).
+    let started = std::time::Instant::now();
+    let (tier, rec) = loop {
+        let files = Box::new(FsSegments::open(&dir.join("segments")).unwrap());
+        match DiskTier::open(dir, files, layout(), disk, 1 << 20) {
+            Err(e)
+                if e.to_string().contains("could not acquire lock") && started.elapsed() < Duration::from_secs(5) =>
+            {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => break r.unwrap(),
+        }
+    };
+    (Store::with_disk(&options(dir, ram, disk), Some(tier)), rec)
 }
 
 fn get(c: &AtomicU64) -> u64 {

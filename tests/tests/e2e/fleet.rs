@@ -264,3 +264,125 @@ fn passages_computed_on_one_server_are_reused_by_another_through_redis() {
             && b.metric("kvgate:chunk_store_remote_up") == 0.0
     });
 }
+
+/// A writer that dies at any byte of a chunk's write (the MULTI holding the value and its
+/// `put` event) leaves nothing another node could read or index; the whole write leaves both.
+#[test]
+fn a_writer_killed_mid_write_leaves_nothing_readable() {
+    use std::io::Write;
+    let redis = Redis::start();
+    let options = RemoteOptions { url: redis.url(), ..RemoteOptions::default() };
+    let tier = kvgate::store::remote::RemoteTier::new(&options, layout()).unwrap();
+    let (key, kv) = chunk(21, 64);
+    let bytes = tier.put_pipeline(&key, &kv).get_packed_pipeline();
+    let value_key = tier.value_key(&key, 0);
+    let mut c = redis.conn().unwrap();
+    let held = |c: &mut redis::Connection| -> (bool, u64) {
+        let exists: bool = redis::cmd("EXISTS").arg(&value_key).query(c).unwrap();
+        let events: u64 = redis::cmd("XLEN").arg(tier.events_key()).query(c).unwrap();
+        (exists, events)
+    };
+    let cuts = [1, 20, bytes.len() / 3, bytes.len() / 2, bytes.len() - 40, bytes.len() - 1];
+    for cut in cuts {
+        let mut s = redis.tcp();
+        s.write_all(&bytes[..cut]).unwrap();
+        drop(s); // the writer dies here
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(held(&mut c), (false, 0), "a write cut after {cut} of {} bytes left something", bytes.len());
+    }
+    let reader = node(&redis);
+    let mut whole = redis.tcp();
+    whole.write_all(&bytes).unwrap();
+    eventually("the whole write is there", || held(&mut redis.conn().unwrap()) == (true, 1));
+    eventually("a node indexes it", || reader.contains(&key));
+    assert_eq!(*reader.get(&key).expect("a node reads it"), *kv);
+}
+
+/// The router sends a prompt to the node holding its passages in RAM; when that node is
+/// overloaded, to another; when a node is down, to the one left; a request already routed is
+/// refused instead of going round.
+#[test]
+fn routing_follows_the_cache_unless_the_holder_is_overloaded() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let node = |name: &str| {
+        Server::start(&[
+            "--remote-url",
+            url.as_str(),
+            "--disk-budget-bytes",
+            "0",
+            "--node-id",
+            name,
+            "--max-running",
+            "8",
+        ])
+    };
+    let (a, mut b) = (node("a"), node("b"));
+    let router = crate::util::Router::start(&[&a, &b], &["--remote-url", url.as_str()]);
+    eventually("the router knows both nodes", || {
+        router.ready()["nodes"].as_array().is_some_and(|n| n.iter().all(|n| n["up"] == true))
+    });
+    let (st, r) = a.post("/v1/chat/completions", &joined([0, 1, 2], "Passage", "What does Cargo do?"));
+    assert_eq!(st, 200, "{r}");
+    let stored = r["kvgate"]["chunks_stored"].as_u64().unwrap();
+    eventually("the router's index has node a's chunks", || {
+        router.metric("kvgate:router_index_chunks") >= stored as f64
+    });
+
+    let (st, by, r) = router.post("/v1/chat/completions", &joined([2, 0, 1], "Document", "What are traits?"), &[]);
+    assert_eq!((st, by.as_str()), (200, "a"), "the holder answers: {r}");
+    assert!(r["kvgate"]["reused_tokens"].as_u64().unwrap() >= 45, "{r}");
+    assert_eq!(a.metric("kvgate:chunk_store_remote_hits_total"), 0.0, "from node a's own RAM");
+    assert_eq!(router.metric("kvgate:router_decisions_total{reason=\"cache\"}"), 1.0);
+
+    // Node a busy with four long streams sent to it directly (another router's, say).
+    let long = serde_json::json!({"messages": [{"role": "user", "content": "Count to a thousand."}],
+                                  "max_tokens": 400, "ignore_eos": true, "temperature": 0});
+    let busy: Vec<_> = (0..4)
+        .map(|_| {
+            let (u, body) = (a.url("/v1/chat/completions"), long.to_string());
+            std::thread::spawn(move || ureq::post(&u).send_string(&body).map(|r| r.status()).unwrap_or(0))
+        })
+        .collect();
+    eventually("the router sees node a's load", || {
+        let n = router.ready()["nodes"][0].clone();
+        n["running"].as_u64().unwrap_or(0) + n["waiting"].as_u64().unwrap_or(0) >= 4
+    });
+    let (st, by, r) = router.post("/v1/chat/completions", &joined([1, 0, 2], "Source", "What is Cargo?"), &[]);
+    assert_eq!((st, by.as_str()), (200, "b"), "an overloaded holder is passed over: {r}");
+    assert!(r["kvgate"]["reused_tokens"].as_u64().unwrap() >= 45, "node b fetched the passages from Redis: {r}");
+    assert_eq!(router.metric("kvgate:router_decisions_total{reason=\"balance\"}"), 1.0);
+    for t in busy {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+
+    let (st, _, r) =
+        router.post("/v1/chat/completions", &joined([0, 1, 2], "Passage", "Hi"), &[("x-kvgate-routed-by", "r2")]);
+    assert_eq!((st, r["error"]["code"].as_str()), (508, Some("loop_detected")), "{r}");
+
+    b.stop();
+    for q in ["What are traits?", "What is the borrow checker?"] {
+        let (st, by, r) = router.post("/v1/chat/completions", &joined([2, 1, 0], "Passage", q), &[]);
+        assert_eq!((st, by.as_str()), (200, "a"), "node b is down: {r}");
+    }
+}
+
+/// `kvgate route` refuses what it cannot use, saying what is wrong.
+#[test]
+fn the_router_refuses_a_bad_node_list() {
+    for (args, says) in [
+        (&["--node", "ftp://10.0.0.5"][..], "router.nodes"),
+        (&["--node", "http://127.0.0.1:1", "--node", "http://127.0.0.1:1"][..], "listed twice"),
+        (&[][..], "no nodes"),
+    ] {
+        let out = std::process::Command::new(crate::util::kvgate_bin())
+            .args(["route", "--listen", "127.0.0.1:0", "--model"])
+            .arg(crate::util::model_path())
+            .args(args)
+            .env_remove("KVGATE_ROUTER_NODES")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    }
+}

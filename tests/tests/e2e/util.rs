@@ -222,6 +222,11 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// A raw TCP connection to it.
+    pub fn tcp(&self) -> std::net::TcpStream {
+        std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis")
+    }
+
     pub fn conn(&self) -> redis::RedisResult<redis::Connection> {
         let mut c = redis::Client::open(self.url())?.get_connection_with_timeout(std::time::Duration::from_secs(1))?;
         c.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
@@ -254,5 +259,87 @@ impl Drop for Redis {
             unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGCONT) };
         }
         self.stop();
+    }
+}
+
+/// A `kvgate route` process in front of `nodes`, stopped (SIGTERM) when dropped.
+pub struct Router {
+    child: std::process::Child,
+    pub base: String,
+}
+
+impl Router {
+    /// Starts a router over `nodes` (with extra `args`) and waits until `/ready` answers 200.
+    pub fn start(nodes: &[&Server], args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(kvgate_bin());
+        cmd.args(["route", "--listen", "127.0.0.1:0", "--log", "warn", "--model"]).arg(model_path());
+        for n in nodes {
+            cmd.args(["--node", &n.base]);
+        }
+        let mut child = cmd.args(args).stdout(std::process::Stdio::piped()).spawn().expect("start kvgate route");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+        let base = line.trim().strip_prefix("kvgate router listening on ").expect("listening line").to_string();
+        let router = Self { child, base };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while ureq::get(&router.url("/ready")).call().is_err() {
+            assert!(std::time::Instant::now() < deadline, "the router never became ready");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        router
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs JSON; returns the status, the node that answered (`x-kvgate-node`) and the body.
+    pub fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> (u16, String, serde_json::Value) {
+        let mut req = ureq::post(&self.url(path));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let r = match req.send_string(&body.to_string()) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("request failed: {e}"),
+        };
+        let (status, node) = (r.status(), r.header("x-kvgate-node").unwrap_or("").to_string());
+        let text = r.into_string().expect("body");
+        (status, node, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+    }
+
+    /// A sample of a metric on `/metrics` (`name` may carry its labels).
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = ureq::get(&self.url("/metrics")).call().expect("GET /metrics").into_string().expect("metrics");
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+    }
+
+    /// `GET /ready`'s body (also when it is a 503).
+    pub fn ready(&self) -> serde_json::Value {
+        let r = match ureq::get(&self.url("/ready")).call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("GET /ready failed: {e}"),
+        };
+        r.into_json().expect("JSON")
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
     }
 }
