@@ -487,7 +487,7 @@ async fn handle(router: &Router, req: Request<Incoming>) -> Response<Body> {
     let mut resp = match route(router, req, &id).await {
         Ok(r) => r,
         Err(e) => {
-            if e.status.is_server_error() {
+            if e.status.is_server_error() && e.code != "not_ready" {
                 tracing::warn!(status = %e.status, message = %e.message, "request failed");
             }
             error_reply(&e)

@@ -235,7 +235,7 @@ fn start_fleet(o: &ClusterOptions, nodes: usize, remote: Option<&str>, policy: &
         let mut cmd = Command::new(&o.kvgate);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--threads", &o.threads.to_string()]);
         cmd.args(["--node-id", &format!("node{i}"), "--disk-budget-bytes", "0", "--no-watch-plugins"]);
-        cmd.args(["--ram-budget-bytes", &o.ram_budget_bytes.to_string(), "--log", "warn"]);
+        cmd.args(["--ram-budget-bytes", &o.ram_budget_bytes.to_string(), "--log", "error"]);
         if let Some(m) = &o.model {
             cmd.arg("--model").arg(m);
         }
@@ -250,7 +250,7 @@ fn start_fleet(o: &ClusterOptions, nodes: usize, remote: Option<&str>, policy: &
         wait_ready(u, Duration::from_secs(120))?;
     }
     let mut cmd = Command::new(&o.kvgate);
-    cmd.args(["route", "--listen", "127.0.0.1:0", "--policy", policy, "--log", "warn"]);
+    cmd.args(["route", "--listen", "127.0.0.1:0", "--policy", policy, "--log", "error"]);
     for u in &urls {
         cmd.args(["--node", u]);
     }

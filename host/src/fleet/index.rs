@@ -130,7 +130,8 @@ impl FleetIndex {
         out
     }
 
-    /// Follows the stream `events_key` on the Redis at `url` from its oldest event, until
+    /// Follows the stream `events_key` on the Redis at `url` from its oldest event (a router
+    /// keeps nothing: a restarted one replays what the stream kept), until
     /// [`FleetIndex::close`]; reconnects every half second while Redis is away.
     pub fn follow(self: &Arc<Self>, url: &str, events_key: String) -> Result<JoinHandle<()>, String> {
         let (a, b, c) = (self.clone(), self.clone(), self.clone());
@@ -140,7 +141,8 @@ impl FleetIndex {
             }
         };
         let go_on = move || !c.closing.load(Ordering::Relaxed);
-        crate::store::remote::follow(url, "kvgate-fleet-index", events_key, move |e| a.apply(e), status, go_on)
+        let apply = move |e: &[NodeEvent], _: &str| a.apply(e);
+        crate::store::remote::follow(url, "kvgate-fleet-index", events_key, "0".into(), apply, status, go_on)
     }
 
     /// Stops [`FleetIndex::follow`] (within half a second).

@@ -113,6 +113,12 @@ pub struct IndexedChunk {
     pub namespace: String,
 }
 
+/// The sled tree of what the fleet's event stream said (chunk keys are 32 bytes; the two
+/// other keys are shorter, so they never clash).
+const FLEET_TREE: &str = "fleet";
+const CURSOR_KEY: &[u8] = b"cursor";
+const STREAM_KEY: &[u8] = b"stream";
+
 /// Chunks on local disk.
 pub struct DiskTier {
     index: sled::Db,
@@ -451,6 +457,59 @@ impl DiskTier {
     pub fn evict_from_page_cache(&self) -> std::io::Result<()> {
         let segments: Vec<u32> = self.state.lock().unwrap().extents.ends().map(|(s, _)| s).collect();
         segments.into_iter().try_for_each(|s| self.files.evict_from_page_cache(s))
+    }
+
+    /// What the fleet's event stream said, as last kept ([`DiskTier::keep_fleet`]): the cursor
+    /// after the last event applied, and every chunk the shared tier held then (key,
+    /// namespace id, tokens). A restarted node resumes the stream there instead of replaying it.
+    pub fn fleet(&self, events_key: &str) -> (String, Vec<(ChunkKey, u64, Vec<u32>)>) {
+        let Ok(tree) = self.index.open_tree(FLEET_TREE) else { return ("0".into(), Vec::new()) };
+        if tree.get(STREAM_KEY).ok().flatten().as_deref() != Some(events_key.as_bytes()) {
+            // Another stream (another Redis database, model or element type): start afresh.
+            let _ = tree.clear();
+            let _ = tree.insert(STREAM_KEY, events_key.as_bytes());
+            return ("0".into(), Vec::new());
+        }
+        let cursor = tree
+            .get(CURSOR_KEY)
+            .ok()
+            .flatten()
+            .and_then(|c| String::from_utf8(c.to_vec()).ok())
+            .unwrap_or_else(|| "0".into());
+        let chunks = tree
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| {
+                let key = ChunkKey(<[u8; 32]>::try_from(&k[..]).ok()?);
+                if v.len() < 8 || (v.len() - 8) % 4 != 0 {
+                    return None;
+                }
+                let ns = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
+                let tokens =
+                    v[8..].chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+                Some((key, ns, tokens))
+            })
+            .collect();
+        (cursor, chunks)
+    }
+
+    /// Keeps what a batch of the stream said (chunks the shared tier gained and lost) and the
+    /// cursor after it, in one atomic batch.
+    pub fn keep_fleet(&self, puts: &[(ChunkKey, u64, &[u32])], gone: &[ChunkKey], cursor: &str) {
+        let Ok(tree) = self.index.open_tree(FLEET_TREE) else { return };
+        let mut batch = sled::Batch::default();
+        for (key, ns, tokens) in puts {
+            let mut v = ns.to_le_bytes().to_vec();
+            v.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+            batch.insert(&key.0[..], v);
+        }
+        for key in gone {
+            batch.remove(&key.0[..]);
+        }
+        batch.insert(CURSOR_KEY, cursor.as_bytes());
+        if let Err(e) = tree.apply_batch(batch) {
+            tracing::warn!(error = %e, "chunk index: keeping the fleet's stream cursor failed");
+        }
     }
 
     /// Makes the index durable (on shutdown; otherwise sled flushes every 500 ms).

@@ -532,14 +532,27 @@ impl Store {
                     .spawn(move || remote_writer(&tier, rx))
                     .expect("spawn the remote writer")
             };
-            // The tailer applies the fleet's events from the oldest the stream keeps on, and
-            // its reconnects probe a Redis that failed (closing the breaker once it answers).
-            let (t1, t2, t3, index) = (tier.clone(), tier.clone(), tier.clone(), spans.clone());
+            // The tailer applies the fleet's events from where this node's disk says it left
+            // off (else from the oldest the stream keeps), and its reconnects probe a Redis
+            // that failed (closing the breaker once it answers).
+            let from = match &disk {
+                Some(d) => {
+                    let (cursor, chunks) = d.fleet(&tier.events_key());
+                    let mut index = spans.write().unwrap();
+                    for (key, ns, tokens) in &chunks {
+                        index.held(*key, tokens, None, Tier::Remote, *ns);
+                    }
+                    cursor
+                }
+                None => "0".to_string(),
+            };
+            let (t1, t2, t3, index, d) = (tier.clone(), tier.clone(), tier.clone(), spans.clone(), disk.clone());
             let tailer = remote::follow(
                 &tier.options().url,
                 "kvgate-remote-tailer",
                 tier.events_key(),
-                move |events| apply_events(&t1, &index, events),
+                from,
+                move |events, next| apply_events(&t1, &index, d.as_deref(), events, next),
                 move |r| match r {
                     Ok(()) => t2.succeeded(),
                     Err(e) => t2.failed(&e),
@@ -790,16 +803,34 @@ fn remote_writer(tier: &RemoteTier, jobs: Receiver<RemoteJob>) {
     }
 }
 
-/// Applies the fleet's events to the span index (the remote tailer's work).
-fn apply_events(tier: &RemoteTier, spans: &RwLock<SpanIndex>, events: &[remote::NodeEvent]) {
+/// Applies the fleet's events to the span index (the remote tailer's work), and keeps them
+/// with the cursor `next` after them on the disk tier, if there is one.
+fn apply_events(
+    tier: &RemoteTier,
+    spans: &RwLock<SpanIndex>,
+    disk: Option<&DiskTier>,
+    events: &[remote::NodeEvent],
+    next: &str,
+) {
     let mut index = spans.write().unwrap();
+    let (mut puts, mut gone) = (Vec::new(), Vec::new());
     for e in events {
         match &e.event {
-            remote::Event::Put { key, namespace, tokens } => index.held(*key, tokens, None, Tier::Remote, *namespace),
-            remote::Event::Gone { key, .. } => index.dropped(key, Tier::Remote),
+            remote::Event::Put { key, namespace, tokens } => {
+                index.held(*key, tokens, None, Tier::Remote, *namespace);
+                puts.push((*key, *namespace, tokens.as_slice()));
+            }
+            remote::Event::Gone { key, .. } => {
+                index.dropped(key, Tier::Remote);
+                gone.push(*key);
+            }
             // Other nodes' local tiers: a router's business.
             remote::Event::Have { .. } | remote::Event::Drop { .. } => {}
         }
+    }
+    drop(index);
+    if let Some(d) = disk {
+        d.keep_fleet(&puts, &gone, next);
     }
     tier.stats().events.fetch_add(events.len() as u64, Ordering::Relaxed);
 }

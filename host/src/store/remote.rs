@@ -379,15 +379,17 @@ impl RemoteTier {
     }
 }
 
-/// Follows the stream `events_key` on the Redis at `url` from its oldest event, on a thread
-/// of its own (`name`): each batch read goes to `apply`, each read's outcome to `status`;
-/// reconnects (and so probes a Redis that failed) every half second while Redis is away;
-/// stops once `go_on` says no.
+/// Follows the stream `events_key` on the Redis at `url` after the event `from` (`"0"`:
+/// from the oldest the stream keeps), on a thread of its own (`name`): each batch read goes
+/// to `apply` with the cursor after it, each read's outcome to `status`; reconnects (and so
+/// probes a Redis that failed) every half second while Redis is away; stops once `go_on`
+/// says no. A cursor older than what the stream kept reads all it kept.
 pub fn follow(
     url: &str,
     name: &str,
     events_key: String,
-    apply: impl Fn(&[NodeEvent]) + Send + 'static,
+    from: String,
+    apply: impl Fn(&[NodeEvent], &str) + Send + 'static,
     status: impl Fn(Result<(), redis::RedisError>) + Send + 'static,
     go_on: impl Fn() -> bool + Send + 'static,
 ) -> Result<std::thread::JoinHandle<()>, String> {
@@ -400,7 +402,7 @@ pub fn follow(
         Ok(c)
     };
     let tail = move || {
-        let mut cursor = "0".to_string();
+        let mut cursor = from;
         let mut conn: Option<redis::Connection> = None;
         while go_on() {
             let c = match conn.as_mut() {
@@ -417,8 +419,8 @@ pub fn follow(
             match read_events(c, &events_key, &cursor, BLOCK) {
                 Ok((events, next)) => {
                     status(Ok(()));
-                    if !events.is_empty() {
-                        apply(&events);
+                    if next != cursor {
+                        apply(&events, &next);
                     }
                     cursor = next;
                 }

@@ -117,6 +117,50 @@ fn a_node_started_later_learns_what_others_stored() {
     assert_eq!(late.fetch(&key, Use::Whole).as_deref(), Some(&*kv));
 }
 
+/// A node with a disk tier keeps its place in the stream: restarted, it knows what the
+/// stream told it before (even once the stream lost those events) and reads on from there.
+#[test]
+fn a_restarted_node_resumes_the_stream_where_it_left_off() {
+    let redis = Redis::start();
+    let dir = crate::util::temp_dir("cursor");
+    let with_disk = || {
+        let options = StoreOptions {
+            ram_budget_bytes: 64 << 20,
+            data_dir: Some(dir.path().to_path_buf()),
+            dtype: KvDtype::F16,
+            remote: Some(RemoteOptions { url: redis.url(), ..RemoteOptions::default() }),
+            ..StoreOptions::default()
+        };
+        Store::open(&options, layout())
+    };
+    let a = node(&redis);
+    let (k1, kv1) = chunk(31, 64);
+    a.put(k1, kv1.clone(), 10);
+    a.sync();
+    let b = with_disk();
+    eventually("node b hears of the first chunk", || b.contains(&k1));
+    drop(b);
+    // While b is down the stream is lost (trimmed, or deleted by an operator).
+    let events = kvgate::store::remote::RemoteTier::new(
+        &RemoteOptions { url: redis.url(), ..RemoteOptions::default() },
+        layout(),
+    )
+    .unwrap()
+    .events_key();
+    redis::cmd("DEL").arg(&events).query::<()>(&mut redis.conn().unwrap()).unwrap();
+    let b = with_disk();
+    assert!(b.contains(&k1), "known from its disk, not from the stream");
+    assert_eq!(get(&b.stats().remote.events), 0, "nothing replayed");
+    let (k2, kv2) = chunk(32, 64);
+    a.put(k2, kv2.clone(), 10);
+    a.sync();
+    eventually("node b reads on from its cursor", || b.contains(&k2));
+    assert_eq!(get(&b.stats().remote.events), 1, "only the new event");
+    let m = b.find_spans(&prompt_around(&kv1.tokens[5..50]), &[0]);
+    assert_eq!(m.len(), 1, "found as a run inside the chunk: {m:?}");
+    assert_eq!(b.fetch(&k1, Use::Part).as_deref(), Some(&*kv1), "read from Redis");
+}
+
 #[test]
 fn a_tenant_never_reads_another_tenants_chunks_through_the_shared_tier() {
     let redis = Redis::start();
@@ -327,6 +371,10 @@ fn routing_follows_the_cache_unless_the_holder_is_overloaded() {
     let stored = r["kvgate"]["chunks_stored"].as_u64().unwrap();
     eventually("the router's index has node a's chunks", || {
         router.metric("kvgate:router_index_chunks") >= stored as f64
+    });
+    // Its polls must also have seen that request end (a node's load is as fresh as its poll).
+    eventually("the router sees both nodes idle", || {
+        router.ready()["nodes"].as_array().is_some_and(|n| n.iter().all(|n| n["running"] == 0 && n["waiting"] == 0))
     });
 
     let (st, by, r) = router.post("/v1/chat/completions", &joined([2, 0, 1], "Document", "What are traits?"), &[]);
