@@ -456,7 +456,7 @@ pub fn run(m: &LoadedModel, o: &DenoiseOptions, mut progress: impl FnMut(&str)) 
         }
         let last =
             m.model.forward(&ids[ids.len() - 1..], &[ids.len() as u32 - 1], &mut rounded, &LogitsFor::Last, false)?;
-        let floor = Prefill { cache: rounded, logits: last.logits, report: Default::default() };
+        let floor = Prefill { cache: rounded, logits: last.logits, report: Default::default(), hidden: None };
         let floor_rows = answer_rows(m, &floor, &answer)?;
         floor_first += kl(&off_rows[0], &floor_rows[0]);
         floor_tf += off_rows.iter().zip(&floor_rows).map(|(a, b)| kl(a, b)).sum::<f64>() / off_rows.len() as f64;

@@ -219,6 +219,10 @@ pub struct Prefill {
     pub cache: KvCache,
     pub logits: Vec<f32>,
     pub report: ReuseReport,
+    /// When asked for ([`Prefilling::keeping_hidden`]): the last layer's hidden states of the
+    /// rows computed in one run to the prompt's end, from this row on (what scoring the
+    /// prompt reads instead of running the layers again).
+    pub hidden: Option<(usize, Vec<f32>)>,
 }
 
 /// Prefills `ids` (cut at `segment_starts`) in `mode` with the built-in policies, reading

@@ -151,6 +151,9 @@ pub struct Prefilling {
     report: ReuseReport,
     /// The namespaces read from and written to.
     scope: Scope,
+    /// Keep the last layer's hidden states of the rows run to the end in one go (`Extend`):
+    /// from which row, and the states.
+    hidden: Option<(usize, Vec<f32>)>,
 }
 
 impl Prefilling {
@@ -168,7 +171,17 @@ impl Prefilling {
             keep: Keep::Nothing,
             report: ReuseReport::default(),
             scope: Scope::default(),
+            hidden: None,
         }
+    }
+
+    /// The same prefill keeping the last layer's hidden states of the rows it runs through
+    /// every layer in order to the prompt's end (`off`, and what `prefix` or a compose prefill
+    /// without a hit computes): a request that scores its prompt reads them instead of running
+    /// those rows again.
+    pub fn keeping_hidden(mut self) -> Self {
+        self.hidden = Some((usize::MAX, Vec::new()));
+        self
     }
 
     /// The same prefill reading and writing chunks of `scope`'s namespaces only.
@@ -356,6 +369,12 @@ impl Prefilling {
         let cache_rows: Vec<usize> = self.cache.push_rows(&positions).collect();
         // f32 weights whatever the count: a short slice computes exactly what a full prefill would.
         model.run_layers(0..model.config().layers, &mut x, &positions, &cache_rows, &mut self.cache, Weights::F32)?;
+        if let Some((first, kept)) = self.hidden.as_mut() {
+            if kept.is_empty() {
+                *first = rows.start;
+            }
+            kept.extend_from_slice(&x);
+        }
         match rows.end == self.ids.len() {
             true => Ok(Some(model.logits(&x, &[rows.len() - 1])?)),
             false => Ok(None),
@@ -551,7 +570,13 @@ impl Prefilling {
             tracing::debug!(report = ?self.report, "compose prefill");
         }
         let cache = std::mem::replace(&mut self.cache, model.new_cache());
-        Prefill { cache, logits, report: self.report }
+        // Only states of rows that ran in order to the end are whole (a compose recompute
+        // leaves gaps): those are kept, anything else is dropped.
+        let hidden = self
+            .hidden
+            .take()
+            .filter(|(first, h)| !h.is_empty() && *first + h.len() / model.config().hidden == self.ids.len());
+        Prefill { cache, logits, report: self.report, hidden }
     }
 }
 

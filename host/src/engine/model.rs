@@ -465,25 +465,61 @@ impl Model {
         cache: &KvCache,
         top: usize,
     ) -> Result<Vec<(TokenLogprob, Vec<TokenLogprob>)>, EngineError> {
-        const BLOCK: usize = 128;
         let n = tokens.len();
         if cache.len() < n || cache.positions[..n].iter().enumerate().any(|(i, &p)| p as usize != i) {
             return Err(EngineError::Internal("score: the cache does not hold the prompt in order".into()));
         }
-        let vocab = self.cfg.vocab;
         let mut out = Vec::with_capacity(n.saturating_sub(from));
-        for start in (from.max(1) - 1..n.saturating_sub(1)).step_by(BLOCK) {
-            let end = (start + BLOCK).min(n - 1);
+        for start in (from.max(1) - 1..n.saturating_sub(1)).step_by(SCORE_BLOCK) {
+            let end = (start + SCORE_BLOCK).min(n - 1);
             let positions: Vec<u32> = (start as u32..end as u32).collect();
             let mut x = self.embed(&tokens[start..end], &positions)?;
             self.layers(0..self.cfg.layers, &mut x, &positions, CacheAccess::Read(cache), Weights::F32)?;
-            let rows: Vec<usize> = (0..end - start).collect();
-            let logits = self.logits_with(&x, &rows, Weights::F32)?;
-            for (i, row) in logits.chunks_exact(vocab).enumerate() {
-                out.push(sampling::logprobs(row, tokens[start + i + 1], top));
-            }
+            self.score_block(&x, tokens, start, top, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// What [`Model::score`] returns, from the last layer's hidden states the prefill already
+    /// computed (`hidden`: rows `first..`, in order): only the LM head and the log-softmax
+    /// run. The same logits as scoring with another pass, since a row's hidden state does not
+    /// depend on the rows computed with it.
+    pub fn score_hidden(
+        &self,
+        tokens: &[u32],
+        from: usize,
+        first: usize,
+        hidden: &[f32],
+        top: usize,
+    ) -> Result<Vec<(TokenLogprob, Vec<TokenLogprob>)>, EngineError> {
+        let (n, h) = (tokens.len(), self.cfg.hidden);
+        let start = from.max(1) - 1;
+        if start < first || first + hidden.len() / h < n {
+            return Err(EngineError::Internal("score_hidden: the states do not cover the rows scored".into()));
+        }
+        let mut out = Vec::with_capacity(n.saturating_sub(from));
+        for s in (start..n.saturating_sub(1)).step_by(SCORE_BLOCK) {
+            let end = (s + SCORE_BLOCK).min(n - 1);
+            self.score_block(&hidden[(s - first) * h..(end - first) * h], tokens, s, top, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Logprobs of the tokens after rows `start..` (hidden states `x`), appended to `out`.
+    fn score_block(
+        &self,
+        x: &[f32],
+        tokens: &[u32],
+        start: usize,
+        top: usize,
+        out: &mut Vec<(TokenLogprob, Vec<TokenLogprob>)>,
+    ) -> Result<(), EngineError> {
+        let rows: Vec<usize> = (0..x.len() / self.cfg.hidden).collect();
+        let logits = self.logits_with(x, &rows, Weights::F32)?;
+        for (i, row) in logits.chunks_exact(self.cfg.vocab).enumerate() {
+            out.push(sampling::logprobs(row, tokens[start + i + 1], top));
+        }
+        Ok(())
     }
 
     /// One decode step of several sequences at once: `tokens[i]` at `positions[i]` is appended
@@ -700,6 +736,9 @@ impl Model {
         Ok(logits)
     }
 }
+
+/// Rows scored at once: logits never exceed this many rows × the vocabulary.
+const SCORE_BLOCK: usize = 128;
 
 /// How a pass of the layers uses the cache.
 enum CacheAccess<'a> {

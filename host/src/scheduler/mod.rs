@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::blend::{BlendOptions, BuiltinPolicy, CacheMode, CutInput, Policy, Prefilling, ReuseReport};
+use crate::blend::{BlendOptions, BuiltinPolicy, CacheMode, CutInput, Policy, Prefill, Prefilling, ReuseReport};
 use crate::engine::template::ChatTemplate;
 use crate::engine::tokenizer::Tokenizer;
 use crate::engine::{EngineError, KvCache, LoadedModel};
@@ -405,7 +405,10 @@ impl Loop {
             segment_starts: &segment_starts,
             chunk_tokens: opts.chunk_tokens,
         };
-        let prefill = Prefilling::new(&m.model, &input, mode, &opts).in_scope(request.scope.clone());
+        let mut prefill = Prefilling::new(&m.model, &input, mode, &opts).in_scope(request.scope.clone());
+        if request.echo && request.logprobs.is_some() {
+            prefill = prefill.keeping_hidden();
+        }
         let n = request.n.max(1);
         let per_token = (m.model.config().layers * 2 * m.model.config().kv_dim() * 4) as u64;
         let reserved = (ids.len() + max_tokens.min(self.options.reserve_tokens)) as u64 * n as u64 * per_token;
@@ -589,7 +592,7 @@ impl Loop {
             ..Usage::default()
         };
         if let Some((from, logprobs)) = a.echo {
-            if let Err(e) = self.echo(&a, &done.cache, from, logprobs) {
+            if let Err(e) = self.echo(&a, &done, from, logprobs) {
                 let _ = a.events.send(Event::Error(e));
                 self.reserved -= a.reserved.min(self.reserved);
                 return;
@@ -605,11 +608,15 @@ impl Loop {
     }
 
     /// The prompt echoed back, scored from token `from` on when logprobs were asked for.
-    fn echo(&self, a: &Admitted, cache: &KvCache, from: usize, logprobs: Option<usize>) -> Result<(), EngineError> {
+    /// The rows the prefill ran through every layer in one go keep their hidden states, and
+    /// those are scored without another pass; other prompts (compose, prefix hits) take one.
+    fn echo(&self, a: &Admitted, done: &Prefill, from: usize, logprobs: Option<usize>) -> Result<(), EngineError> {
         let from = from.clamp(1, a.ids.len());
-        let scored = match logprobs {
-            Some(top) => self.model.model.score(&a.ids, from, cache, top)?,
-            None => Vec::new(),
+        let model = &self.model.model;
+        let scored = match (logprobs, &done.hidden) {
+            (Some(top), Some((first, h))) if *first < from => model.score_hidden(&a.ids, from, *first, h, top)?,
+            (Some(top), _) => model.score(&a.ids, from, &done.cache, top)?,
+            (None, _) => Vec::new(),
         };
         let mut scored = scored.into_iter();
         let prompt = a

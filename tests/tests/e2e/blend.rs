@@ -287,3 +287,33 @@ fn a_run_inside_a_stored_chunk_splices_like_a_whole_chunk() {
     );
     assert_eq!(inside.logits, whole.logits, "a run inside a chunk is spliced exactly as the whole chunk");
 }
+
+/// Scoring a prompt from the hidden states its prefill kept (sliced as the scheduler slices)
+/// gives bit for bit what another pass over the cache gives; a compose prefill that reused
+/// something keeps none (its reused rows never ran the last layers).
+#[test]
+fn scoring_from_the_prefills_hidden_states_equals_another_pass() {
+    let m = model();
+    let (ids, starts) = tokens(&rag(&[0, 1, 2], "What does Cargo do?"));
+    let input = blend::CutInput { ids: &ids, offsets: &[], text: "", segment_starts: &starts, chunk_tokens: 256 };
+    let (opts, policy) = (BlendOptions::default(), blend::BuiltinPolicy { chunk_head_tokens: 0 });
+    let prefill = |mode: CacheMode, store: &Store| {
+        let mut task = blend::Prefilling::new(&m.model, &input, mode, &opts).keeping_hidden();
+        loop {
+            // About 7 tokens' worth of layers a step: slices, as the scheduler runs them.
+            if let Some(done) = task.step(&m.model, store, &policy, 7 * m.model.config().layers).unwrap() {
+                return done;
+            }
+        }
+    };
+    let store = ram(1 << 30);
+    let off = prefill(CacheMode::Off, &store);
+    let (first, hidden) = off.hidden.as_ref().expect("off keeps every row's state");
+    assert_eq!(*first, 0);
+    for from in [1, 9] {
+        let again = m.model.score(&ids, from, &off.cache, 5).unwrap();
+        assert_eq!(m.model.score_hidden(&ids, from, 0, hidden, 5).unwrap(), again, "from {from}");
+    }
+    prefill(CacheMode::Compose, &store); // stores the prompt's chunks
+    assert!(prefill(CacheMode::Compose, &store).hidden.is_none(), "a blended prefill keeps no states");
+}
