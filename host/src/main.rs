@@ -862,6 +862,22 @@ fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
         for (b, tps) in &f.batched_decode {
             println!("decode  {b:>2} sequences, batched: {tps:>7.1} tok/s ({:.2}x one sequence)", tps / one);
         }
+        let r = &f.roofline;
+        println!(
+            "roofline: peak {:.0} GFLOP/s (f32 gemm 1024^3, {} threads), {:.1} GB/s (reading 512 MiB)",
+            r.peak_gflops,
+            rayon::current_num_threads(),
+            r.peak_gbps
+        );
+        for (n, g) in &r.prefill_gflops {
+            println!("roofline: prefill {n:>5} tokens: {g:>6.1} GFLOP/s = {:>4.1}% of peak", 100.0 * g / r.peak_gflops);
+        }
+        println!(
+            "roofline: decode, 1 stream: {:.1} GB/s of weights ({:.0} MB/token) = {:.1}% of peak",
+            r.decode_gbps,
+            r.decode_bytes_per_token / 1e6,
+            100.0 * r.decode_gbps / r.peak_gbps
+        );
     }
     Ok(())
 }

@@ -44,6 +44,92 @@ pub struct EngineFigures {
     pub decode_tokens: usize,
     /// (sequences, total tokens per second) of batched decode steps, best of the repetitions.
     pub batched_decode: Vec<(usize, f64)>,
+    /// What those rates reach against this machine's measured peaks.
+    pub roofline: Roofline,
+}
+
+/// The machine's measured peaks and what each phase reaches of them: prefill is counted in
+/// FLOP/s (it is compute-bound), decode in bytes/s of weights read (memory-bound).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Roofline {
+    /// f32 matrix product (1024³, the threads the engine uses), GFLOP/s.
+    pub peak_gflops: f64,
+    /// Reading a 512 MiB buffer, GB/s.
+    pub peak_gbps: f64,
+    /// (prompt tokens, GFLOP/s reached) of each prefill length.
+    pub prefill_gflops: Vec<(usize, f64)>,
+    /// Weight bytes one decode step reads (Q8_0 layers and LM head), and the GB/s one stream reaches.
+    pub decode_bytes_per_token: f64,
+    pub decode_gbps: f64,
+}
+
+impl Roofline {
+    /// Measures the peaks and places `prefill` and `decode_tok_s` of `m` against them.
+    fn measure(m: &LoadedModel, prefill: &[(usize, f64)], decode_tok_s: f64) -> Self {
+        let c = m.model.config();
+        let (h, kv, f) = (c.hidden as f64, c.kv_dim() as f64, c.ffn as f64);
+        let per_layer = h * (h + 2.0 * kv) + h * h + 3.0 * h * f;
+        let layers = c.layers as f64 * per_layer;
+        // 2 FLOP per weight per token, the causal attention's QK and AV (n²/2 pairs, 2 products
+        // of `hidden` each per layer), and the last token's LM head.
+        let prefill_flop =
+            |n: f64| 2.0 * n * layers + 2.0 * 2.0 * c.layers as f64 * h * n * n / 2.0 + 2.0 * h * c.vocab as f64;
+        let prefill_gflops =
+            prefill.iter().map(|&(n, tps)| (n, prefill_flop(n as f64) * tps / n as f64 / 1e9)).collect();
+        // Q8_0: 34 bytes per 32 weights.
+        let decode_bytes_per_token = (layers + h * c.vocab as f64) * 34.0 / 32.0;
+        Self {
+            peak_gflops: peak_gflops(),
+            peak_gbps: peak_gbps(),
+            prefill_gflops,
+            decode_bytes_per_token,
+            decode_gbps: decode_bytes_per_token * decode_tok_s / 1e9,
+        }
+    }
+}
+
+/// Best of five f32 1024³ matrix products with the engine's kernel and threads, GFLOP/s.
+fn peak_gflops() -> f64 {
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0f32; n * n];
+    let threads = rayon::current_num_threads();
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        // SAFETY: three n×n row-major buffers of this size.
+        unsafe {
+            crate::engine::attention::gemm_rows(
+                (n, n, n),
+                c.as_mut_ptr(),
+                n,
+                a.as_ptr(),
+                n,
+                b.as_ptr(),
+                (n, 1),
+                1.0,
+                threads,
+            )
+        };
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&c);
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+/// Best of five parallel sums over a 512 MiB buffer, GB/s read.
+fn peak_gbps() -> f64 {
+    use rayon::prelude::*;
+    let buf = vec![1u64; 64 << 20];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sum: u64 = buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x))).sum();
+        std::hint::black_box(sum);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (buf.len() * 8) as f64 / best / 1e9
 }
 
 /// A deterministic prompt of `n` ordinary tokens (no specials).
@@ -117,5 +203,6 @@ pub fn engine(m: &LoadedModel, lengths: &[usize], reps: usize, decode_tokens: us
         }
         batched_decode.push((b, best));
     }
-    Ok(EngineFigures { prefill, decode_tok_s, decode_context: ctx, decode_tokens, batched_decode })
+    let roofline = Roofline::measure(m, &prefill, decode_tok_s);
+    Ok(EngineFigures { prefill, decode_tok_s, decode_context: ctx, decode_tokens, batched_decode, roofline })
 }
