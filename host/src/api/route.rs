@@ -141,17 +141,16 @@ impl Router {
         for node in self.nodes.clone() {
             let me = Arc::downgrade(self);
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(1));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    tick.tick().await;
                     let Some(me) = me.upgrade() else { return };
                     let report = me.poll(&node).await;
                     if let Some(events) = report.as_ref().and_then(|r| r.events.clone()) {
                         me.follow(&events);
                     }
                     node.polled(report);
-                    tick = tokio::time::interval_at(tokio::time::Instant::now() + me.poll_every, me.poll_every);
+                    let every = me.poll_every;
+                    drop(me);
+                    tokio::time::sleep(every).await;
                 }
             });
         }
@@ -557,20 +556,13 @@ async fn route(router: &Router, req: Request<Incoming>, id: &str) -> Result<Resp
     let Some(endpoint) = endpoint else {
         // Any node answers these alike: the least loaded one.
         let pick = |tried: &[usize]| {
-            let ask = Ask::default();
-            let rules = Rules {
-                policy: crate::config::RoutePolicy::CacheAware,
-                balance_abs: 0,
-                balance_rel: 1.0,
-                ..router.rules
-            };
             let c: Vec<fleet::Candidate> = router
                 .nodes
                 .iter()
                 .enumerate()
                 .map(|(i, n)| fleet::Candidate { up: n.is_up() && !tried.contains(&i), ..n.candidate(0) })
                 .collect();
-            fleet::choose(&c, &ask, &rules)
+            fleet::least_loaded(&c).map(|i| (i, Reason::Balance))
         };
         let resp = router.dispatch(pick(&[]), pick, &request, |_| 0).await?;
         return Ok(hold(resp, caller.permit));
@@ -580,11 +572,7 @@ async fn route(router: &Router, req: Request<Incoming>, id: &str) -> Result<Resp
         Some(e) => e,
         None => (Ask::default(), vec![0; router.nodes.len()]),
     };
-    let compute = |i: usize| {
-        let c = router.nodes[i].candidate(local[i]);
-        let fetched = if c.shared { ask.stored.saturating_sub(c.local) } else { 0 };
-        ask.prompt_tokens.saturating_sub(c.local + fetched)
-    };
+    let compute = |i: usize| fleet::work(&router.nodes[i].candidate(local[i]), &ask).0;
     let first = router.choose(&ask, &local, &[]);
     if let Some((i, _)) = first {
         router.prompt_tokens.fetch_add(ask.prompt_tokens as u64, Ordering::Relaxed);

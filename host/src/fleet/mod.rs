@@ -197,14 +197,26 @@ pub struct Ask {
     pub turn: usize,
 }
 
+/// The prompt tokens `c` would compute for `ask`, and those it would fetch from the shared
+/// tier (what no local tier of it holds; all it does not hold, without a shared tier).
+pub fn work(c: &Candidate, ask: &Ask) -> (usize, usize) {
+    let fetched = if c.shared { ask.stored.saturating_sub(c.local) } else { 0 };
+    (ask.prompt_tokens.saturating_sub(c.local + fetched), fetched)
+}
+
 /// The expected work before `c` answers `ask`, in tokens computed.
 pub fn cost(c: &Candidate, ask: &Ask, fetch_cost: f64) -> f64 {
-    let fetched = if c.shared { ask.stored.saturating_sub(c.local) } else { 0 };
-    let compute = ask.prompt_tokens.saturating_sub(c.local + fetched);
+    let (compute, fetched) = work(c, ask);
     let others = c.reported.saturating_sub(c.in_flight);
     let decoding = c.in_flight.saturating_sub(c.starting) + others;
     (c.starting_tokens + others * ask.mean_compute + decoding * DECODE_WEIGHT + compute) as f64
         + fetch_cost * fetched as f64
+}
+
+/// The up node with the fewest requests on it (the first of equals), for requests any node
+/// answers alike.
+pub fn least_loaded(nodes: &[Candidate]) -> Option<usize> {
+    (0..nodes.len()).filter(|&i| nodes[i].up).min_by_key(|&i| nodes[i].load())
 }
 
 /// The node for `ask` among `nodes` (indices into it), with the reason; `None` when every

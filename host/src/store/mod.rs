@@ -399,24 +399,21 @@ enum RemoteJob {
 /// The shared tier and the threads that write to it and tail its events.
 struct Remote {
     tier: Arc<RemoteTier>,
-    jobs: SyncSender<RemoteJob>,
+    /// The remote writer's queue.
+    jobs: RemoteJobs,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl Remote {
-    fn announcer(&self) -> Announcer {
-        Announcer { jobs: self.jobs.clone(), stats: self.tier.stats().clone() }
-    }
-}
-
-/// Tells the fleet what this node's local tiers gained or lost (for routers), off the request
-/// path: a full queue drops the news, which costs a router's accuracy, never a request.
-struct Announcer {
+/// The remote writer's queue: chunks to share, and news for the fleet of what this node's
+/// tiers gained or lost, off the request path. A full queue drops the job (counted): the
+/// chunk is not shared, or a router knows less, never a request fails.
+#[derive(Clone)]
+struct RemoteJobs {
     jobs: SyncSender<RemoteJob>,
     stats: Arc<RemoteStats>,
 }
 
-impl Announcer {
+impl RemoteJobs {
     fn send(&self, job: RemoteJob) {
         if self.jobs.try_send(job).is_err() {
             self.stats.writes_skipped.fetch_add(1, Ordering::Relaxed);
@@ -560,6 +557,7 @@ impl Store {
                 move || !t3.closing.load(Ordering::Relaxed),
             )
             .expect("spawn the remote tailer");
+            let jobs = RemoteJobs { jobs, stats: tier.stats().clone() };
             Remote { tier, jobs, threads: vec![writer, tailer] }
         });
         let writer = disk.as_ref().map(|d| {
@@ -572,7 +570,7 @@ impl Store {
                 evictor: evictor.clone(),
                 retry_after: options.retry_after,
                 spans: spans.clone(),
-                announce: remote.as_ref().map(Remote::announcer),
+                announce: remote.as_ref().map(|r| r.jobs.clone()),
             };
             let handle = std::thread::Builder::new()
                 .name("kvgate-store-writer".into())
@@ -623,7 +621,7 @@ impl Store {
         }
         if let Some(r) = &self.remote {
             let (done, wait) = std::sync::mpsc::channel();
-            if r.jobs.send(RemoteJob::Barrier(done)).is_ok() {
+            if r.jobs.jobs.send(RemoteJob::Barrier(done)).is_ok() {
                 let _ = wait.recv();
             }
         }
@@ -650,7 +648,7 @@ impl Store {
                     spans.dropped(k, Tier::Ram);
                     spans.dropped(k, Tier::Disk);
                 }
-                r.announcer().left_local(&spans, &keys);
+                r.jobs.left_local(&spans, &keys);
             }
         }
         drop(spans);
@@ -669,7 +667,7 @@ impl Store {
         let in_ram = self.ram.lock().unwrap().remove(key);
         let on_disk = self.disk.as_ref().is_some_and(|d| d.remove(key));
         if let (Some(r), Some(ns)) = (&self.remote, namespace) {
-            r.announcer().send(RemoteJob::Gone(*key, ns));
+            r.jobs.send(RemoteJob::Gone(*key, ns));
         }
         self.spans.write().unwrap().remove(key);
         self.refresh_gauges();
@@ -724,7 +722,7 @@ impl Store {
             let mut spans = self.spans.write().unwrap();
             keys.iter().for_each(|k| spans.dropped(k, tier));
             if let Some(r) = &self.remote {
-                r.announcer().left_local(&spans, keys);
+                r.jobs.left_local(&spans, keys);
             }
         }
     }
@@ -886,7 +884,7 @@ impl ChunkStore for Store {
                 };
                 let kv = Arc::new(kv);
                 self.promote(key, &kv, stats);
-                r.announcer().send(RemoteJob::Holding(Holding::Have, *key, ns));
+                r.jobs.send(RemoteJob::Holding(Holding::Have, *key, ns));
                 // Kept on local disk too: the node serves it while Redis is away.
                 if let Some((tx, _)) = &self.writer {
                     if let Err(TrySendError::Full(_)) = tx.try_send(WriteJob::Put(*key, kv.clone(), stats)) {
@@ -899,7 +897,7 @@ impl ChunkStore for Store {
                 // The GET is the authority: no node should look for it again (the `gone` job
                 // also deletes a corrupt value).
                 self.spans.write().unwrap().remove(key);
-                r.announcer().send(RemoteJob::Gone(*key, ns));
+                r.jobs.send(RemoteJob::Gone(*key, ns));
                 self.refresh_gauges();
                 None
             }
@@ -956,8 +954,8 @@ impl ChunkStore for Store {
         self.evicted(&evicted, Tier::Ram);
         if let Some(r) = &self.remote {
             // Compose chunks are what other nodes can place anywhere; prefix chunks stay local.
-            if kv.rotated_at.is_none() && r.jobs.try_send(RemoteJob::Put(key, kv.clone())).is_err() {
-                r.tier.stats().writes_skipped.fetch_add(1, Ordering::Relaxed);
+            if kv.rotated_at.is_none() {
+                r.jobs.send(RemoteJob::Put(key, kv.clone()));
             }
         }
         if let Some((tx, _)) = &self.writer {
@@ -994,7 +992,7 @@ struct Writer {
     retry_after: Duration,
     spans: Arc<RwLock<SpanIndex>>,
     /// With a shared tier: tells the fleet what the disk evicted.
-    announce: Option<Announcer>,
+    announce: Option<RemoteJobs>,
 }
 
 impl Writer {

@@ -147,12 +147,7 @@ impl Server {
 
     /// The value of an unlabelled metric (or the first sample of a labelled one) on `/metrics`.
     pub fn metric(&self, name: &str) -> f64 {
-        let text = ureq::get(&self.url("/metrics")).call().expect("GET /metrics").into_string().expect("metrics");
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+        metric_at(&self.url("/metrics"), name)
     }
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
@@ -169,6 +164,16 @@ impl Drop for Server {
         }
         // The data directory, if the server made it, goes with `own_data_dir` after this.
     }
+}
+
+/// The first sample of metric `name` (which may carry its labels) at the `/metrics` URL `url`.
+pub fn metric_at(url: &str, name: &str) -> f64 {
+    let text = ureq::get(url).call().expect("GET /metrics").into_string().expect("metrics");
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
 }
 
 /// A server with the default flags and the model named `smollm2-test`. Each test starts its
@@ -318,12 +323,7 @@ impl Router {
 
     /// A sample of a metric on `/metrics` (`name` may carry its labels).
     pub fn metric(&self, name: &str) -> f64 {
-        let text = ureq::get(&self.url("/metrics")).call().expect("GET /metrics").into_string().expect("metrics");
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+        metric_at(&self.url("/metrics"), name)
     }
 
     /// `GET /ready`'s body (also when it is a 503).
