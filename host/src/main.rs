@@ -850,7 +850,7 @@ fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&f)?);
     } else {
-        println!("model: {} (weights: f32 for prefill, Q8_0 for decode)", path.display());
+        println!("model: {} (int8 weights: {})", path.display(), model.model.int8_formats());
         for (n, tps) in &f.prefill {
             println!("prefill {n:>5} tokens: {tps:>7.1} tok/s");
         }
@@ -869,8 +869,16 @@ fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
             rayon::current_num_threads(),
             r.peak_gbps
         );
+        if let Some(p) = r.peak_int8_gops {
+            println!("roofline: peak {p:.0} GOP/s (int8 vpdpbusd on registers)");
+        }
         for (n, g) in &r.prefill_gflops {
-            println!("roofline: prefill {n:>5} tokens: {g:>6.1} GFLOP/s = {:>4.1}% of peak", 100.0 * g / r.peak_gflops);
+            println!(
+                "roofline: prefill {n:>5} tokens ({}): {g:>6.1} GOP/s = {:>4.1}% of the {} peak",
+                r.prefill_weights,
+                100.0 * g / r.prefill_peak,
+                r.prefill_weights
+            );
         }
         println!(
             "roofline: decode, 1 stream: {:.1} GB/s of weights ({:.0} MB/token) = {:.1}% of peak",

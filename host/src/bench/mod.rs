@@ -49,16 +49,24 @@ pub struct EngineFigures {
 }
 
 /// The machine's measured peaks and what each phase reaches of them: prefill is counted in
-/// FLOP/s (it is compute-bound), decode in bytes/s of weights read (memory-bound).
+/// operations per second (it is compute-bound; 2 per multiply-add, f32 or int8 as the
+/// engine's prefill runs), decode in bytes/s of weights read (memory-bound).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Roofline {
     /// f32 matrix product (1024³, the threads the engine uses), GFLOP/s.
     pub peak_gflops: f64,
+    /// Independent `vpdpbusd` on registers on the engine's threads, GOP/s (CPUs with VNNI).
+    pub peak_int8_gops: Option<f64>,
+    /// The peak prefill is placed against: int8's when prefill runs int8, f32's otherwise.
+    pub prefill_peak: f64,
+    /// `int8` or `f32`.
+    pub prefill_weights: &'static str,
     /// Reading a 512 MiB buffer, GB/s.
     pub peak_gbps: f64,
-    /// (prompt tokens, GFLOP/s reached) of each prefill length.
+    /// (prompt tokens, GOP/s reached) of each prefill length.
     pub prefill_gflops: Vec<(usize, f64)>,
-    /// Weight bytes one decode step reads (Q8_0 layers and LM head), and the GB/s one stream reaches.
+    /// Weight bytes one decode step reads (the layers' int8 matrices and the LM head), and
+    /// the GB/s one stream reaches.
     pub decode_bytes_per_token: f64,
     pub decode_gbps: f64,
 }
@@ -76,10 +84,15 @@ impl Roofline {
             |n: f64| 2.0 * n * layers + 2.0 * 2.0 * c.layers as f64 * h * n * n / 2.0 + 2.0 * h * c.vocab as f64;
         let prefill_gflops =
             prefill.iter().map(|&(n, tps)| (n, prefill_flop(n as f64) * tps / n as f64 / 1e9)).collect();
-        // Q8_0: 34 bytes per 32 weights.
-        let decode_bytes_per_token = (layers + h * c.vocab as f64) * 34.0 / 32.0;
+        let decode_bytes_per_token = m.model.decode_bytes() as f64;
+        let peak_gflops = peak_gflops();
+        let peak_int8_gops = crate::engine::q4::peak_int8_gops(rayon::current_num_threads());
+        let int8 = m.model.prefill_weights() == crate::engine::Weights::Int8;
         Self {
-            peak_gflops: peak_gflops(),
+            peak_gflops,
+            peak_int8_gops,
+            prefill_peak: if int8 { peak_int8_gops.unwrap_or(peak_gflops) } else { peak_gflops },
+            prefill_weights: if int8 { "int8" } else { "f32" },
             peak_gbps: peak_gbps(),
             prefill_gflops,
             decode_bytes_per_token,

@@ -34,7 +34,7 @@ use super::{
     ATTENTION_QUERIES, BlendOptions, CacheMode, CutInput, Policy, Prefill, ReuseReport, SelectInput, extract, gaps,
     micros, pieces, splice,
 };
-use crate::engine::{EngineError, KvCache, Model, Weights};
+use crate::engine::{EngineError, KvCache, Model};
 use crate::store::{ChunkStore, Scope, SpanMatch, Use};
 
 /// What a finished prefill stores.
@@ -368,7 +368,14 @@ impl Prefilling {
         let mut x = model.embed(&self.ids[rows.clone()], &positions)?;
         let cache_rows: Vec<usize> = self.cache.push_rows(&positions).collect();
         // f32 weights whatever the count: a short slice computes exactly what a full prefill would.
-        model.run_layers(0..model.config().layers, &mut x, &positions, &cache_rows, &mut self.cache, Weights::F32)?;
+        model.run_layers(
+            0..model.config().layers,
+            &mut x,
+            &positions,
+            &cache_rows,
+            &mut self.cache,
+            model.prefill_weights(),
+        )?;
         if let Some((first, kept)) = self.hidden.as_mut() {
             if kept.is_empty() {
                 *first = rows.start;
@@ -395,7 +402,7 @@ impl Prefilling {
         let positions: Vec<u32> = (rows.start as u32..rows.end as u32).collect();
         let cache_rows: Vec<usize> = rows.clone().collect();
         let x = &mut c.x[rows.start * hidden..rows.end * hidden];
-        model.run_layers(0..check, x, &positions, &cache_rows, &mut self.cache, Weights::F32)?;
+        model.run_layers(0..check, x, &positions, &cache_rows, &mut self.cache, model.prefill_weights())?;
         let first_query = self.ids.len().saturating_sub(ATTENTION_QUERIES);
         if rows.end > first_query {
             let from = rows.start.max(first_query) - rows.start;
@@ -500,7 +507,7 @@ impl Prefilling {
         };
         let positions: Vec<u32> = rows.iter().map(|&row| self.cache.positions[row]).collect();
         let xs = &mut r.xs[slice.start * hidden..slice.end * hidden];
-        model.run_layers(l..until, xs, &positions, rows, &mut self.cache, Weights::F32)?;
+        model.run_layers(l..until, xs, &positions, rows, &mut self.cache, model.prefill_weights())?;
         let at = &self.cache.layers[measured];
         for (i, k, v) in spliced {
             let row = r.rows[i];

@@ -1,8 +1,8 @@
 //! What the inference kernels run with on this CPU.
 //!
 //! Logits of two machines of the same kind can differ in their last bits when their CPUs
-//! differ: gemm picks its microkernels at run time, and so does kvgate's Q8_0 decode kernel
-//! (`engine::q8`); the binary is compiled for the CPU it was built on (`target-cpu=native`,
+//! differ: gemm picks its microkernels at run time, and so do kvgate's int8 kernels
+//! (`engine::q4`, `engine::q8`); the binary is compiled for the CPU it was built on (`target-cpu=native`,
 //! `.cargo/config.toml`). A failure report that says which paths ran is one that can be
 //! reproduced. `kvgate info` prints this; `make test` prints it
 //! once before the tests.
@@ -20,7 +20,7 @@ pub struct CpuReport {
     pub compiled: Vec<&'static str>,
     /// gemm's f32 microkernels (prefill linear layers, attention blocks).
     pub gemm: &'static str,
-    /// The int8 dot products of Q8_0 decode.
+    /// The int8 dot products of decode (and of prefill with VNNI).
     pub quantized: &'static str,
 }
 
@@ -81,7 +81,7 @@ impl std::fmt::Display for CpuReport {
         writeln!(f, "detected:          {}", self.detected.join(" "))?;
         writeln!(f, "compiled for:      {}", self.compiled.join(" "))?;
         writeln!(f, "gemm (f32):        {}", self.gemm)?;
-        write!(f, "Q8_0 decode:       {}", self.quantized)
+        write!(f, "int8 kernels:      {}", self.quantized)
     }
 }
 

@@ -8,7 +8,8 @@
 //! Layout:
 //! - [`model`]: GGUF loading and our llama forward (explicit positions, caller-owned KV).
 //! - [`attention`]: RoPE at any position and blocked, position-masked attention.
-//! - [`q8`]: Q8_0 matrix products on int8 dot products (decode).
+//! - [`q4`]: Q4_0 / Q4_1 matrix products on int8 dot products (decode and prefill).
+//! - [`q8`]: Q8_0 matrix products on int8 dot products (weights not shipped in 4 bits).
 //! - [`cpu`]: which SIMD paths the kernels take on this CPU (`kvgate info`).
 //! - [`tokenizer`]: byte-level BPE from GGUF metadata, streaming detokenizer.
 //! - [`template`]: the GGUF chat template.
@@ -17,6 +18,7 @@
 pub mod attention;
 pub mod cpu;
 pub mod model;
+pub mod q4;
 pub mod q8;
 pub mod sampling;
 pub mod template;
@@ -31,19 +33,24 @@ pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::Tokenizer;
 
 /// An output buffer shared by the parallel tasks of one kernel (attention blocks, matrix
-/// product stripes), each of which writes only its own disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+/// product stripes, quantized input rows), each of which writes only its own disjoint elements.
+struct OutPtr<T>(*mut T);
 // SAFETY: the tasks holding it write disjoint elements only.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+unsafe impl<T> Send for OutPtr<T> {}
+unsafe impl<T> Sync for OutPtr<T> {}
+impl<T> Clone for OutPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtr<T> {}
 
-impl OutPtr {
+impl<T> OutPtr<T> {
     /// The element at `i` (a method, so that closures capture the whole `Send` wrapper).
     ///
     /// # Safety
     /// `i` must be inside the output, in a region only the calling task writes.
-    unsafe fn at(self, i: usize) -> *mut f32 {
+    unsafe fn at(self, i: usize) -> *mut T {
         // SAFETY: forwarded from the caller.
         unsafe { self.0.add(i) }
     }

@@ -6,36 +6,40 @@
 //! only for the rows asked for, and can hand back the new tokens' K before RoPE — the
 //! position-independent form compositional reuse stores.
 //!
-//! Weights are held twice, in the form each phase runs fastest in (see `kvgate bench
-//! engine`): f32 for prefill, which is compute-bound and where candle's f32 `gemm` is
-//! several times faster than its quantized kernels; Q8_0 (re-quantized at load) for
-//! decode, which is memory-bound and reads a quarter of the bytes.
+//! Weights are held twice: f32 (dequantized) for the reference path, and in the int8 form
+//! the kernels multiply — the GGUF's own 4-bit blocks where it ships Q4_0 / Q4_1
+//! ([`super::q4`]), Q8_0 otherwise ([`super::q8`]). Decode always runs on the int8 kernels
+//! (it is memory-bound: a token reads the 4-bit bytes); prefill does too on CPUs with
+//! AVX-512 VNNI, where int8 dot products outrun f32 gemm several times, and runs f32 gemm
+//! elsewhere ([`Model::prefill_weights`]). Every row goes through the same kernel in the same
+//! order whatever rows share a call, so slices, batches and reuse paths agree bit for bit.
 
 use std::fs::File;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Storage, Tensor};
 use sha2::{Digest, Sha256};
 
 use super::EngineError;
 use super::attention::{self, Heads, Keys, Rope};
-use super::q8::Q8Matrix;
+use super::q4::{Q4Format, Q4Matrix};
+use super::q8::{Kernel, Q8Matrix};
 use super::sampling::{self, TokenLogprob};
 
-/// `Model::forward` batches of at most this many rows (decode steps) use the Q8_0 weights;
-/// larger ones the f32 weights. Measured: Q8_0 wins while a matmul is a handful of
-/// matrix-vector products. Prefill paths that must match a full prefill exactly (reuse) ask
-/// for f32 whatever their size.
-const QUANTIZED_MAX_ROWS: usize = 8;
+/// `Model::forward` batches of at most this many rows are decode steps: int8 weights and the
+/// dot-product attention path. Larger ones are prefills, on [`Model::prefill_weights`].
+/// Prefill paths that must match a full prefill exactly (reuse) ask for the prefill weights
+/// whatever their size.
+const DECODE_MAX_ROWS: usize = 8;
 
 /// Which copy of the weights a pass multiplies with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weights {
-    /// Exact dequantized weights, gemm: prefill.
+    /// The dequantized weights in f32, gemm: the reference, and prefill without VNNI.
     F32,
-    /// Q8_0 re-quantization, quantized matmul: decode.
-    Q8,
+    /// The int8 kernels: the GGUF's 4-bit blocks (or Q8_0) by per-block int8 inputs.
+    Int8,
 }
 
 /// Shape and constants of a llama model, read from GGUF metadata.
@@ -117,41 +121,88 @@ fn get<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value
 
 /// A weight matrix (out × in) in both of the forms the forward uses.
 struct Linear {
-    /// For prefill-sized batches.
     f32: Tensor,
-    /// For decode-sized batches: int8 dot products (see [`super::q8`]).
-    q8: Q8Matrix,
+    int8: Packed,
+}
+
+/// The int8 form of a weight matrix.
+enum Packed {
+    /// The GGUF's own Q4_0 / Q4_1 blocks.
+    Q4(Q4Matrix),
+    /// Q8_0: the GGUF's, or a re-quantization of weights shipped in another format.
+    Q8(Q8Matrix),
+}
+
+impl Packed {
+    fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        match self {
+            Packed::Q4(m) => m.matmul(x, n, out),
+            Packed::Q8(m) => m.matmul(x, n, out),
+        }
+    }
+
+    /// Bytes a product reads.
+    fn bytes(&self) -> usize {
+        match self {
+            Packed::Q4(m) => m.bytes(),
+            Packed::Q8(m) => m.bytes(),
+        }
+    }
 }
 
 impl Linear {
-    fn new(w: Tensor) -> Result<Self, EngineError> {
+    /// The matrix stacked (by rows) from `parts`, each a GGUF tensor (out × in).
+    fn new(parts: &[QTensor]) -> Result<Self, EngineError> {
+        let dequantized = parts.iter().map(|p| p.dequantize(&Device::Cpu)).collect::<Result<Vec<_>, _>>()?;
+        Self::with_f32(parts, Tensor::cat(&dequantized, 0)?)
+    }
+
+    /// As [`Linear::new`], with `w` the parts already dequantized and stacked.
+    fn with_f32(parts: &[QTensor], w: Tensor) -> Result<Self, EngineError> {
         let (out_dim, in_dim) = w.dims2()?;
-        let q8 = with_slice(&w, |v| Q8Matrix::quantize(v, out_dim, in_dim))?.map_err(EngineError::Model)?;
-        Ok(Self { f32: w, q8 })
+        let format = match parts[0].dtype() {
+            GgmlDType::Q4_0 => Some(Q4Format::Q4_0),
+            GgmlDType::Q4_1 => Some(Q4Format::Q4_1),
+            _ => None,
+        };
+        let q4 = match format {
+            Some(f) if parts.iter().all(|p| p.dtype() == parts[0].dtype()) => {
+                let mut raw = Vec::new();
+                for p in parts {
+                    raw.extend_from_slice(&p.data()?);
+                }
+                Q4Matrix::from_blocks(f, &raw, out_dim, in_dim).ok()
+            }
+            _ => None,
+        };
+        let int8 = match q4 {
+            Some(m) => Packed::Q4(m),
+            None => {
+                Packed::Q8(with_slice(&w, |v| Q8Matrix::quantize(v, out_dim, in_dim))?.map_err(EngineError::Model)?)
+            }
+        };
+        Ok(Self { f32: w, int8 })
     }
 
     /// `x · Wᵀ` for `rows` rows of `x`; `f` sees the result (rows × out) in place.
     ///
-    /// The f32 path calls gemm straight into `THREAD_OUT`, a buffer reused across calls:
-    /// prefill-sized outputs are tens of MB, and fresh ones cost page faults every layer.
+    /// Both paths write into `THREAD_OUT`, a buffer reused across calls: prefill-sized outputs
+    /// are tens of MB, and fresh ones cost page faults every layer.
     fn forward<R>(&self, x: &[f32], rows: usize, w: Weights, f: impl FnOnce(&[f32]) -> R) -> Result<R, EngineError> {
         thread_local! {
             static THREAD_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let (out_dim, in_dim) = self.f32.dims2()?;
-        if w == Weights::Q8 {
-            if x.len() != rows * in_dim {
-                return Err(EngineError::Internal(format!("linear: {} inputs for {rows} × {in_dim}", x.len())));
-            }
+        if x.len() != rows * in_dim {
+            return Err(EngineError::Internal(format!("linear: {} inputs for {rows} × {in_dim}", x.len())));
+        }
+        if w == Weights::Int8 {
             return Ok(THREAD_OUT.with(|cell| {
                 let mut out = cell.borrow_mut();
                 out.resize(rows * out_dim, 0.0);
-                self.q8.matmul(x, rows, &mut out);
+                self.int8.matmul(x, rows, &mut out);
                 f(&out)
             }));
-        }
-        if x.len() != rows * in_dim {
-            return Err(EngineError::Internal(format!("linear: {} inputs for {rows} × {in_dim}", x.len())));
         }
         // gemm takes a matrix-vector path for a single row, which sums in another order: a lone
         // row is multiplied as two (itself twice), so that a row's result never depends on how
@@ -306,6 +357,8 @@ pub struct Model {
     rope: Rope,
     /// sha256 of the GGUF file: identifies the weights in cache keys.
     fingerprint: String,
+    /// What prefill multiplies with on this CPU.
+    prefill: Weights,
 }
 
 impl Model {
@@ -318,50 +371,67 @@ impl Model {
             .map_err(|e| EngineError::Model(format!("{} is not a GGUF file: {e}", path.display())))?;
         let mut cfg = ModelConfig::from_gguf(&ct)?;
         let device = Device::Cpu;
-        let mut tensor = |name: &str| -> Result<Tensor, EngineError> {
-            let qt =
-                ct.tensor(&mut file, name, &device).map_err(|e| EngineError::Model(format!("tensor `{name}`: {e}")))?;
-            Ok(qt.dequantize(&device)?)
+        let mut raw = |name: &str| -> Result<QTensor, EngineError> {
+            ct.tensor(&mut file, name, &device).map_err(|e| EngineError::Model(format!("tensor `{name}`: {e}")))
         };
-        let embed = tensor("token_embd.weight")?;
+        let embed_q = raw("token_embd.weight")?;
+        let embed = embed_q.dequantize(&device)?;
         cfg.vocab = embed.dim(0)?;
         if embed.dim(1)? != cfg.hidden {
             return Err(EngineError::Model("token_embd.weight does not match embedding_length".into()));
         }
-        let out_norm = tensor("output_norm.weight")?;
+        let out_norm = raw("output_norm.weight")?.dequantize(&device)?;
         let lm_head = match ct.tensor_infos.contains_key("output.weight") {
-            true => Linear::new(tensor("output.weight")?)?,
-            false => Linear::new(embed.clone())?,
+            true => Linear::new(&[raw("output.weight")?])?,
+            false => Linear::with_f32(&[embed_q], embed.clone())?,
         };
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
-            let p = format!("blk.{i}");
-            let qkv = Tensor::cat(
-                &[
-                    tensor(&format!("{p}.attn_q.weight"))?,
-                    tensor(&format!("{p}.attn_k.weight"))?,
-                    tensor(&format!("{p}.attn_v.weight"))?,
-                ],
-                0,
-            )?;
-            let gate_up =
-                Tensor::cat(&[tensor(&format!("{p}.ffn_gate.weight"))?, tensor(&format!("{p}.ffn_up.weight"))?], 0)?;
+            let mut part = |name: &str| raw(&format!("blk.{i}.{name}.weight"));
             layers.push(Layer {
-                attn_norm: tensor(&format!("{p}.attn_norm.weight"))?,
-                qkv: Linear::new(qkv)?,
-                out: Linear::new(tensor(&format!("{p}.attn_output.weight"))?)?,
-                ffn_norm: tensor(&format!("{p}.ffn_norm.weight"))?,
-                gate_up: Linear::new(gate_up)?,
-                down: Linear::new(tensor(&format!("{p}.ffn_down.weight"))?)?,
+                attn_norm: part("attn_norm")?.dequantize(&device)?,
+                qkv: Linear::new(&[part("attn_q")?, part("attn_k")?, part("attn_v")?])?,
+                out: Linear::new(&[part("attn_output")?])?,
+                ffn_norm: part("ffn_norm")?.dequantize(&device)?,
+                gate_up: Linear::new(&[part("ffn_gate")?, part("ffn_up")?])?,
+                down: Linear::new(&[part("ffn_down")?])?,
             });
         }
         let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.context_length);
-        let model = Self { cfg, embed, layers, out_norm, lm_head, rope, fingerprint };
+        // int8 prefill only where the int8 kernel outruns f32 gemm (measured: `kvgate bench engine`).
+        let prefill = if Kernel::detect() == Kernel::Vnni512 { Weights::Int8 } else { Weights::F32 };
+        let model = Self { cfg, embed, layers, out_norm, lm_head, rope, fingerprint, prefill };
         Ok((model, ct))
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// The weights prefills (every pass of more than a decode step's rows) multiply with:
+    /// int8 on CPUs with AVX-512 VNNI, f32 elsewhere.
+    pub fn prefill_weights(&self) -> Weights {
+        self.prefill
+    }
+
+    /// Bytes of weights one decode step reads: every layer's int8 matrices and the LM head.
+    pub fn decode_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.int8.bytes() + l.out.int8.bytes() + l.gate_up.int8.bytes() + l.down.int8.bytes())
+            .sum();
+        layers + self.lm_head.int8.bytes()
+    }
+
+    /// A short description of the int8 weights (`kvgate info`): the layers' and LM head's formats.
+    pub fn int8_formats(&self) -> String {
+        let name = |p: &Packed| match p {
+            Packed::Q4(_) => "4-bit GGUF blocks",
+            Packed::Q8(_) => "Q8_0",
+        };
+        let layer = self.layers.first().map_or("none", |l| name(&l.qkv.int8));
+        format!("layers {layer}, LM head {}", name(&self.lm_head.int8))
     }
 
     /// sha256 of the weights file.
@@ -389,17 +459,51 @@ impl Model {
         logits_for: &LogitsFor,
         want_pre_rope_k: bool,
     ) -> Result<ForwardOutput, EngineError> {
+        let w = if tokens.len() <= DECODE_MAX_ROWS { Weights::Int8 } else { self.prefill };
+        self.forward_inner(w, None, tokens, positions, cache, logits_for, want_pre_rope_k)
+    }
+
+    /// [`Model::forward`] on the weights `w` for every row and the logits: tests and quality
+    /// benchmarks compare the f32 and int8 paths on the same tokens.
+    pub fn forward_on(
+        &self,
+        w: Weights,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache,
+        logits_for: &LogitsFor,
+        want_pre_rope_k: bool,
+    ) -> Result<ForwardOutput, EngineError> {
+        self.forward_inner(w, Some(w), tokens, positions, cache, logits_for, want_pre_rope_k)
+    }
+
+    /// The forward on `w`, logits on `lm` (`None`: as [`Model::logits`] picks).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_inner(
+        &self,
+        w: Weights,
+        lm: Option<Weights>,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache,
+        logits_for: &LogitsFor,
+        want_pre_rope_k: bool,
+    ) -> Result<ForwardOutput, EngineError> {
         let mut x = self.embed(tokens, positions)?;
         let rows: Vec<usize> = cache.push_rows(positions).collect();
-        let w = if tokens.len() <= QUANTIZED_MAX_ROWS { Weights::Q8 } else { Weights::F32 };
-        self.run_layers(0..self.cfg.layers, &mut x, positions, &rows, cache, w)?;
+        let decode = w == Weights::Int8 && tokens.len() <= DECODE_MAX_ROWS;
+        let access = CacheAccess::Write { cache, rows: &rows };
+        self.layers(0..self.cfg.layers, &mut x, positions, access, w, decode)?;
         let n = tokens.len();
         let wanted: Vec<usize> = match logits_for {
             LogitsFor::Last => vec![n - 1],
             LogitsFor::All => (0..n).collect(),
             LogitsFor::Rows(r) => r.clone(),
         };
-        let logits = self.logits(&x, &wanted)?;
+        let logits = match lm {
+            Some(lm) => self.logits_with(&x, &wanted, lm)?,
+            None => self.logits(&x, &wanted)?,
+        };
         let pre_rope_k = want_pre_rope_k.then(|| cache.pre_rope_k(rows[0]..rows[n - 1] + 1, &self.rope));
         Ok(ForwardOutput { logits, pre_rope_k })
     }
@@ -448,14 +552,14 @@ impl Model {
         if rows.len() != positions.len() || rows.iter().any(|&r| r >= cache.len()) {
             return Err(EngineError::Internal("run_layers: rows and hidden states do not match".into()));
         }
-        self.layers(layers, x, positions, CacheAccess::Write { cache, rows }, w)
+        self.layers(layers, x, positions, CacheAccess::Write { cache, rows }, w, false)
     }
 
     /// Log-probabilities of every token of a prompt but the first, given the tokens before it,
     /// as the model sees them with the KV that `cache` holds for the prompt (row `i` at
     /// position `i`, however it got there: computed, or spliced from the chunk store). A
-    /// forward pass over every token that reads the cache and writes nothing to it, f32
-    /// throughout, in blocks so that logits never exceed a block's rows × vocabulary. Entry
+    /// forward pass over every token that reads the cache and writes nothing to it, on the
+    /// prefill weights, in blocks so that logits never exceed a block's rows × vocabulary. Entry
     /// `i` is token `from + i`'s logprob and the `top` most likely tokens at its position
     /// (`from` ≥ 1: nothing predicts the first token).
     pub fn score(
@@ -474,7 +578,7 @@ impl Model {
             let end = (start + SCORE_BLOCK).min(n - 1);
             let positions: Vec<u32> = (start as u32..end as u32).collect();
             let mut x = self.embed(&tokens[start..end], &positions)?;
-            self.layers(0..self.cfg.layers, &mut x, &positions, CacheAccess::Read(cache), Weights::F32)?;
+            self.layers(0..self.cfg.layers, &mut x, &positions, CacheAccess::Read(cache), self.prefill, false)?;
             self.score_block(&x, tokens, start, top, &mut out)?;
         }
         Ok(out)
@@ -515,7 +619,7 @@ impl Model {
         out: &mut Vec<(TokenLogprob, Vec<TokenLogprob>)>,
     ) -> Result<(), EngineError> {
         let rows: Vec<usize> = (0..x.len() / self.cfg.hidden).collect();
-        let logits = self.logits_with(x, &rows, Weights::F32)?;
+        let logits = self.logits_with(x, &rows, self.prefill)?;
         for (i, row) in logits.chunks_exact(self.cfg.vocab).enumerate() {
             out.push(sampling::logprobs(row, tokens[start + i + 1], top));
         }
@@ -524,11 +628,11 @@ impl Model {
 
     /// One decode step of several sequences at once: `tokens[i]` at `positions[i]` is appended
     /// to `caches[i]`; returns `tokens.len() × vocab` logits. The linear layers multiply every
-    /// row in one pass over the Q8_0 weights (decode is memory-bound: the weights are read
+    /// row in one pass over the int8 weights (decode is memory-bound: the weights are read
     /// once for the whole batch); attention runs per sequence over its own cache, all heads of
     /// all sequences in one dispatch. A row's
     /// result does not depend on the other rows — the quantized matmul quantizes and dots each
-    /// row on its own, and logits are always Q8_0 here — so a sequence decodes the same alone
+    /// row on its own, and logits are always int8 here — so a sequence decodes the same alone
     /// or in any batch.
     pub fn decode_batch(
         &self,
@@ -551,7 +655,7 @@ impl Model {
         let row = hidden + 2 * kv_dim;
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, cfg.rms_eps, &mut h);
-            layer.qkv.forward(&h, b, Weights::Q8, |qkv| {
+            layer.qkv.forward(&h, b, Weights::Int8, |qkv| {
                 for (i, r) in qkv.chunks_exact(row).enumerate() {
                     q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
                     k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
@@ -571,9 +675,9 @@ impl Model {
                 .map(|(c, &sorted)| Keys { k: &c.layers[l].k, v: &c.layers[l].v, positions: &c.positions, sorted })
                 .collect();
             attention::attention_decode_batch(cfg.heads(), &q, positions, &keys, &mut attn);
-            layer.out.forward(&attn, b, Weights::Q8, |o| add_assign(&mut x, o))?;
+            layer.out.forward(&attn, b, Weights::Int8, |o| add_assign(&mut x, o))?;
             rms_norm(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
-            layer.gate_up.forward(&h, b, Weights::Q8, |gu| {
+            layer.gate_up.forward(&h, b, Weights::Int8, |gu| {
                 for (r, a) in gu.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
                     let (gate, up) = r.split_at(ffn);
                     for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
@@ -581,10 +685,10 @@ impl Model {
                     }
                 }
             })?;
-            layer.down.forward(&act, b, Weights::Q8, |d| add_assign(&mut x, d))?;
+            layer.down.forward(&act, b, Weights::Int8, |d| add_assign(&mut x, d))?;
         }
         let all: Vec<usize> = (0..b).collect();
-        self.logits_with(&x, &all, Weights::Q8)
+        self.logits_with(&x, &all, Weights::Int8)
     }
 
     /// How much attention each cache row receives at `layer` from the tokens whose hidden
@@ -604,7 +708,7 @@ impl Model {
         rms_norm(x, &self.layers[layer].attn_norm, cfg.rms_eps, &mut h);
         let row = cfg.hidden + 2 * cfg.kv_dim();
         let mut q = Vec::with_capacity(n * cfg.hidden);
-        self.layers[layer].qkv.forward(&h, n, Weights::F32, |qkv| {
+        self.layers[layer].qkv.forward(&h, n, self.prefill, |qkv| {
             qkv.chunks_exact(row).for_each(|r| q.extend_from_slice(&r[..cfg.hidden]));
         })?;
         self.rope.rotate(&mut q, positions, 1.0);
@@ -631,7 +735,7 @@ impl Model {
         }
         let (mut h, mut q, mut k) = (vec![0f32; n * hidden], vec![0f32; n * hidden], vec![0f32; n * kv_dim]);
         let mut access = CacheAccess::Write { cache, rows };
-        self.project(layer, x, positions, (&mut h, &mut q, &mut k), &mut access, Weights::F32)
+        self.project(layer, x, positions, (&mut h, &mut q, &mut k), &mut access, self.prefill)
     }
 
     /// Layer `l`'s attention inputs: `x` normed into `h`, the rotated Q and K into `q` and `k`;
@@ -679,6 +783,7 @@ impl Model {
         positions: &[u32],
         mut access: CacheAccess,
         w: Weights,
+        decode: bool,
     ) -> Result<(), EngineError> {
         let cfg = &self.cfg;
         let (hidden, kv_dim, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
@@ -698,7 +803,7 @@ impl Model {
             let cache = access.cache();
             let kv = &cache.layers[l];
             let keys = Keys { k: &kv.k, v: &kv.v, positions: &cache.positions, sorted };
-            attention::attention(cfg.heads(), &q, positions, &keys, &mut attn, w == Weights::Q8);
+            attention::attention(cfg.heads(), &q, positions, &keys, &mut attn, decode);
             layer.out.forward(&attn, n, w, |o| add_assign(x, o))?;
             rms_norm(x, &layer.ffn_norm, cfg.rms_eps, &mut h);
             layer.gate_up.forward(&h, n, w, |gu| {
@@ -716,8 +821,8 @@ impl Model {
 
     /// Logits (`rows.len() × vocab`) of the hidden states `x` at `rows`.
     pub fn logits(&self, x: &[f32], rows: &[usize]) -> Result<Vec<f32>, EngineError> {
-        // One row of logits is a matrix-vector product: Q8_0, whatever produced the row.
-        self.logits_with(x, rows, if rows.len() <= QUANTIZED_MAX_ROWS { Weights::Q8 } else { Weights::F32 })
+        // One row of logits is a matrix-vector product: int8, whatever produced the row.
+        self.logits_with(x, rows, if rows.len() <= DECODE_MAX_ROWS { Weights::Int8 } else { self.prefill })
     }
 
     fn logits_with(&self, x: &[f32], rows: &[usize], w: Weights) -> Result<Vec<f32>, EngineError> {

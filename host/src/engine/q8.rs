@@ -66,7 +66,7 @@ impl Kernel {
             if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
                 return Kernel::Vnni512;
             }
-            if has!("avx2") && has!("fma") {
+            if has!("avx2") && has!("fma") && has!("f16c") {
                 return Kernel::Avx2;
             }
         }
@@ -103,7 +103,7 @@ fn position(c: usize, blocks: usize) -> usize {
 /// Quantizes one block to int8; returns its scale.
 /// Written so that it vectorizes (eight running maxima; rounding half to even, which the
 /// CPU does in one instruction): a decode step quantizes every input row of every matmul.
-fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+pub(super) fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     let mut m = [0f32; 8];
     for c in x.chunks_exact(8) {
         for (m, v) in m.iter_mut().zip(c) {
@@ -171,6 +171,11 @@ impl Q8Matrix {
 
     pub fn kernel(&self) -> Kernel {
         self.kernel
+    }
+
+    /// Bytes a product reads from this matrix (values, scales and sums).
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 2 * self.scale.len() + 2 * self.sum.len()
     }
 
     /// `x · Wᵀ` for the `n` rows of `x` (`n × cols`): `out` is `n × rows`.

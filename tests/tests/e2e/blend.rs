@@ -48,6 +48,16 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
 }
 
+/// KL(p ‖ q) of two next-token distributions given as logits.
+fn kl(p: &[f32], q: &[f32]) -> f32 {
+    let lse = |r: &[f32]| {
+        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        max + r.iter().map(|x| (x - max).exp()).sum::<f32>().ln()
+    };
+    let (lp, lq) = (lse(p), lse(q));
+    p.iter().zip(q).map(|(a, b)| (a - lp).exp() * ((a - lp) - (b - lq))).sum()
+}
+
 #[test]
 fn messages_become_chunks_and_reordered_chunks_are_hits() {
     let store = ram(1 << 30);
@@ -151,8 +161,12 @@ fn a_chunk_reused_at_a_new_position_is_rotated_correctly() {
     let reused = run(&msgs, CacheMode::Compose, 0.0, &store);
     assert!(reused.report.reused_tokens >= tokens(&rag(&[0], "")).0.len() - 8, "{:?}", reused.report);
     let off = run(&msgs, CacheMode::Off, 0.0, &ram(0));
-    let d = max_diff(&reused.logits, &off.logits);
-    assert!(d < 1e-2, "reused chunk at the same context differs from off by {d}");
+    // Rotation rounds differently from computing at the position, and the int8 kernels'
+    // input quantization can turn that into a step: judged by the distribution (a wrong
+    // rotation moves it by nats), and exactly on the f32 path's scale only without VNNI.
+    let (d, kl) = (max_diff(&reused.logits, &off.logits), kl(&off.logits, &reused.logits));
+    eprintln!("reused at the same context: logits differ from off by {d:.4}, KL {kl:.6}");
+    assert!(kl < 1e-3, "reused chunk at the same context differs from off by KL {kl} (logits by {d})");
 }
 
 /// Tokens two sequences share from the start.
