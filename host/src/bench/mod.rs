@@ -86,7 +86,7 @@ impl Roofline {
             prefill.iter().map(|&(n, tps)| (n, prefill_flop(n as f64) * tps / n as f64 / 1e9)).collect();
         let decode_bytes_per_token = m.model.decode_bytes() as f64;
         let peak_gflops = peak_gflops();
-        let peak_int8_gops = crate::engine::q4::peak_int8_gops(rayon::current_num_threads());
+        let peak_int8_gops = crate::engine::int8::peak_int8_gops(rayon::current_num_threads());
         let int8 = m.model.prefill_weights() == crate::engine::Weights::Int8;
         Self {
             peak_gflops,

@@ -2,7 +2,7 @@
 //!
 //! Logits of two machines of the same kind can differ in their last bits when their CPUs
 //! differ: gemm picks its microkernels at run time, and so do kvgate's int8 kernels
-//! (`engine::q4`, `engine::q8`); the binary is compiled for the CPU it was built on (`target-cpu=native`,
+//! (`engine::int8`); the binary is compiled for the CPU it was built on (`target-cpu=native`,
 //! `.cargo/config.toml`). A failure report that says which paths ran is one that can be
 //! reproduced. `kvgate info` prints this; `make test` prints it
 //! once before the tests.
@@ -61,7 +61,7 @@ pub fn report() -> CpuReport {
         (false, true) => "baseline SSE microkernels",
         (false, false) => "the architecture's default microkernels",
     };
-    let quantized = super::q8::Kernel::detect().name();
+    let quantized = super::int8::Kernel::detect().name();
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -8,8 +8,7 @@
 //! Layout:
 //! - [`model`]: GGUF loading and our llama forward (explicit positions, caller-owned KV).
 //! - [`attention`]: RoPE at any position and blocked, position-masked attention.
-//! - [`q4`]: Q4_0 / Q4_1 matrix products on int8 dot products (decode and prefill).
-//! - [`q8`]: Q8_0 matrix products on int8 dot products (weights not shipped in 4 bits).
+//! - [`int8`]: Q4_0 / Q4_1 / Q8_0 matrix products on int8 dot products (decode and prefill).
 //! - [`cpu`]: which SIMD paths the kernels take on this CPU (`kvgate info`).
 //! - [`tokenizer`]: byte-level BPE from GGUF metadata, streaming detokenizer.
 //! - [`template`]: the GGUF chat template.
@@ -17,9 +16,8 @@
 
 pub mod attention;
 pub mod cpu;
+pub mod int8;
 pub mod model;
-pub mod q4;
-pub mod q8;
 pub mod sampling;
 pub mod template;
 pub mod tokenizer;

@@ -7,8 +7,8 @@
 //! position-independent form compositional reuse stores.
 //!
 //! Weights are held twice: f32 (dequantized) for the reference path, and in the int8 form
-//! the kernels multiply — the GGUF's own 4-bit blocks where it ships Q4_0 / Q4_1
-//! ([`super::q4`]), Q8_0 otherwise ([`super::q8`]). Decode always runs on the int8 kernels
+//! the kernels multiply — the GGUF's own blocks where it ships Q4_0 / Q4_1 / Q8_0,
+//! Q8_0 otherwise ([`super::int8`]). Decode always runs on the int8 kernels
 //! (it is memory-bound: a token reads the 4-bit bytes); prefill does too on CPUs with
 //! AVX-512 VNNI, where int8 dot products outrun f32 gemm several times, and runs f32 gemm
 //! elsewhere ([`Model::prefill_weights`]). Every row goes through the same kernel in the same
@@ -23,8 +23,7 @@ use sha2::{Digest, Sha256};
 
 use super::EngineError;
 use super::attention::{self, Heads, Keys, Rope};
-use super::q4::{Q4Format, Q4Matrix};
-use super::q8::{Kernel, Q8Matrix};
+use super::int8::{Format, Int8Matrix, Kernel};
 use super::sampling::{self, TokenLogprob};
 
 /// `Model::forward` batches of at most this many rows are decode steps: int8 weights and the
@@ -122,32 +121,9 @@ fn get<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value
 /// A weight matrix (out × in) in both of the forms the forward uses.
 struct Linear {
     f32: Tensor,
-    int8: Packed,
-}
-
-/// The int8 form of a weight matrix.
-enum Packed {
-    /// The GGUF's own Q4_0 / Q4_1 blocks.
-    Q4(Q4Matrix),
-    /// Q8_0: the GGUF's, or a re-quantization of weights shipped in another format.
-    Q8(Q8Matrix),
-}
-
-impl Packed {
-    fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        match self {
-            Packed::Q4(m) => m.matmul(x, n, out),
-            Packed::Q8(m) => m.matmul(x, n, out),
-        }
-    }
-
-    /// Bytes a product reads.
-    fn bytes(&self) -> usize {
-        match self {
-            Packed::Q4(m) => m.bytes(),
-            Packed::Q8(m) => m.bytes(),
-        }
-    }
+    /// The GGUF's own Q4_0 / Q4_1 / Q8_0 blocks, or a Q8_0 quantization of weights shipped
+    /// in another format.
+    int8: Int8Matrix,
 }
 
 impl Linear {
@@ -161,25 +137,24 @@ impl Linear {
     fn with_f32(parts: &[QTensor], w: Tensor) -> Result<Self, EngineError> {
         let (out_dim, in_dim) = w.dims2()?;
         let format = match parts[0].dtype() {
-            GgmlDType::Q4_0 => Some(Q4Format::Q4_0),
-            GgmlDType::Q4_1 => Some(Q4Format::Q4_1),
+            GgmlDType::Q4_0 => Some(Format::Q4_0),
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
             _ => None,
         };
-        let q4 = match format {
+        let shipped = match format {
             Some(f) if parts.iter().all(|p| p.dtype() == parts[0].dtype()) => {
                 let mut raw = Vec::new();
                 for p in parts {
                     raw.extend_from_slice(&p.data()?);
                 }
-                Q4Matrix::from_blocks(f, &raw, out_dim, in_dim).ok()
+                Int8Matrix::from_blocks(f, &raw, out_dim, in_dim).ok()
             }
             _ => None,
         };
-        let int8 = match q4 {
-            Some(m) => Packed::Q4(m),
-            None => {
-                Packed::Q8(with_slice(&w, |v| Q8Matrix::quantize(v, out_dim, in_dim))?.map_err(EngineError::Model)?)
-            }
+        let int8 = match shipped {
+            Some(m) => m,
+            None => with_slice(&w, |v| Int8Matrix::quantize(v, out_dim, in_dim))?.map_err(EngineError::Model)?,
         };
         Ok(Self { f32: w, int8 })
     }
@@ -426,12 +401,8 @@ impl Model {
 
     /// A short description of the int8 weights (`kvgate info`): the layers' and LM head's formats.
     pub fn int8_formats(&self) -> String {
-        let name = |p: &Packed| match p {
-            Packed::Q4(_) => "4-bit GGUF blocks",
-            Packed::Q8(_) => "Q8_0",
-        };
-        let layer = self.layers.first().map_or("none", |l| name(&l.qkv.int8));
-        format!("layers {layer}, LM head {}", name(&self.lm_head.int8))
+        let layer = self.layers.first().map_or("none".to_string(), |l| format!("{:?}", l.qkv.int8.format()));
+        format!("layers {layer}, LM head {:?}", self.lm_head.int8.format())
     }
 
     /// sha256 of the weights file.

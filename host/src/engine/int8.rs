@@ -1,32 +1,37 @@
-//! Q4_0 / Q4_1 matrix products on int8 dot products, for decode and prefill alike.
+//! Matrix products on int8 dot products for the GGUF's Q4_0, Q4_1 and Q8_0 blocks, for
+//! decode and prefill alike.
 //!
-//! Owns the layout of 4-bit weights taken as the GGUF ships them (no re-quantization: the
-//! products use exactly the weights the f32 path dequantizes) and the kernels that multiply
-//! them by int8-quantized inputs. A decode step reads 20 bytes per 32 weights instead of the
-//! 36 of [`super::q8`]; a prefill runs the same kernels in larger register tiles, where the
-//! CPU's int8 dot products do 64 multiply-adds per instruction against f32's 16.
+//! Owns the layout of quantized weights taken as the GGUF ships them (no re-quantization: the
+//! products use exactly the weights the f32 path dequantizes), the kernels that multiply them
+//! by int8-quantized inputs (AVX-512 VNNI, AVX2, portable code; one chosen per process), and
+//! the quantization of inputs. A decode step reads 20 bytes per 32 weights of Q4_1 (34 of
+//! Q8_0); a prefill runs the same kernels in larger register tiles, where the CPU's int8 dot
+//! products do 64 multiply-adds per instruction against f32's 16.
 //!
-//! Layout. A weight's value `q` is 0..15 (`w = d·q + m`; Q4_0 is `m = −8d`). A row's blocks
-//! of 32 are taken sixteen at a time (a *group*) into sixteen 4-byte lanes: in a full group
-//! a lane is one block and holds its values in 8 *steps* of 4 bytes. The last group of a row
-//! whose block count is not a multiple of 16 spreads each block over several lanes (2, 4 or
-//! 8 steps each), so that a 576-wide row costs 9 steps' work, not 16. Unused lanes hold zero
-//! values and zero scales, so every load is a full 64 bytes. Two steps share 64 bytes, one in
-//! the low nibbles and one in the high: a load and two masks give two steps of sixteen lanes.
-//! An input row is quantized per block (as Q8_0) into the same lanes, signed, unpacked.
+//! Layout. A 4-bit weight's value `q` is 0..15 (`w = d·q + m`; Q4_0 is `m = −8d`); an 8-bit
+//! one is stored as `q + 128`, 0..255 (`w = d·q`). A row's blocks of 32 are taken sixteen at
+//! a time (a *group*) into sixteen 4-byte lanes: in a full group a lane is one block and
+//! holds its values in 8 *steps* of 4 bytes. The last group of a row whose block count is not
+//! a multiple of 16 spreads each block over several lanes (2, 4 or 8 steps each), so that a
+//! 576-wide row costs 9 steps' work, not 16. Unused lanes hold zero values and zero scales,
+//! so every load is a full 64 bytes. Steps come in pairs: 4-bit weights share 64 bytes, one
+//! step in the low nibbles and one in the high (a load and two masks give two steps of
+//! sixteen lanes); 8-bit weights take 64 bytes a step. An input row is quantized per block
+//! (as Q8_0) into the same lanes, signed, unpacked.
 //!
 //! Per group, `vpdpbusd` adds 4 products of unsigned weight and signed input bytes into each
-//! lane (exact, in i32); the group's lanes are then scaled by the weight's `d` and the
-//! input's scale and the min term `m · d_x · Σx` added, in f32; the sixteen lanes are summed
-//! once at the end. A lane's integer sum does not depend on the order of its products, and
-//! the f32 steps run in the same order for every output whatever the tile, batch or thread
-//! split — so a row's result does not depend on the rows beside it (batch invariance), and
-//! a slice of a prompt gets the same result as the whole prompt.
+//! lane (exact, in i32). For 4-bit weights the group's lanes are then scaled by the weight's
+//! `d` and the input's scale and the min term `m · d_x · Σx` added, in f32; for 8-bit ones
+//! the `128 · Σx` the stored offset adds is taken off each lane's integer sum exactly before
+//! scaling. The sixteen lanes are summed once at the end. A lane's integer sum does not
+//! depend on the order of its products, and the f32 steps run in the same order for every
+//! output whatever the tile, batch or thread split — so a row's result does not depend on the
+//! rows beside it (batch invariance), and a slice of a prompt gets the same result as the
+//! whole prompt.
 
 use half::f16;
 
 use super::OutPtr;
-use super::q8::{Kernel, quantize_block};
 
 const BLOCK: usize = 32;
 /// Lanes of a group: one 512-bit register of i32 sums.
@@ -46,25 +51,86 @@ const ROW_BLOCK: usize = 64;
 /// Multiply-adds below which a product stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 256 << 10;
 
+/// Results of a tile: `[output][input row]`.
 type Tile = [[f32; MAX_ROWS]; MAX_OUTS];
 
-/// The 4-bit GGUF formats taken as shipped.
+/// The kernel this process runs, chosen once from the CPU's features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Q4Format {
+pub enum Kernel {
+    Vnni512,
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    /// The best kernel this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") && has!("f16c") {
+                return Kernel::Vnni512;
+            }
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Portable
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Vnni512 => "AVX-512 VNNI int8 dot products",
+            Kernel::Avx2 => "AVX2 int8 dot products",
+            Kernel::Portable => "portable int8 dot products",
+        }
+    }
+}
+
+/// The GGUF block formats taken as shipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
     /// `d` (f16), 16 bytes of nibbles; `w = d·(q − 8)`.
     Q4_0,
     /// `d`, `m` (f16), 16 bytes of nibbles; `w = d·q + m`.
     Q4_1,
+    /// `d` (f16), 32 signed bytes; `w = d·q`.
+    Q8_0,
 }
 
-impl Q4Format {
+impl Format {
     /// Bytes of one GGUF block of 32 weights.
     pub fn block_bytes(self) -> usize {
         match self {
-            Q4Format::Q4_0 => 18,
-            Q4Format::Q4_1 => 20,
+            Format::Q4_0 => 18,
+            Format::Q4_1 => 20,
+            Format::Q8_0 => 34,
         }
     }
+
+    /// A value takes a byte (else a nibble).
+    fn wide(self) -> bool {
+        self == Format::Q8_0
+    }
+}
+
+/// Quantizes one block to int8 (as Q8_0); returns its scale.
+/// Written so that it vectorizes (eight running maxima; rounding half to even, which the
+/// CPU does in one instruction): a decode step quantizes every input row of every matmul.
+pub(super) fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let mut m = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for (m, v) in m.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    let amax = m.iter().fold(0f32, |a, &b| a.max(b));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    d
 }
 
 /// Sixteen lanes over `blocks` blocks of a row.
@@ -74,7 +140,7 @@ struct Group {
     blocks: usize,
     /// Steps each lane holds: 8 (a lane per block), or 4 or 2 in a short last group.
     steps: usize,
-    /// Offset of the group in a packed weight row.
+    /// Offset of the group in a weight row.
     packed: usize,
     /// Offset of the group in a quantized input row.
     unpacked: usize,
@@ -94,8 +160,8 @@ impl Group {
     }
 }
 
-/// The groups of a row of `blocks` blocks.
-fn groups(blocks: usize) -> Vec<Group> {
+/// The groups of a row of `blocks` blocks; `wide` values take a byte, others a nibble.
+fn groups(blocks: usize, wide: bool) -> Vec<Group> {
     let mut out = Vec::new();
     let (mut first, mut packed, mut unpacked) = (0, 0, 0);
     while first < blocks {
@@ -107,51 +173,65 @@ fn groups(blocks: usize) -> Vec<Group> {
             _ => 8,
         };
         out.push(Group { first, blocks: n, steps, packed, unpacked });
-        packed += steps / 2 * 64;
+        packed += if wide { steps * 64 } else { steps / 2 * 64 };
         unpacked += steps * 64;
         first += n;
     }
     out
 }
 
-/// A weight matrix (`rows` outputs × `cols` inputs) of 4-bit GGUF blocks, in the lane layout.
-pub struct Q4Matrix {
+/// A weight matrix (`rows` outputs × `cols` inputs) of GGUF blocks, in the lane layout.
+pub struct Int8Matrix {
+    format: Format,
     rows: usize,
     cols: usize,
     groups: Vec<Group>,
-    /// Bytes of one packed weight row, of one quantized input row.
+    /// Bytes of one weight row, of one quantized input row.
     packed_row: usize,
     unpacked_row: usize,
-    /// `rows × packed_row`: nibble pairs.
+    /// `rows × packed_row`: nibble pairs, or bytes (`q + 128`) of 8-bit formats.
     q: Vec<u8>,
-    /// Per row and lane (`groups · 16` lanes): the weight scale and the min of the lane's block.
+    /// Per row and lane (`groups · 16` lanes): the weight scale and (4-bit formats) the min
+    /// of the lane's block.
     d: Vec<f16>,
     m: Vec<f16>,
     kernel: Kernel,
 }
 
 /// Input rows quantized per block, in the lane layout: signed values, and per row and lane
-/// the block's scale and `scale · Σ` of the lane's values (for the min term).
+/// the block's scale, the sum of the lane's values, and `scale · Σ` (for the min term).
 struct Quantized {
     q: Vec<i8>,
     d: Vec<f32>,
+    sum: Vec<i32>,
     dm: Vec<f32>,
 }
 
-impl Q4Matrix {
+/// One row's parts of a [`Quantized`].
+struct Row<'a> {
+    q: &'a mut [i8],
+    d: &'a mut [f32],
+    sum: &'a mut [i32],
+    dm: &'a mut [f32],
+}
+
+impl Int8Matrix {
     /// Takes `raw`, `rows × cols / 32` GGUF blocks of `format` (row-major, as in the file).
-    pub fn from_blocks(format: Q4Format, raw: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+    pub fn from_blocks(format: Format, raw: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
         let bs = format.block_bytes();
         if !cols.is_multiple_of(BLOCK) || raw.len() != rows * cols / BLOCK * bs {
             return Err(format!("{} bytes are not a {rows} × {cols} {format:?} matrix", raw.len()));
         }
+        let wide = format.wide();
         let blocks = cols / BLOCK;
-        let groups = groups(blocks);
+        let groups = groups(blocks, wide);
         let last = groups.last().copied().unwrap_or(Group { first: 0, blocks: 0, steps: 2, packed: 0, unpacked: 0 });
-        let (packed_row, unpacked_row) = (last.packed + last.steps / 2 * 64, last.unpacked + last.steps * 64);
+        let packed_row = last.packed + if wide { last.steps * 64 } else { last.steps / 2 * 64 };
+        let unpacked_row = last.unpacked + last.steps * 64;
         let lanes = groups.len() * LANES;
         let mut q = vec![0u8; rows * packed_row];
-        let (mut d, mut m) = (vec![f16::ZERO; rows * lanes], vec![f16::ZERO; rows * lanes]);
+        let mut d = vec![f16::ZERO; rows * lanes];
+        let mut m = vec![f16::ZERO; if wide { 0 } else { rows * lanes }];
         let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
         for r in 0..rows {
             for (gi, g) in groups.iter().enumerate() {
@@ -159,27 +239,56 @@ impl Q4Matrix {
                     let block = &raw[(r * blocks + g.first + lb) * bs..][..bs];
                     let scale = half(block, 0);
                     let min = match format {
-                        Q4Format::Q4_0 => f16::from_f32(-8.0 * scale.to_f32()),
-                        Q4Format::Q4_1 => half(block, 2),
+                        Format::Q4_0 => f16::from_f32(-8.0 * scale.to_f32()),
+                        Format::Q4_1 => half(block, 2),
+                        Format::Q8_0 => f16::ZERO,
                     };
                     if !min.is_finite() || !scale.is_finite() {
                         return Err(format!("row {r}, block {}: a scale beyond f16", g.first + lb));
                     }
-                    let nibbles = &block[bs - 16..];
+                    let values = &block[bs - if wide { BLOCK } else { BLOCK / 2 }..];
                     for e in 0..BLOCK {
-                        let v = if e < 16 { nibbles[e] & 0x0F } else { nibbles[e - 16] >> 4 };
                         let (step, at) = g.slot(lb, e);
-                        q[r * packed_row + g.packed + step / 2 * 64 + at] |= v << (4 * (step % 2));
+                        let row = r * packed_row + g.packed + at;
+                        if wide {
+                            // q + 128 as u8 flips the sign bit.
+                            q[row + step * 64] = values[e] ^ 0x80;
+                        } else {
+                            let v = if e < 16 { values[e] & 0x0F } else { values[e - 16] >> 4 };
+                            q[row + step / 2 * 64] |= v << (4 * (step % 2));
+                        }
                     }
                     for l in 0..g.lanes_per_block() {
-                        let lane = r * lanes + gi * LANES + lb * g.lanes_per_block() + l;
-                        d[lane] = scale;
-                        m[lane] = min;
+                        let lane = gi * LANES + lb * g.lanes_per_block() + l;
+                        d[r * lanes + lane] = scale;
+                        if !wide {
+                            m[r * lanes + lane] = min;
+                        }
                     }
                 }
             }
         }
-        Ok(Self { rows, cols, groups, packed_row, unpacked_row, q, d, m, kernel: Kernel::detect() })
+        Ok(Self { format, rows, cols, groups, packed_row, unpacked_row, q, d, m, kernel: Kernel::detect() })
+    }
+
+    /// Quantizes `w` (`rows × cols`, row-major; `cols` a multiple of 32) to Q8_0, as GGUF's
+    /// quantizer does (for weights shipped in no format of [`Format`]).
+    pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Result<Self, String> {
+        if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
+            return Err(format!("a {rows} × {cols} matrix cannot be held in blocks of {BLOCK}"));
+        }
+        let mut raw = Vec::with_capacity(rows * cols / BLOCK * Format::Q8_0.block_bytes());
+        let mut tmp = [0i8; BLOCK];
+        for block in w.chunks_exact(BLOCK) {
+            let d = quantize_block(block, &mut tmp);
+            raw.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            raw.extend(tmp.iter().map(|&v| v as u8));
+        }
+        Self::from_blocks(Format::Q8_0, &raw, rows, cols)
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     /// The same matrix computed with another kernel (tests compare them).
@@ -195,11 +304,11 @@ impl Q4Matrix {
 
     /// `x · Wᵀ` for the `n` rows of `x` (`n × cols`): `out` is `n × rows`.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), n * self.cols, "q4 matmul: input size");
-        assert_eq!(out.len(), n * self.rows, "q4 matmul: output size");
+        assert_eq!(x.len(), n * self.cols, "int8 matmul: input size");
+        assert_eq!(out.len(), n * self.rows, "int8 matmul: output size");
         thread_local! {
             static QUANTIZED: std::cell::RefCell<Quantized> =
-                const { std::cell::RefCell::new(Quantized { q: Vec::new(), d: Vec::new(), dm: Vec::new() }) };
+                const { std::cell::RefCell::new(Quantized { q: Vec::new(), d: Vec::new(), sum: Vec::new(), dm: Vec::new() }) };
         }
         QUANTIZED.with(|cell| {
             let xq = &mut *cell.borrow_mut();
@@ -262,21 +371,25 @@ impl Q4Matrix {
         xq.q.resize(n * self.unpacked_row, 0);
         xq.d.clear();
         xq.d.resize(n * lanes, 0.0);
+        xq.sum.clear();
+        xq.sum.resize(n * lanes, 0);
         xq.dm.clear();
         xq.dm.resize(n * lanes, 0.0);
-        let (q, d, dm) = (OutPtr(xq.q.as_mut_ptr()), OutPtr(xq.d.as_mut_ptr()), OutPtr(xq.dm.as_mut_ptr()));
+        let (q, d) = (OutPtr(xq.q.as_mut_ptr()), OutPtr(xq.d.as_mut_ptr()));
+        let (sum, dm) = (OutPtr(xq.sum.as_mut_ptr()), OutPtr(xq.dm.as_mut_ptr()));
         let run = |rows: std::ops::Range<usize>| {
             for r in rows {
-                // SAFETY: row r's regions of the three buffers (sized above) are written by
+                // SAFETY: row r's regions of the four buffers (sized above) are written by
                 // this task alone.
-                let (q, d, dm) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(q.at(r * self.unpacked_row), self.unpacked_row),
-                        std::slice::from_raw_parts_mut(d.at(r * lanes), lanes),
-                        std::slice::from_raw_parts_mut(dm.at(r * lanes), lanes),
-                    )
+                let row = unsafe {
+                    Row {
+                        q: std::slice::from_raw_parts_mut(q.at(r * self.unpacked_row), self.unpacked_row),
+                        d: std::slice::from_raw_parts_mut(d.at(r * lanes), lanes),
+                        sum: std::slice::from_raw_parts_mut(sum.at(r * lanes), lanes),
+                        dm: std::slice::from_raw_parts_mut(dm.at(r * lanes), lanes),
+                    }
                 };
-                self.quantize_row(&x[r * self.cols..][..self.cols], q, d, dm);
+                self.quantize_row(&x[r * self.cols..][..self.cols], row);
             }
         };
         if n * self.cols < PARALLEL_MIN_WORK / 8 {
@@ -286,8 +399,8 @@ impl Q4Matrix {
         }
     }
 
-    /// One input row into its lane layout (`q`), lane scales (`d`) and `scale · Σ` (`dm`).
-    fn quantize_row(&self, x: &[f32], q: &mut [i8], d: &mut [f32], dm: &mut [f32]) {
+    /// One input row into its lane layout.
+    fn quantize_row(&self, x: &[f32], Row { q, d, sum: sums, dm }: Row) {
         let mut tmp = [0i8; BLOCK];
         for (gi, g) in self.groups.iter().enumerate() {
             let lpb = g.lanes_per_block();
@@ -302,6 +415,7 @@ impl Q4Matrix {
                     let sum: i32 = tmp[l * span..(l + 1) * span].iter().map(|&v| v as i32).sum();
                     let lane = gi * LANES + lb * lpb + l;
                     d[lane] = scale;
+                    sums[lane] = sum;
                     dm[lane] = scale * sum as f32;
                 }
             }
@@ -314,34 +428,61 @@ impl Q4Matrix {
             // SAFETY: chosen only when the CPU has these features (Kernel::detect); the tile is
             // inside the matrix and the input (the callers' loops).
             Kernel::Vnni512 => unsafe {
-                match (outs, rows) {
-                    (8, 1) => self.tile_vnni512::<8, 1>(o0, x, r0, res),
-                    (6, 2) => self.tile_vnni512::<6, 2>(o0, x, r0, res),
-                    (4, 3) => self.tile_vnni512::<4, 3>(o0, x, r0, res),
-                    (4, 4) => self.tile_vnni512::<4, 4>(o0, x, r0, res),
-                    // A stripe's last, narrower tile: one output at a time.
-                    _ => {
-                        for j in 0..outs {
-                            let mut one: Tile = [[0.0; MAX_ROWS]; MAX_OUTS];
-                            match rows {
-                                1 => self.tile_vnni512::<1, 1>(o0 + j, x, r0, &mut one),
-                                2 => self.tile_vnni512::<1, 2>(o0 + j, x, r0, &mut one),
-                                3 => self.tile_vnni512::<1, 3>(o0 + j, x, r0, &mut one),
-                                _ => self.tile_vnni512::<1, 4>(o0 + j, x, r0, &mut one),
-                            }
-                            res[j] = one[0];
-                        }
-                    }
+                match self.format.wide() {
+                    false => self.tile_vnni512_shaped::<false>(o0, outs, x, r0, rows, res),
+                    true => self.tile_vnni512_shaped::<true>(o0, outs, x, r0, rows, res),
                 }
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Kernel::Avx2 => (0..outs).for_each(|j| unsafe { self.dot_avx2(o0 + j, x, r0, rows, &mut res[j]) }),
+            Kernel::Avx2 => (0..outs).for_each(|j| unsafe {
+                match self.format.wide() {
+                    false => self.dot_avx2::<false>(o0 + j, x, r0, rows, &mut res[j]),
+                    true => self.dot_avx2::<true>(o0 + j, x, r0, rows, &mut res[j]),
+                }
+            }),
             _ => (0..outs).for_each(|j| self.dot_portable(o0 + j, x, r0, rows, &mut res[j])),
         }
     }
 
-    /// The reference: per lane the integer dot product, scaled and min-corrected, lanes summed.
+    /// The VNNI tile of this shape, monomorphised so that its sums live in registers.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn tile_vnni512_shaped<const WIDE: bool>(
+        &self,
+        o0: usize,
+        outs: usize,
+        x: &Quantized,
+        r0: usize,
+        rows: usize,
+        res: &mut Tile,
+    ) {
+        // SAFETY: as in `tile`.
+        unsafe {
+            match (outs, rows) {
+                (8, 1) => self.tile_vnni512::<8, 1, WIDE>(o0, x, r0, res),
+                (6, 2) => self.tile_vnni512::<6, 2, WIDE>(o0, x, r0, res),
+                (4, 3) => self.tile_vnni512::<4, 3, WIDE>(o0, x, r0, res),
+                (4, 4) => self.tile_vnni512::<4, 4, WIDE>(o0, x, r0, res),
+                // A stripe's last, narrower tile: one output at a time.
+                _ => {
+                    for j in 0..outs {
+                        let mut one: Tile = [[0.0; MAX_ROWS]; MAX_OUTS];
+                        match rows {
+                            1 => self.tile_vnni512::<1, 1, WIDE>(o0 + j, x, r0, &mut one),
+                            2 => self.tile_vnni512::<1, 2, WIDE>(o0 + j, x, r0, &mut one),
+                            3 => self.tile_vnni512::<1, 3, WIDE>(o0 + j, x, r0, &mut one),
+                            _ => self.tile_vnni512::<1, 4, WIDE>(o0 + j, x, r0, &mut one),
+                        }
+                        res[j] = one[0];
+                    }
+                }
+            }
+        }
+    }
+
+    /// The reference: per lane the integer dot product, offset- or min-corrected and scaled,
+    /// lanes summed.
     fn dot_portable(&self, o: usize, x: &Quantized, r0: usize, rows: usize, res: &mut [f32; MAX_ROWS]) {
         let lanes = self.groups.len() * LANES;
         for (i, out) in res.iter_mut().enumerate().take(rows) {
@@ -350,18 +491,25 @@ impl Q4Matrix {
             for (gi, g) in self.groups.iter().enumerate() {
                 for (lane, a) in acc.iter_mut().enumerate() {
                     let mut dot = 0i32;
+                    let wide = self.format.wide();
                     for step in 0..g.steps {
                         for byte in 0..4 {
-                            let at = lane * 4 + byte;
-                            let w =
-                                self.q[o * self.packed_row + g.packed + step / 2 * 64 + at] >> (4 * (step % 2)) & 0x0F;
-                            let v = x.q[r * self.unpacked_row + g.unpacked + step * 64 + at];
+                            let at = o * self.packed_row + g.packed + lane * 4 + byte;
+                            let w = match wide {
+                                true => self.q[at + step * 64],
+                                false => self.q[at + step / 2 * 64] >> (4 * (step % 2)) & 0x0F,
+                            };
+                            let v = x.q[r * self.unpacked_row + g.unpacked + step * 64 + lane * 4 + byte];
                             dot += w as i32 * v as i32;
                         }
                     }
                     let (wl, xl) = (o * lanes + gi * LANES + lane, r * lanes + gi * LANES + lane);
-                    *a += dot as f32 * self.d[wl].to_f32() * x.d[xl];
-                    *a += self.m[wl].to_f32() * x.dm[xl];
+                    if wide {
+                        *a += (dot - 128 * x.sum[xl]) as f32 * self.d[wl].to_f32() * x.d[xl];
+                    } else {
+                        *a += dot as f32 * self.d[wl].to_f32() * x.d[xl];
+                        *a += self.m[wl].to_f32() * x.dm[xl];
+                    }
                 }
             }
             *out = acc.iter().sum();
@@ -372,7 +520,13 @@ impl Q4Matrix {
     /// weights loaded and unpacked once for all `R` rows, each row's input once for all `O`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    unsafe fn tile_vnni512<const O: usize, const R: usize>(&self, o0: usize, x: &Quantized, r0: usize, res: &mut Tile) {
+    unsafe fn tile_vnni512<const O: usize, const R: usize, const WIDE: bool>(
+        &self,
+        o0: usize,
+        x: &Quantized,
+        r0: usize,
+        res: &mut Tile,
+    ) {
         // SAFETY: the caller checked the CPU features; every row holds its groups' full 64-byte
         // steps and 16 lanes each (`o0 + O ≤ self.rows`, `r0 + R ≤ n`).
         unsafe {
@@ -383,16 +537,24 @@ impl Q4Matrix {
             for (gi, g) in self.groups.iter().enumerate() {
                 let mut sums = [[_mm512_setzero_si512(); R]; O];
                 for t in 0..g.steps / 2 {
-                    let off = g.packed + t * 64;
+                    let off = g.packed + if WIDE { t * 128 } else { t * 64 };
                     let w: [(__m512i, __m512i); O] = std::array::from_fn(|j| {
-                        let p = _mm512_loadu_si512(self.q.as_ptr().add((o0 + j) * self.packed_row + off) as *const _);
-                        (_mm512_and_si512(p, nibble), _mm512_and_si512(_mm512_srli_epi16::<4>(p), nibble))
+                        let p = self.q.as_ptr().add((o0 + j) * self.packed_row + off);
+                        if WIDE {
+                            (_mm512_loadu_si512(p as *const _), _mm512_loadu_si512(p.add(64) as *const _))
+                        } else {
+                            let p = _mm512_loadu_si512(p as *const _);
+                            (_mm512_and_si512(p, nibble), _mm512_and_si512(_mm512_srli_epi16::<4>(p), nibble))
+                        }
                     });
                     // The next tile's weights, on their way while this one runs (a hint: past
                     // the matrix's end it is dropped, never dereferenced).
                     for j in 0..O {
                         let ahead = self.q.as_ptr().wrapping_add((o0 + O + j) * self.packed_row + off);
                         _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                        if WIDE {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+                        }
                     }
                     for i in 0..R {
                         let xp = x.q.as_ptr().add((r0 + i) * self.unpacked_row + g.unpacked + 2 * t * 64);
@@ -407,14 +569,20 @@ impl Q4Matrix {
                 for j in 0..O {
                     let at = (o0 + j) * lanes + gi * LANES;
                     let wd = _mm512_cvtph_ps(_mm256_loadu_si256(self.d.as_ptr().add(at) as *const _));
-                    let wm = _mm512_cvtph_ps(_mm256_loadu_si256(self.m.as_ptr().add(at) as *const _));
                     for i in 0..R {
                         let xl = (r0 + i) * lanes + gi * LANES;
                         let xd = _mm512_loadu_ps(x.d.as_ptr().add(xl));
-                        let xm = _mm512_loadu_ps(x.dm.as_ptr().add(xl));
-                        let t = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[j][i]), wd);
-                        acc[j][i] = _mm512_fmadd_ps(t, xd, acc[j][i]);
-                        acc[j][i] = _mm512_fmadd_ps(wm, xm, acc[j][i]);
+                        if WIDE {
+                            let offset = _mm512_slli_epi32::<7>(_mm512_loadu_si512(x.sum.as_ptr().add(xl) as *const _));
+                            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums[j][i], offset)), wd);
+                            acc[j][i] = _mm512_fmadd_ps(t, xd, acc[j][i]);
+                        } else {
+                            let wm = _mm512_cvtph_ps(_mm256_loadu_si256(self.m.as_ptr().add(at) as *const _));
+                            let xm = _mm512_loadu_ps(x.dm.as_ptr().add(xl));
+                            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[j][i]), wd);
+                            acc[j][i] = _mm512_fmadd_ps(t, xd, acc[j][i]);
+                            acc[j][i] = _mm512_fmadd_ps(wm, xm, acc[j][i]);
+                        }
                     }
                 }
             }
@@ -427,44 +595,65 @@ impl Q4Matrix {
     }
 
     /// One output for input rows `r0..r0 + rows`: the VNNI kernel's lanes in two halves of
-    /// eight, with `vpmaddubsw` (pairs of 4-bit × int8 products fit in i16) for `vpdpbusd`.
+    /// eight, with `vpmaddubsw` for `vpdpbusd`. Pairs of 4-bit × int8 products fit in its i16;
+    /// 8-bit weights are taken back to signed and multiplied by sign (`|w| · ±x`, as llama.cpp
+    /// does), which gives the offset-corrected integer sum directly.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_avx2(&self, o: usize, x: &Quantized, r0: usize, rows: usize, res: &mut [f32; MAX_ROWS]) {
+    unsafe fn dot_avx2<const WIDE: bool>(
+        &self,
+        o: usize,
+        x: &Quantized,
+        r0: usize,
+        rows: usize,
+        res: &mut [f32; MAX_ROWS],
+    ) {
         // SAFETY: the caller checked the CPU features; loads stay inside the rows' groups.
         unsafe {
             use std::arch::x86_64::*;
             let lanes = self.groups.len() * LANES;
             let nibble = _mm256_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
+            let sign_bit = _mm256_set1_epi8(-128);
             let mut acc = [[_mm256_setzero_ps(); 2]; MAX_ROWS];
             for (gi, g) in self.groups.iter().enumerate() {
                 for h in 0..2 {
                     let mut sums = [_mm256_setzero_si256(); MAX_ROWS];
                     for t in 0..g.steps / 2 {
-                        let p = _mm256_loadu_si256(
-                            self.q.as_ptr().add(o * self.packed_row + g.packed + t * 64 + h * 32) as *const _,
-                        );
-                        let (wlo, whi) =
-                            (_mm256_and_si256(p, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(p), nibble));
+                        let p = self.q.as_ptr().add(o * self.packed_row + g.packed + h * 32);
+                        let (wlo, whi) = if WIDE {
+                            let p = p.add(t * 128);
+                            let lo = _mm256_xor_si256(_mm256_loadu_si256(p as *const _), sign_bit);
+                            let hi = _mm256_xor_si256(_mm256_loadu_si256(p.add(64) as *const _), sign_bit);
+                            (lo, hi)
+                        } else {
+                            let p = _mm256_loadu_si256(p.add(t * 64) as *const _);
+                            (_mm256_and_si256(p, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(p), nibble))
+                        };
                         for (i, sum) in sums.iter_mut().enumerate().take(rows) {
                             let xp = x.q.as_ptr().add((r0 + i) * self.unpacked_row + g.unpacked + 2 * t * 64 + h * 32);
                             let lo = _mm256_loadu_si256(xp as *const _);
                             let hi = _mm256_loadu_si256(xp.add(64) as *const _);
-                            *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(_mm256_maddubs_epi16(wlo, lo), ones));
-                            *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(_mm256_maddubs_epi16(whi, hi), ones));
+                            for (w, v) in [(wlo, lo), (whi, hi)] {
+                                // |w| ≤ 128 and |v| ≤ 127: a pair of products fits in i16.
+                                let (w, v) =
+                                    if WIDE { (_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w)) } else { (w, v) };
+                                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(_mm256_maddubs_epi16(w, v), ones));
+                            }
                         }
                     }
                     let at = o * lanes + gi * LANES + h * 8;
                     let wd = _mm256_cvtph_ps(_mm_loadu_si128(self.d.as_ptr().add(at) as *const _));
-                    let wm = _mm256_cvtph_ps(_mm_loadu_si128(self.m.as_ptr().add(at) as *const _));
                     for i in 0..rows {
                         let xl = (r0 + i) * lanes + gi * LANES + h * 8;
                         let xd = _mm256_loadu_ps(x.d.as_ptr().add(xl));
-                        let xm = _mm256_loadu_ps(x.dm.as_ptr().add(xl));
                         let t = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[i]), wd);
                         acc[i][h] = _mm256_fmadd_ps(t, xd, acc[i][h]);
-                        acc[i][h] = _mm256_fmadd_ps(wm, xm, acc[i][h]);
+                        if !WIDE {
+                            let wm = _mm256_cvtph_ps(_mm_loadu_si128(self.m.as_ptr().add(at) as *const _));
+                            let xm = _mm256_loadu_ps(x.dm.as_ptr().add(xl));
+                            acc[i][h] = _mm256_fmadd_ps(wm, xm, acc[i][h]);
+                        }
                     }
                 }
             }
@@ -536,6 +725,31 @@ mod tests {
         (raw, w)
     }
 
+    /// Q8_0 blocks of a pseudo-random matrix (every value −128..127 occurs), and the f32
+    /// weights they stand for.
+    fn q8_0(rows: usize, cols: usize, seed: usize) -> (Vec<u8>, Vec<f32>) {
+        let (mut raw, mut w) = (Vec::new(), Vec::new());
+        for r in 0..rows {
+            for b in 0..cols / BLOCK {
+                let i = (r * cols / BLOCK + b) * 2654435761 + seed;
+                let d = f16::from_f32(0.0002 + (i % 89) as f32 * 1e-5);
+                raw.extend_from_slice(&d.to_le_bytes());
+                let q: Vec<i8> = (0..BLOCK).map(|e| ((i / 7 + e * 37 + e * e * 11) % 256) as u8 as i8).collect();
+                raw.extend(q.iter().map(|&v| v as u8));
+                w.extend(q.iter().map(|&q| d.to_f32() * q as f32));
+            }
+        }
+        (raw, w)
+    }
+
+    /// Blocks of `format` for a pseudo-random matrix, and the f32 weights they stand for.
+    fn blocks(format: Format, rows: usize, cols: usize, seed: usize) -> (Vec<u8>, Vec<f32>) {
+        match format {
+            Format::Q8_0 => q8_0(rows, cols, seed),
+            _ => q4_1(rows, cols, seed),
+        }
+    }
+
     fn input(n: usize, cols: usize, seed: usize) -> Vec<f32> {
         (0..n * cols).map(|i| (((i * 7919 + seed) % 2003) as f32 / 1001.0 - 1.0) * 0.5).collect()
     }
@@ -556,12 +770,13 @@ mod tests {
     /// whose last group is full, short (2..16 blocks) or spread over 2, 4 or 8 steps.
     #[test]
     fn kernels_agree_with_the_reference_and_with_f32() {
-        for cols in [576, 1536, 32, 96, 224, 416] {
+        for (format, cols) in
+            [576, 1536, 32, 96, 224, 416].into_iter().flat_map(|c| [(Format::Q4_1, c), (Format::Q8_0, c)])
+        {
             let (rows, n) = (37, 6);
-            let (raw, w) = q4_1(rows, cols, cols);
+            let (raw, w) = blocks(format, rows, cols, cols);
             let x = input(n, cols, 5);
-            let reference =
-                Q4Matrix::from_blocks(Q4Format::Q4_1, &raw, rows, cols).unwrap().with_kernel(Kernel::Portable);
+            let reference = Int8Matrix::from_blocks(format, &raw, rows, cols).unwrap().with_kernel(Kernel::Portable);
             let mut want = vec![0f32; n * rows];
             reference.matmul(&x, n, &mut want);
             for r in 0..n {
@@ -569,15 +784,15 @@ mod tests {
                     let exact: f32 = (0..cols).map(|c| x[r * cols + c] * w[o * cols + c]).sum();
                     let scale: f32 = (0..cols).map(|c| (x[r * cols + c] * w[o * cols + c]).abs()).sum();
                     let got = want[r * rows + o];
-                    assert!((got - exact).abs() <= 0.01 * scale + 1e-4, "{cols}: {r},{o}: {got} vs {exact}");
+                    assert!((got - exact).abs() <= 0.01 * scale + 1e-4, "{format:?} {cols}: {r},{o}: {got} vs {exact}");
                 }
             }
             for k in kernels() {
-                let m = Q4Matrix::from_blocks(Q4Format::Q4_1, &raw, rows, cols).unwrap().with_kernel(k);
+                let m = Int8Matrix::from_blocks(format, &raw, rows, cols).unwrap().with_kernel(k);
                 let mut got = vec![0f32; n * rows];
                 m.matmul(&x, n, &mut got);
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{cols} {k:?} at {i}: {a} vs {b}");
+                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{format:?} {cols} {k:?} at {i}: {a} vs {b}");
                 }
             }
         }
@@ -600,19 +815,42 @@ mod tests {
         }
         let x = input(3, cols, 1);
         let (mut a, mut b) = (vec![0f32; 3 * rows], vec![0f32; 3 * rows]);
-        Q4Matrix::from_blocks(Q4Format::Q4_0, &q40, rows, cols).unwrap().matmul(&x, 3, &mut a);
-        Q4Matrix::from_blocks(Q4Format::Q4_1, &as41, rows, cols).unwrap().matmul(&x, 3, &mut b);
+        Int8Matrix::from_blocks(Format::Q4_0, &q40, rows, cols).unwrap().matmul(&x, 3, &mut a);
+        Int8Matrix::from_blocks(Format::Q4_1, &as41, rows, cols).unwrap().matmul(&x, 3, &mut b);
         assert_eq!(a, b);
-        assert!(Q4Matrix::from_blocks(Q4Format::Q4_0, &q40[1..], rows, cols).is_err());
+        assert!(Int8Matrix::from_blocks(Format::Q4_0, &q40[1..], rows, cols).is_err());
+    }
+
+    /// Weights shipped in another format are quantized to Q8_0 blocks as GGUF's quantizer
+    /// does: a block's largest value maps to ±127, and the product is close to the f32 one.
+    #[test]
+    fn quantized_weights_are_q8_0_blocks_close_to_f32() {
+        let (rows, cols, n) = (70, 576, 3);
+        let w = input(rows, cols, 1);
+        let x = input(n, cols, 5);
+        let m = Int8Matrix::quantize(&w, rows, cols).unwrap();
+        assert_eq!(m.format(), Format::Q8_0);
+        let mut got = vec![0f32; n * rows];
+        m.matmul(&x, n, &mut got);
+        for r in 0..n {
+            for o in 0..rows {
+                let exact: f32 = (0..cols).map(|c| x[r * cols + c] * w[o * cols + c]).sum();
+                let scale: f32 = (0..cols).map(|c| (x[r * cols + c] * w[o * cols + c]).abs()).sum();
+                let got = got[r * rows + o];
+                assert!((got - exact).abs() <= 0.01 * scale, "{r},{o}: {got} vs {exact}");
+            }
+        }
+        assert!(Int8Matrix::quantize(&w[1..], rows, cols).is_err());
+        assert!(Int8Matrix::quantize(&w[..rows * 20], rows, 20).is_err());
     }
 
     /// A row's result does not depend on the rows beside it or on how many there are —
     /// decode tiles, prefill tiles, the calling thread or the pool.
     #[test]
     fn a_row_gets_the_same_result_alone_or_in_a_batch() {
-        for (rows, cols) in [(33, 576), (301, 1536), (200, 576)] {
-            let (raw, _) = q4_1(rows, cols, 3);
-            let m = Q4Matrix::from_blocks(Q4Format::Q4_1, &raw, rows, cols).unwrap();
+        for (format, rows, cols) in [(Format::Q4_1, 33, 576), (Format::Q4_1, 301, 1536), (Format::Q8_0, 200, 576)] {
+            let (raw, _) = blocks(format, rows, cols, 3);
+            let m = Int8Matrix::from_blocks(format, &raw, rows, cols).unwrap();
             let big = 37;
             let x = input(big, cols, 11);
             let mut all = vec![0f32; big * rows];
@@ -623,7 +861,10 @@ mod tests {
                     let mut rowsx = x[r * cols..(r + 1) * cols].to_vec();
                     rowsx.extend(x.iter().take((n - 1) * cols));
                     m.matmul(&rowsx, n, &mut some);
-                    assert!(some[..rows] == all[r * rows..(r + 1) * rows], "{rows}×{cols}: row {r} with {n}");
+                    assert!(
+                        some[..rows] == all[r * rows..(r + 1) * rows],
+                        "{format:?} {rows}×{cols}: row {r} with {n}"
+                    );
                 }
             }
         }
