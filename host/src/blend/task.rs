@@ -367,7 +367,7 @@ impl Prefilling {
         let positions: Vec<u32> = (rows.start as u32..rows.end as u32).collect();
         let mut x = model.embed(&self.ids[rows.clone()], &positions)?;
         let cache_rows: Vec<usize> = self.cache.push_rows(&positions).collect();
-        // f32 weights whatever the count: a short slice computes exactly what a full prefill would.
+        // The prefill weights whatever the count: a short slice computes exactly what a full prefill would.
         model.run_layers(
             0..model.config().layers,
             &mut x,

@@ -399,7 +399,7 @@ impl Model {
         layers + self.lm_head.int8.bytes()
     }
 
-    /// A short description of the int8 weights (`kvgate info`): the layers' and LM head's formats.
+    /// A short description of the int8 weights (`kvgate bench engine`): the layers' and LM head's formats.
     pub fn int8_formats(&self) -> String {
         let layer = self.layers.first().map_or("none".to_string(), |l| format!("{:?}", l.qkv.int8.format()));
         format!("layers {layer}, LM head {:?}", self.lm_head.int8.format())
