@@ -591,9 +591,16 @@ impl Model {
     ) -> Result<(), EngineError> {
         let rows: Vec<usize> = (0..x.len() / self.cfg.hidden).collect();
         let logits = self.logits_with(x, &rows, self.prefill)?;
-        for (i, row) in logits.chunks_exact(self.cfg.vocab).enumerate() {
-            out.push(sampling::logprobs(row, tokens[start + i + 1], top));
-        }
+        // Rows are independent: the engine's threads take them in turn.
+        let scored: Vec<std::sync::OnceLock<(TokenLogprob, Vec<TokenLogprob>)>> =
+            rows.iter().map(|_| std::sync::OnceLock::new()).collect();
+        candle_core::utils::barrier_pool().execute_chunked(rows.len(), |range| {
+            for i in range {
+                let row = &logits[i * self.cfg.vocab..(i + 1) * self.cfg.vocab];
+                let _ = scored[i].set(sampling::logprobs(row, tokens[start + i + 1], top));
+            }
+        });
+        out.extend(scored.into_iter().map(|s| s.into_inner().expect("every row is scored")));
         Ok(())
     }
 

@@ -119,22 +119,74 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// The log-probability of `id` and the `top` most likely tokens, from one row of logits.
+/// Three passes over the row, each written in [`LANES`]-wide strips the compiler turns into
+/// vector code: the maximum, the sum of `exp(l - max)` (with [`exp_nonpositive`], not a libm
+/// call per logit), and the top tokens, skipping every strip whose largest logit would not
+/// enter them.
 pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (TokenLogprob, Vec<TokenLogprob>) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let max = lane_max(logits);
+    let mut sums = [0f32; LANES];
+    let strips = logits.chunks_exact(LANES);
+    let tail: f32 = strips.remainder().iter().map(|&l| exp_nonpositive(l - max)).sum();
+    for strip in strips {
+        for (s, &l) in sums.iter_mut().zip(strip) {
+            *s += exp_nonpositive(l - max);
+        }
+    }
+    let lse = max + (sums.iter().sum::<f32>() + tail).ln();
     let chosen = TokenLogprob { id, logprob: logits[id as usize] - lse };
     let mut best: Vec<TokenLogprob> = Vec::with_capacity(top + 1);
     if top > 0 {
-        for (i, &l) in logits.iter().enumerate() {
-            if best.len() < top || l > best[best.len() - 1].logprob {
-                let pos = best.partition_point(|b| b.logprob >= l);
-                best.insert(pos, TokenLogprob { id: i as u32, logprob: l });
-                best.truncate(top);
+        for (s, strip) in logits.chunks(LANES).enumerate() {
+            if best.len() == top && lane_max(strip) <= best[top - 1].logprob {
+                continue;
+            }
+            for (i, &l) in strip.iter().enumerate() {
+                if best.len() < top || l > best[best.len() - 1].logprob {
+                    let pos = best.partition_point(|b| b.logprob >= l);
+                    best.insert(pos, TokenLogprob { id: (s * LANES + i) as u32, logprob: l });
+                    best.truncate(top);
+                }
             }
         }
     }
     best.iter_mut().for_each(|b| b.logprob -= lse);
     (chosen, best)
+}
+
+/// Width of the strips [`logprobs`] works in: one AVX-512 register of f32.
+const LANES: usize = 16;
+
+/// The largest value of `xs` (−∞ if empty), by lanes.
+fn lane_max(xs: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let strips = xs.chunks_exact(LANES);
+    let tail = strips.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for strip in strips {
+        for (m, &x) in m.iter_mut().zip(strip) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    m.iter().copied().fold(tail, f32::max)
+}
+
+/// `exp(x)` for `x ≤ 0` in branch-free arithmetic that vectorizes: `2^k · e^y` with
+/// `k = round(x·log2 e)` put into the exponent bits, `y = x − k·ln 2` (ln 2 split in two so that
+/// `k·ln 2` is exact: `|y| ≤ ½ ln 2` to f32 precision) and `e^y` from its Taylor series to
+/// degree 7 (relative error below 3e-7). Below −87 it returns 0, where `exp` is under f32's
+/// smallest normal number anyway.
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4; // 355/512: k·LN2_HI is exact for |k| < 2^15
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let c = x.max(-87.0);
+    let k = (c * std::f32::consts::LOG2_E + 0.5).floor();
+    let y = (c - k * LN2_HI) - k * LN2_LO;
+    let p = 1.0
+        + y * (1.0
+            + y * (1.0 / 2.0
+                + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0 + y * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { scale * p }
 }
 
 #[cfg(test)]
@@ -182,5 +234,35 @@ mod tests {
         assert_eq!(chosen, top[0]);
         let total: f32 = logits.iter().enumerate().map(|(i, _)| logprobs(&logits, i as u32, 0).0.logprob.exp()).sum();
         assert!((total - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn logprobs_of_a_vocabulary_row_match_the_plain_computation() {
+        // 1000 logits (not a multiple of the strip width) with ties and a far outlier.
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 997) as f32 * 0.013 - 6.0 + if i == 3 { 30.0 } else { 0.0 }).collect();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let (chosen, top) = logprobs(&logits, 500, 20);
+        assert!((chosen.logprob - (logits[500] - lse)).abs() < 1e-5, "{} vs {}", chosen.logprob, logits[500] - lse);
+        let want: Vec<f32> = order[..20].iter().map(|&i| logits[i] - lse).collect();
+        let got: Vec<f32> = top.iter().map(|t| t.logprob).collect();
+        assert_eq!(got.len(), 20);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+        assert_eq!(top[0].id, 3);
+    }
+
+    #[test]
+    fn the_vector_exp_is_within_3e7_of_libm() {
+        for i in 0..=20_000 {
+            let x = -90.0 * i as f32 / 20_000.0;
+            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            let tolerance = if x < -87.0 { want } else { 3e-7 * want };
+            assert!((got - want).abs() <= tolerance, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 }
