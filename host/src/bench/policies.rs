@@ -343,6 +343,7 @@ fn replay_eviction(m: &LoadedModel, trace: &[&Tokenized], evictor: Arc<dyn Evict
                     namespace: Default::default(),
                     k: vec![vec![0.0; c.len()]],
                     v: vec![vec![0.0; c.len()]],
+                    hidden: Vec::new(),
                 };
                 // What recomputing it costs: ~2 ms per token on the 2-core machine.
                 store.put(key, Arc::new(kv), c.len() as u64 * 2_000);

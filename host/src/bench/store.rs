@@ -62,7 +62,7 @@ pub fn run(m: &LoadedModel, tokens: usize, reps: usize, dir: &Path) -> anyhow::R
     for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16] {
         let data = dir.join(format!("{dtype:?}").to_lowercase());
         let _ = std::fs::remove_dir_all(&data);
-        let layout = Layout::new(m.model.fingerprint(), cfg.layers, cfg.kv_heads, cfg.head_dim, dtype);
+        let layout = Layout::new(m.model.fingerprint(), cfg.layers, cfg.kv_heads, cfg.head_dim, cfg.hidden, dtype);
         let options =
             StoreOptions { ram_budget_bytes: 1 << 30, data_dir: Some(data.clone()), dtype, ..StoreOptions::default() };
         {

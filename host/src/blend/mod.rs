@@ -220,8 +220,10 @@ pub struct Prefill {
     pub logits: Vec<f32>,
     pub report: ReuseReport,
     /// When asked for ([`Prefilling::keeping_hidden`]): the last layer's hidden states of the
-    /// rows computed in one run to the prompt's end, from this row on (what scoring the
-    /// prompt reads instead of running the layers again).
+    /// prompt's rows from this row on to its end, as far as the prefill knows them all (what
+    /// scoring the prompt reads instead of running the layers again). A row's state is the one
+    /// it was computed with: this prefill's, or that of the stored chunk it came from — which,
+    /// like the chunk's K/V, saw the chunk's first context.
     pub hidden: Option<(usize, Vec<f32>)>,
 }
 
@@ -298,8 +300,15 @@ fn splice(model: &Model, cache: &mut KvCache, kv: &ChunkKv, from: usize, rows: R
 }
 
 /// The chunk at `rows` of `cache` for the store: K before RoPE (`rotated = false`) or as
-/// rotated in the cache.
-fn extract(model: &Model, cache: &KvCache, ids: &[u32], rows: Range<usize>, rotated: bool) -> ChunkKv {
+/// rotated in the cache, with the rows' last-layer hidden states when known (else none).
+fn extract(
+    model: &Model,
+    cache: &KvCache,
+    ids: &[u32],
+    rows: Range<usize>,
+    rotated: bool,
+    hidden: Option<&[f32]>,
+) -> ChunkKv {
     let d = cache.kv_dim();
     let k = match rotated {
         true => cache.layers.iter().map(|l| l.k[rows.start * d..rows.end * d].to_vec()).collect(),
@@ -312,6 +321,7 @@ fn extract(model: &Model, cache: &KvCache, ids: &[u32], rows: Range<usize>, rota
         namespace: Default::default(),
         k,
         v: cache.layers.iter().map(|l| l.v[rows.start * d..rows.end * d].to_vec()).collect(),
+        hidden: hidden.map(<[f32]>::to_vec).unwrap_or_default(),
     }
 }
 

@@ -35,7 +35,7 @@ use super::{
     micros, pieces, splice,
 };
 use crate::engine::{EngineError, KvCache, Model};
-use crate::store::{ChunkStore, Scope, SpanMatch, Use};
+use crate::store::{ChunkKv, ChunkStore, Scope, SpanMatch, Use};
 
 /// What a finished prefill stores.
 enum Keep {
@@ -151,9 +151,50 @@ pub struct Prefilling {
     report: ReuseReport,
     /// The namespaces read from and written to.
     scope: Scope,
-    /// Keep the last layer's hidden states of the rows run to the end in one go (`Extend`):
-    /// from which row, and the states.
-    hidden: Option<(usize, Vec<f32>)>,
+    /// The last layer's hidden states known so far, kept in every mode but `off` (whose
+    /// chunks are not stored) and whenever the finished prefill hands them on.
+    states: States,
+    /// The finished prefill hands its states on ([`Prefilling::keeping_hidden`]).
+    keep_hidden: bool,
+}
+
+/// The last layer's hidden state of each row of a prompt, where known: rows the prefill ran
+/// through every layer, and reused rows whose chunk stored its states.
+struct States {
+    /// `rows × hidden`, allocated at the first state set.
+    x: Vec<f32>,
+    known: Vec<bool>,
+    hidden: usize,
+}
+
+impl States {
+    fn new(rows: usize, hidden: usize) -> Self {
+        Self { x: Vec::new(), known: vec![false; rows], hidden }
+    }
+
+    /// Row `row`'s state and the rows' after it, from `x` (whole rows).
+    fn set(&mut self, row: usize, x: &[f32]) {
+        if self.x.is_empty() {
+            self.x = vec![0.0; self.known.len() * self.hidden];
+        }
+        let n = x.len() / self.hidden;
+        self.x[row * self.hidden..(row + n) * self.hidden].copy_from_slice(x);
+        self.known[row..row + n].iter_mut().for_each(|k| *k = true);
+    }
+
+    /// The states of `rows`, if every one is known.
+    fn rows(&self, rows: Range<usize>) -> Option<&[f32]> {
+        self.known[rows.clone()].iter().all(|&k| k).then(|| &self.x[rows.start * self.hidden..rows.end * self.hidden])
+    }
+
+    /// From the first row on which every state is known to the end: that row and the states.
+    fn tail(mut self) -> Option<(usize, Vec<f32>)> {
+        let first = self.known.iter().rposition(|&k| !k).map_or(0, |r| r + 1);
+        if self.x.is_empty() {
+            return None;
+        }
+        (first < self.known.len()).then(|| (first, self.x.split_off(first * self.hidden)))
+    }
 }
 
 impl Prefilling {
@@ -171,7 +212,8 @@ impl Prefilling {
             keep: Keep::Nothing,
             report: ReuseReport::default(),
             scope: Scope::default(),
-            hidden: None,
+            states: States::new(prompt.ids.len(), model.config().hidden),
+            keep_hidden: false,
         }
     }
 
@@ -180,7 +222,7 @@ impl Prefilling {
     /// without a hit computes): a request that scores its prompt reads them instead of running
     /// those rows again.
     pub fn keeping_hidden(mut self) -> Self {
-        self.hidden = Some((usize::MAX, Vec::new()));
+        self.keep_hidden = true;
         self
     }
 
@@ -188,6 +230,19 @@ impl Prefilling {
     pub fn in_scope(mut self, scope: Scope) -> Self {
         self.scope = scope;
         self
+    }
+
+    /// The stored states of the chunk rows `from..` spliced at `rows`, when it has them.
+    fn reuse_states(&mut self, kv: &ChunkKv, from: usize, rows: Range<usize>) {
+        let h = self.states.hidden;
+        if kv.hidden.len() == kv.tokens.len() * h {
+            self.states.set(rows.start, &kv.hidden[from * h..(from + rows.len()) * h]);
+        }
+    }
+
+    /// Whether the prefill keeps the hidden states it learns.
+    fn tracks_states(&self) -> bool {
+        self.mode != CacheMode::Off || self.keep_hidden
     }
 
     /// Token-layers left before the prefill completes (an estimate before the lookup).
@@ -305,6 +360,7 @@ impl Prefilling {
                     let positions: Vec<u32> = (m.prompt.start as u32..m.prompt.end as u32).collect();
                     let rows = self.cache.push_rows(&positions);
                     splice(model, &mut self.cache, &kv, 0, rows);
+                    self.reuse_states(&kv, 0, m.prompt.clone());
                     hit_end = m.prompt.end;
                     self.report.spans += 1;
                     self.report.chunks_hit += 1;
@@ -332,6 +388,7 @@ impl Prefilling {
                         continue;
                     }
                     splice(model, &mut self.cache, &kv, m.offset, m.prompt.clone());
+                    self.reuse_states(&kv, m.offset, m.prompt.clone());
                     spans.push(m);
                 }
                 let reused: Vec<usize> = spans.iter().flat_map(|m| m.prompt.clone()).collect();
@@ -376,11 +433,8 @@ impl Prefilling {
             &mut self.cache,
             model.prefill_weights(),
         )?;
-        if let Some((first, kept)) = self.hidden.as_mut() {
-            if kept.is_empty() {
-                *first = rows.start;
-            }
-            kept.extend_from_slice(&x);
+        if self.tracks_states() {
+            self.states.set(rows.start, &x);
         }
         match rows.end == self.ids.len() {
             true => Ok(Some(model.logits(&x, &[rows.len() - 1])?)),
@@ -516,7 +570,12 @@ impl Prefilling {
         r.done += take;
         if r.done == r.rows.len() {
             match until == layers {
-                true => r.logits = model.logits(&r.xs[(r.rows.len() - 1) * hidden..], &[0])?,
+                true => {
+                    r.logits = model.logits(&r.xs[(r.rows.len() - 1) * hidden..], &[0])?;
+                    for (&row, x) in r.rows.iter().zip(r.xs.chunks_exact(hidden)) {
+                        self.states.set(row, x);
+                    }
+                }
                 false => r.narrow(r.keeps(until, check), hidden),
             }
             (r.layer, r.done) = (until, 0);
@@ -550,7 +609,8 @@ impl Prefilling {
                     for piece in pieces(run, &cuts, self.opts.min_span) {
                         let key = ChunkKey::compose(fp, &self.ids[piece.clone()]);
                         if !store.contains(&key) {
-                            let mut kv = extract(model, &self.cache, &self.ids, piece.clone(), false);
+                            let states = self.states.rows(piece.clone());
+                            let mut kv = extract(model, &self.cache, &self.ids, piece.clone(), false, states);
                             kv.namespace = self.scope.write.clone();
                             store.put(key, Arc::new(kv), cost_per_token * piece.len() as u64);
                             self.report.chunks_stored += 1;
@@ -562,7 +622,8 @@ impl Prefilling {
                 for piece in pieces(from..n, &policy.cut(&input), 1) {
                     let key = ChunkKey::prefix(fp, &self.ids[..piece.end]);
                     if !store.contains(&key) {
-                        let mut kv = extract(model, &self.cache, &self.ids, piece.clone(), true);
+                        let states = self.states.rows(piece.clone());
+                        let mut kv = extract(model, &self.cache, &self.ids, piece.clone(), true, states);
                         kv.parent = Some(parent);
                         kv.namespace = self.scope.write.clone();
                         store.put(key, Arc::new(kv), cost_per_token * piece.len() as u64);
@@ -577,12 +638,8 @@ impl Prefilling {
             tracing::debug!(report = ?self.report, "compose prefill");
         }
         let cache = std::mem::replace(&mut self.cache, model.new_cache());
-        // Only states of rows that ran in order to the end are whole (a compose recompute
-        // leaves gaps): those are kept, anything else is dropped.
-        let hidden = self
-            .hidden
-            .take()
-            .filter(|(first, h)| !h.is_empty() && *first + h.len() / model.config().hidden == self.ids.len());
+        let states = std::mem::replace(&mut self.states, States::new(0, 0));
+        let hidden = if self.keep_hidden { states.tail() } else { None };
         Prefill { cache, logits, report: self.report, hidden }
     }
 }

@@ -123,7 +123,7 @@ const STREAM_KEY: &[u8] = b"stream";
 pub struct DiskTier {
     index: sled::Db,
     files: Box<dyn SegmentFiles>,
-    layout: Layout,
+    pub(super) layout: Layout,
     model_hex: String,
     budget: u64,
     /// What one namespace may hold.

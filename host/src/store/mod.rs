@@ -159,12 +159,15 @@ pub struct ChunkKv {
     pub k: Vec<Vec<f32>>,
     /// Per layer, `tokens × kv_dim` V.
     pub v: Vec<Vec<f32>>,
+    /// The last layer's hidden state of every token as computed with the chunk (`tokens ×
+    /// hidden`), or empty: what scoring a prompt that reuses the chunk reads for its rows.
+    pub hidden: Vec<f32>,
 }
 
 impl ChunkKv {
-    /// Bytes of KV held in memory.
+    /// Bytes of KV (and hidden states) held in memory.
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+        self.k.iter().chain(&self.v).chain([&self.hidden]).map(|l| l.len() * 4).sum()
     }
 }
 
@@ -439,6 +442,9 @@ pub struct Store {
     evictor: Arc<RwLock<Arc<dyn Evictor>>>,
     dtype: KvDtype,
     prefix_dtype: KvDtype,
+    /// The width of a token's hidden state the payloads keep ([`Layout::hidden`]), when a
+    /// tier writes payloads.
+    hidden: Option<usize>,
     stats: Arc<StoreStats>,
     /// Every chunk some tier holds, by content (shared with the writer, which reports what
     /// reaches and leaves the disk).
@@ -505,6 +511,7 @@ impl Store {
             stats.remote = r.stats().clone();
         }
         let stats = Arc::new(stats);
+        let hidden = disk.as_ref().map(|d| d.layout.hidden).or(remote.as_ref().map(|r| r.layout.hidden)).map(usize::from);
         stats.ram.budget.store(options.ram_budget_bytes, Ordering::Relaxed);
         let evictor: Arc<RwLock<Arc<dyn Evictor>>> = Arc::new(RwLock::new(Arc::new(LeastRecentlyUsed)));
         let mut index = SpanIndex::new(options.min_span);
@@ -586,6 +593,7 @@ impl Store {
             evictor,
             dtype: options.dtype,
             prefix_dtype: options.prefix_dtype,
+            hidden,
             stats,
             spans,
         };
@@ -928,12 +936,16 @@ impl ChunkStore for Store {
     fn put(&self, key: ChunkKey, kv: Arc<ChunkKv>, cost_us: u64) {
         // Chunks are rounded to the stored type now, so RAM and disk serve the same values;
         // prefix-cache chunks stay exact unless told otherwise (see `Layout::dtype_for`).
+        // Hidden states of another width than payloads keep are dropped here, not at the disk.
         let mut kv = kv;
+        if self.hidden.is_some_and(|h| !kv.hidden.is_empty() && kv.hidden.len() != kv.tokens.len() * h) {
+            Arc::make_mut(&mut kv).hidden = Vec::new();
+        }
         let dtype = if kv.rotated_at.is_some() { self.prefix_dtype } else { self.dtype };
         if dtype != KvDtype::F32 {
             // In place when the caller handed over its only reference (blend does).
             let owned = Arc::make_mut(&mut kv);
-            owned.k.iter_mut().chain(owned.v.iter_mut()).for_each(|l| dtype.round(l));
+            owned.k.iter_mut().chain(owned.v.iter_mut()).chain([&mut owned.hidden]).for_each(|l| dtype.round(l));
         }
         let now = now_ms();
         let stats = ChunkStats {

@@ -1,14 +1,17 @@
 //! The on-disk form of one chunk: a versioned header, the token ids, K and V per layer in the
-//! configured element type, and a CRC-32 trailer over everything before it.
+//! configured element type, optionally the last layer's hidden state of every token (what
+//! scoring a prompt that reuses the chunk reads instead of running those rows again), and a
+//! CRC-32 trailer over everything before it.
 //!
 //! ```text
 //!   0  magic "KVGATEKV"          40  chunk key (32 bytes)
 //!   8  version u16 = 1           72  sha256 of the model fingerprint (32 bytes)
 //!  10  dtype u8 (0 f32, 1 f16, 2 bf16)
-//!  11  flags u8 (bit 0: K rotated)   104..128 reserved (zero)
+//!  11  flags u8 (bit 0: K rotated, bit 1: hidden states)   104..128 reserved (zero)
 //!  12  rotated_at u32            128  tokens × u32
-//!  16  layers, kv_heads, head_dim u16 ×3   then per layer: K, V (tokens × kv_dim elements)
-//!  24  tokens u32                end  crc32 u32 of bytes 0..end
+//!  16  layers, kv_heads, head_dim, hidden u16 ×4   then per layer: K, V (tokens × kv_dim
+//!  24  tokens u32                      elements); with bit 1, tokens × hidden elements
+//!                                end  crc32 u32 of bytes 0..end
 //!  32  total length u64
 //! ```
 //!
@@ -108,17 +111,27 @@ pub struct Layout {
     pub layers: u16,
     pub kv_heads: u16,
     pub head_dim: u16,
+    /// The model's hidden size: the width of a token's stored hidden state.
+    pub hidden: u16,
     pub dtype: KvDtype,
     pub prefix_dtype: KvDtype,
 }
 
 impl Layout {
-    pub fn new(fingerprint: &str, layers: usize, kv_heads: usize, head_dim: usize, dtype: KvDtype) -> Self {
+    pub fn new(
+        fingerprint: &str,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        hidden: usize,
+        dtype: KvDtype,
+    ) -> Self {
         Self {
             model: Sha256::digest(fingerprint.as_bytes()).into(),
             layers: layers as u16,
             kv_heads: kv_heads as u16,
             head_dim: head_dim as u16,
+            hidden: hidden as u16,
             dtype,
             prefix_dtype: KvDtype::F32,
         }
@@ -139,13 +152,14 @@ impl Layout {
         if kv.rotated_at.is_some() { self.prefix_dtype } else { self.dtype }
     }
 
-    /// Payload bytes of a compositional-reuse chunk of `tokens` tokens.
+    /// Payload bytes of a compositional-reuse chunk of `tokens` tokens, with its hidden states.
     pub fn payload_len(&self, tokens: usize) -> usize {
-        self.payload_len_as(tokens, self.dtype)
+        self.payload_len_as(tokens, self.dtype, true)
     }
 
-    fn payload_len_as(&self, tokens: usize, dtype: KvDtype) -> usize {
-        HEADER_LEN + tokens * 4 + 2 * self.layers as usize * tokens * self.kv_dim() * dtype.size() + TRAILER_LEN
+    fn payload_len_as(&self, tokens: usize, dtype: KvDtype, hidden: bool) -> usize {
+        let width = 2 * self.layers as usize * self.kv_dim() + if hidden { self.hidden as usize } else { 0 };
+        HEADER_LEN + tokens * 4 + tokens * width * dtype.size() + TRAILER_LEN
     }
 }
 
@@ -175,20 +189,24 @@ pub struct Header {
     pub total_len: u64,
     pub tokens: u32,
     pub dtype: KvDtype,
+    /// The payload holds the tokens' hidden states.
+    pub hidden: bool,
 }
 
 /// Encodes a chunk; returns the bytes and their checksum (the trailer).
+/// A chunk's hidden states are kept when it has one per token of the layout's width.
 pub fn encode(key: &ChunkKey, kv: &ChunkKv, layout: &Layout) -> (Vec<u8>, u32) {
     let n = kv.tokens.len();
     let dtype = layout.dtype_for(kv);
-    let total = layout.payload_len_as(n, dtype);
+    let hidden = layout.hidden > 0 && kv.hidden.len() == n * layout.hidden as usize;
+    let total = layout.payload_len_as(n, dtype, hidden);
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.push(dtype.code());
-    out.push(kv.rotated_at.is_some() as u8);
+    out.push(kv.rotated_at.is_some() as u8 | (hidden as u8) << 1);
     out.extend_from_slice(&kv.rotated_at.unwrap_or(0).to_le_bytes());
-    for v in [layout.layers, layout.kv_heads, layout.head_dim, 0] {
+    for v in [layout.layers, layout.kv_heads, layout.head_dim, if hidden { layout.hidden } else { 0 }] {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out.extend_from_slice(&(n as u32).to_le_bytes());
@@ -203,6 +221,9 @@ pub fn encode(key: &ChunkKey, kv: &ChunkKv, layout: &Layout) -> (Vec<u8>, u32) {
     for (k, v) in kv.k.iter().zip(&kv.v) {
         put_values(&mut out, k, dtype);
         put_values(&mut out, v, dtype);
+    }
+    if hidden {
+        put_values(&mut out, &kv.hidden, dtype);
     }
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -242,20 +263,23 @@ pub fn header(bytes: &[u8], layout: &Layout) -> Result<Header, PayloadError> {
     }
     let dtype =
         KvDtype::from_code(bytes[10]).filter(|&d| d == layout.dtype || d == layout.prefix_dtype || d == KvDtype::F32);
+    let hidden = bytes[11] & 2 != 0;
     let same_layout = u16_at(16) == layout.layers
         && u16_at(18) == layout.kv_heads
         && u16_at(20) == layout.head_dim
+        && u16_at(22) == if hidden { layout.hidden } else { 0 }
+        && bytes[11] & !3 == 0
         && bytes[72..104] == layout.model;
     let (true, Some(dtype)) = (same_layout, dtype) else {
         return Err(PayloadError::Layout);
     };
     let tokens = u32_at(24);
     let total_len = u64::from_le_bytes(bytes[32..40].try_into().unwrap());
-    let expected = layout.payload_len_as(tokens as usize, dtype) as u64;
+    let expected = layout.payload_len_as(tokens as usize, dtype, hidden) as u64;
     if total_len != expected {
         return Err(PayloadError::Length { found: total_len as usize, expected: expected as usize });
     }
-    Ok(Header { key: ChunkKey(bytes[40..72].try_into().unwrap()), total_len, tokens, dtype })
+    Ok(Header { key: ChunkKey(bytes[40..72].try_into().unwrap()), total_len, tokens, dtype, hidden })
 }
 
 /// Decodes and verifies a whole payload read for `key`. A prefix-cache chunk's `parent` is
@@ -287,7 +311,11 @@ pub fn decode(bytes: &[u8], key: &ChunkKey, layout: &Layout) -> Result<ChunkKv, 
         v.push(get_values(&body[at + width..at + 2 * width], h.dtype));
         at += 2 * width;
     }
-    Ok(ChunkKv { tokens, rotated_at, parent: None, namespace: Default::default(), k, v })
+    let hidden = match h.hidden {
+        true => get_values(&body[at..at + n * layout.hidden as usize * h.dtype.size()], h.dtype),
+        false => Vec::new(),
+    };
+    Ok(ChunkKv { tokens, rotated_at, parent: None, namespace: Default::default(), k, v, hidden })
 }
 
 /// The token ids of the payload for `key`, from its header and token section alone (no
@@ -335,16 +363,17 @@ mod tests {
             namespace: Default::default(),
             k: (0..layout.layers).map(|l| vals(l as f32)).collect(),
             v: (0..layout.layers).map(|l| vals(-(l as f32))).collect(),
+            hidden: vals(0.5)[..n * layout.hidden as usize].to_vec(),
         }
     }
 
     #[test]
     fn round_trips_in_every_dtype() {
         for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16] {
-            let layout = Layout::new("model", 3, 2, 4, dtype);
+            let layout = Layout::new("model", 3, 2, 4, 5, dtype);
             let key = ChunkKey([7; 32]);
             let mut kv = chunk(5, &layout);
-            kv.k.iter_mut().chain(kv.v.iter_mut()).for_each(|l| dtype.round(l));
+            kv.k.iter_mut().chain(kv.v.iter_mut()).chain([&mut kv.hidden]).for_each(|l| dtype.round(l));
             let (bytes, _) = encode(&key, &kv, &layout);
             assert_eq!(bytes.len(), layout.payload_len(5));
             assert_eq!(decode(&bytes, &key, &layout).unwrap(), kv, "{dtype:?}: rounded values survive exactly");
@@ -353,18 +382,34 @@ mod tests {
 
     #[test]
     fn prefix_chunks_stay_exact_in_f32() {
-        let layout = Layout::new("model", 2, 1, 4, KvDtype::F16);
+        let layout = Layout::new("model", 2, 1, 4, 5, KvDtype::F16);
         let key = ChunkKey([3; 32]);
         let mut kv = chunk(5, &layout);
         kv.rotated_at = Some(17);
         let (bytes, _) = encode(&key, &kv, &layout);
-        assert_eq!(bytes.len(), layout.payload_len_as(5, KvDtype::F32));
+        assert_eq!(bytes.len(), layout.payload_len_as(5, KvDtype::F32, true));
         assert_eq!(decode(&bytes, &key, &layout).unwrap(), kv, "not rounded");
     }
 
     #[test]
+    fn hidden_states_are_optional_and_of_the_layouts_width() {
+        let layout = Layout::new("model", 2, 1, 4, 5, KvDtype::F32);
+        let key = ChunkKey([4; 32]);
+        let mut kv = chunk(3, &layout);
+        kv.hidden.clear();
+        let (bytes, _) = encode(&key, &kv, &layout);
+        assert_eq!(bytes.len(), layout.payload_len_as(3, KvDtype::F32, false));
+        assert_eq!(decode(&bytes, &key, &layout).unwrap(), kv, "a chunk without states comes back without");
+        let with = encode(&key, &chunk(3, &layout), &layout).0;
+        assert_eq!(with.len(), layout.payload_len(3));
+        let wider = Layout::new("model", 2, 1, 4, 6, KvDtype::F32);
+        assert_eq!(decode(&with, &key, &wider), Err(PayloadError::Layout));
+        assert!(decode(&bytes, &key, &wider).is_ok(), "no states: the width does not matter");
+    }
+
+    #[test]
     fn every_flipped_byte_is_refused() {
-        let layout = Layout::new("model", 2, 1, 4, KvDtype::F16);
+        let layout = Layout::new("model", 2, 1, 4, 5, KvDtype::F16);
         let key = ChunkKey([1; 32]);
         let (bytes, _) = encode(&key, &chunk(3, &layout), &layout);
         for i in 0..bytes.len() {
@@ -374,7 +419,7 @@ mod tests {
         }
         assert!(decode(&bytes[..bytes.len() - 1], &key, &layout).is_err(), "a torn payload");
         assert_eq!(decode(&bytes, &ChunkKey([2; 32]), &layout), Err(PayloadError::Key));
-        let other = Layout::new("other model", 2, 1, 4, KvDtype::F16);
+        let other = Layout::new("other model", 2, 1, 4, 5, KvDtype::F16);
         assert_eq!(decode(&bytes, &key, &other), Err(PayloadError::Layout));
     }
 }

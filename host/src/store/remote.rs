@@ -149,7 +149,7 @@ struct Breaker {
 pub struct RemoteTier {
     client: redis::Client,
     options: RemoteOptions,
-    layout: Layout,
+    pub(super) layout: Layout,
     /// `kvgate:<model>-<dtype>`: one fleet's keys (nodes of another model or element type
     /// never read them).
     prefix: String,
@@ -592,12 +592,13 @@ mod tests {
             namespace: Namespace::new(ns),
             k: vec![vec![0.5; 3 * 4]; 2],
             v: vec![vec![-0.25; 3 * 4]; 2],
+            hidden: vec![0.75; 3 * 3],
         }
     }
 
     #[test]
     fn a_value_round_trips_and_any_flipped_byte_is_refused() {
-        let layout = Layout::new("model", 2, 1, 4, KvDtype::F16);
+        let layout = Layout::new("model", 2, 1, 4, 3, KvDtype::F16);
         let key = ChunkKey([9; 32]);
         let bytes = encode_value(&key, &kv("tenant-a"), &layout);
         assert_eq!(decode_value(&bytes, &key, &layout).unwrap(), kv("tenant-a"));
@@ -608,7 +609,7 @@ mod tests {
         }
         assert!(decode_value(&bytes[..bytes.len() - 3], &key, &layout).is_err(), "a truncated value");
         assert!(decode_value(&bytes, &ChunkKey([8; 32]), &layout).is_err(), "under another key");
-        let other = Layout::new("other model", 2, 1, 4, KvDtype::F16);
+        let other = Layout::new("other model", 2, 1, 4, 3, KvDtype::F16);
         assert!(decode_value(&bytes, &key, &other).is_err(), "for another model");
     }
 

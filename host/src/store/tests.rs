@@ -13,9 +13,10 @@ use super::*;
 const LAYERS: usize = 2;
 const KV_HEADS: usize = 1;
 const HEAD_DIM: usize = 64;
+const HIDDEN: usize = 32;
 
 fn layout() -> Layout {
-    Layout::new("test-model", LAYERS, KV_HEADS, HEAD_DIM, KvDtype::F16)
+    Layout::new("test-model", LAYERS, KV_HEADS, HEAD_DIM, HIDDEN, KvDtype::F16)
 }
 
 /// A fresh directory, removed when dropped.
@@ -41,6 +42,7 @@ fn chunk(i: u32, tokens: usize) -> (ChunkKey, Arc<ChunkKv>) {
         namespace: Default::default(),
         k: (0..LAYERS).map(|l| layer(l, 0.5)).collect(),
         v: (0..LAYERS).map(|l| layer(l, -0.5)).collect(),
+        hidden: layer(LAYERS, 1.5)[..tokens * HIDDEN].to_vec(),
     };
     (ChunkKey::compose("test-model", &ids), Arc::new(kv))
 }

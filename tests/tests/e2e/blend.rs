@@ -273,7 +273,7 @@ fn a_run_inside_a_stored_chunk_splices_like_a_whole_chunk() {
     assert!(found.iter().any(|s| s.is_partial()), "{found:?}");
     // The same KV, each run a chunk of its own.
     let b = ram(1 << 30);
-    let d = m.model.config().kv_dim();
+    let (d, h) = (m.model.config().kv_dim(), m.model.config().hidden);
     for s in &found {
         let kv = a.get(&s.key).unwrap();
         let rows = s.offset * d..(s.offset + s.len()) * d;
@@ -284,6 +284,7 @@ fn a_run_inside_a_stored_chunk_splices_like_a_whole_chunk() {
             namespace: Default::default(),
             k: kv.k.iter().map(|l| l[rows.clone()].to_vec()).collect(),
             v: kv.v.iter().map(|l| l[rows.clone()].to_vec()).collect(),
+            hidden: kv.hidden[s.offset * h..(s.offset + s.len()) * h].to_vec(),
         };
         b.put(ChunkKey::compose(m.model.fingerprint(), &ids[s.prompt.clone()]), std::sync::Arc::new(part), 1);
     }
@@ -303,15 +304,18 @@ fn a_run_inside_a_stored_chunk_splices_like_a_whole_chunk() {
 }
 
 /// Scoring a prompt from the hidden states its prefill kept (sliced as the scheduler slices)
-/// gives bit for bit what another pass over the cache gives; a compose prefill that reused
-/// something keeps none (its reused rows never ran the last layers).
+/// gives bit for bit what another pass over the cache gives. A compose prefill that reused
+/// chunks knows every row's state too: the rows it computed score as another pass scores
+/// them, and the reused rows carry the states their chunks stored (here computed after the
+/// same text at the same positions, in f32: bit for bit what `off` computes), except the rows
+/// compose recomputed, which carry their new states.
 #[test]
 fn scoring_from_the_prefills_hidden_states_equals_another_pass() {
     let m = model();
-    let (ids, starts) = tokens(&rag(&[0, 1, 2], "What does Cargo do?"));
-    let input = blend::CutInput { ids: &ids, offsets: &[], text: "", segment_starts: &starts, chunk_tokens: 256 };
-    let (opts, policy) = (BlendOptions::default(), blend::BuiltinPolicy { chunk_head_tokens: 0 });
-    let prefill = |mode: CacheMode, store: &Store| {
+    let opts = BlendOptions::default();
+    let policy = blend::BuiltinPolicy { chunk_head_tokens: 0 };
+    let prefill = |ids: &[u32], starts: &[usize], mode: CacheMode, store: &Store| {
+        let input = blend::CutInput { ids, offsets: &[], text: "", segment_starts: starts, chunk_tokens: 256 };
         let mut task = blend::Prefilling::new(&m.model, &input, mode, &opts).keeping_hidden();
         loop {
             // About 7 tokens' worth of layers a step: slices, as the scheduler runs them.
@@ -320,14 +324,34 @@ fn scoring_from_the_prefills_hidden_states_equals_another_pass() {
             }
         }
     };
+    let (ids, starts) = tokens(&rag(&[0, 1, 2], "What does Cargo do?"));
     let store = ram(1 << 30);
-    let off = prefill(CacheMode::Off, &store);
+    let off = prefill(&ids, &starts, CacheMode::Off, &store);
     let (first, hidden) = off.hidden.as_ref().expect("off keeps every row's state");
     assert_eq!(*first, 0);
     for from in [1, 9] {
         let again = m.model.score(&ids, from, &off.cache, 5).unwrap();
         assert_eq!(m.model.score_hidden(&ids, from, 0, hidden, 5).unwrap(), again, "from {from}");
     }
-    prefill(CacheMode::Compose, &store); // stores the prompt's chunks
-    assert!(prefill(CacheMode::Compose, &store).hidden.is_none(), "a blended prefill keeps no states");
+    prefill(&ids, &starts, CacheMode::Compose, &store); // stores the prompt's chunks
+    let question = "Which of the passages above says how a crate gets published, and to which registry?";
+    let (ids, starts) = tokens(&rag(&[0, 1, 2], question));
+    let (off, blended) =
+        (prefill(&ids, &starts, CacheMode::Off, &store), prefill(&ids, &starts, CacheMode::Compose, &store));
+    assert!(blended.report.reused_tokens > 100, "{:?}", blended.report);
+    let (first, states) = blended.hidden.as_ref().expect("every row's state is known");
+    assert_eq!(*first, 0);
+    let scored = m.model.score_hidden(&ids, 1, 0, states, 5).unwrap();
+    let reference = m.model.score(&ids, 1, &off.cache, 5).unwrap();
+    // The passages: the rows before the new question (scored token i + 1 at entry i).
+    let shared = ids.iter().zip(&tokens(&rag(&[0, 1, 2], "What does Cargo do?")).0).take_while(|(a, b)| a == b).count();
+    let diffs: Vec<f32> = (0..shared - 1).map(|i| (scored[i].0.logprob - reference[i].0.logprob).abs()).collect();
+    let exact = diffs.iter().filter(|&&d| d == 0.0).count();
+    let recomputed = (opts.recompute_budget * blended.report.reused_tokens as f32).round() as usize;
+    assert!(exact + recomputed >= diffs.len(), "{exact} of {} rows exact, {recomputed} recomputed", diffs.len());
+    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    assert!(mean < 0.01, "mean |Δ logprob| {mean} over the reused rows");
+    // The question: computed by this prefill.
+    let again = m.model.score(&ids, shared + 1, &blended.cache, 5).unwrap();
+    assert_eq!(scored[shared..], again[..], "the rows compose computed score as another pass does");
 }

@@ -17,9 +17,10 @@ use crate::util::{Redis, Server};
 
 const LAYERS: usize = 2;
 const HEAD_DIM: usize = 64;
+const HIDDEN: usize = 16;
 
 fn layout() -> Layout {
-    Layout::new("test-model", LAYERS, 1, HEAD_DIM, KvDtype::F16)
+    Layout::new("test-model", LAYERS, 1, HEAD_DIM, HIDDEN, KvDtype::F16)
 }
 
 /// Chunk `i` of `tokens` tokens, derived from `i` alone, already rounded to f16 as stored.
@@ -38,6 +39,7 @@ fn chunk(i: u32, tokens: usize) -> (ChunkKey, Arc<ChunkKv>) {
         namespace: Namespace::default(),
         k: (0..LAYERS).map(|l| layer(l, 0.5)).collect(),
         v: (0..LAYERS).map(|l| layer(l, -0.5)).collect(),
+        hidden: layer(LAYERS, 1.5)[..tokens * HIDDEN].to_vec(),
     };
     (ChunkKey::compose("test-model", &ids), Arc::new(kv))
 }
