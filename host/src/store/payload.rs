@@ -363,7 +363,7 @@ mod tests {
             namespace: Default::default(),
             k: (0..layout.layers).map(|l| vals(l as f32)).collect(),
             v: (0..layout.layers).map(|l| vals(-(l as f32))).collect(),
-            hidden: vals(0.5)[..n * layout.hidden as usize].to_vec(),
+            hidden: (0..n * layout.hidden as usize).map(|i| (i as f32 * 0.29 + 0.5).cos()).collect(),
         }
     }
 
