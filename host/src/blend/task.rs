@@ -217,10 +217,9 @@ impl Prefilling {
         }
     }
 
-    /// The same prefill keeping the last layer's hidden states of the rows it runs through
-    /// every layer in order to the prompt's end (`off`, and what `prefix` or a compose prefill
-    /// without a hit computes): a request that scores its prompt reads them instead of running
-    /// those rows again.
+    /// The same prefill handing on the last layer's hidden states it knows ([`Prefill::hidden`]):
+    /// of the rows it runs through every layer, and of the reused rows whose chunks stored
+    /// theirs. A request that scores its prompt reads them instead of running the rows again.
     pub fn keeping_hidden(mut self) -> Self {
         self.keep_hidden = true;
         self

@@ -608,8 +608,9 @@ impl Loop {
     }
 
     /// The prompt echoed back, scored from token `from` on when logprobs were asked for.
-    /// The rows the prefill ran through every layer in one go keep their hidden states, and
-    /// those are scored without another pass; other prompts (compose, prefix hits) take one.
+    /// Scored from the hidden states the prefill knows (its own rows', and those reused chunks
+    /// stored) with the LM head alone; a prompt with a row of unknown state before `from`
+    /// (a chunk stored without states) takes another pass over the cache.
     fn echo(&self, a: &Admitted, done: &Prefill, from: usize, logprobs: Option<usize>) -> Result<(), EngineError> {
         let from = from.clamp(1, a.ids.len());
         let model = &self.model.model;
