@@ -120,11 +120,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// The log-probability of `id` and the `top` most likely tokens, from one row of logits.
 /// Three passes over the row, each written in [`LANES`]-wide strips the compiler turns into
-/// vector code: the maximum, the sum of `exp(l - max)` (with [`exp_nonpositive`], not a libm
-/// call per logit), and the top tokens, skipping every strip whose largest logit would not
-/// enter them.
+/// vector code: the maximum of every strip of [`TOP_STRIP`] logits, the sum of `exp(l - max)`
+/// (with [`exp_nonpositive`], not a libm call per logit), and the top tokens, skipping every
+/// strip whose maximum would not enter them.
 pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (TokenLogprob, Vec<TokenLogprob>) {
-    let max = lane_max(logits);
+    let strip_max: Vec<f32> = logits.chunks(TOP_STRIP).map(lane_max).collect();
+    let max = strip_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sums = [0f32; LANES];
     let strips = logits.chunks_exact(LANES);
     let tail: f32 = strips.remainder().iter().map(|&l| exp_nonpositive(l - max)).sum();
@@ -137,14 +138,14 @@ pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (TokenLogprob, Vec<Token
     let chosen = TokenLogprob { id, logprob: logits[id as usize] - lse };
     let mut best: Vec<TokenLogprob> = Vec::with_capacity(top + 1);
     if top > 0 {
-        for (s, strip) in logits.chunks(LANES).enumerate() {
-            if best.len() == top && lane_max(strip) <= best[top - 1].logprob {
+        for (s, (strip, &m)) in logits.chunks(TOP_STRIP).zip(&strip_max).enumerate() {
+            if best.len() == top && m <= best[top - 1].logprob {
                 continue;
             }
             for (i, &l) in strip.iter().enumerate() {
                 if best.len() < top || l > best[best.len() - 1].logprob {
                     let pos = best.partition_point(|b| b.logprob >= l);
-                    best.insert(pos, TokenLogprob { id: (s * LANES + i) as u32, logprob: l });
+                    best.insert(pos, TokenLogprob { id: (s * TOP_STRIP + i) as u32, logprob: l });
                     best.truncate(top);
                 }
             }
@@ -156,6 +157,8 @@ pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (TokenLogprob, Vec<Token
 
 /// Width of the strips [`logprobs`] works in: one AVX-512 register of f32.
 const LANES: usize = 16;
+/// Logits per strip whose maximum the first pass keeps, for the top tokens' pass to skip by.
+const TOP_STRIP: usize = 4 * LANES;
 
 /// The largest value of `xs` (−∞ if empty), by lanes.
 fn lane_max(xs: &[f32]) -> f32 {
