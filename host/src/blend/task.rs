@@ -231,10 +231,11 @@ impl Prefilling {
         self
     }
 
-    /// The stored states of the chunk rows `from..` spliced at `rows`, when it has them.
+    /// The stored states of the chunk rows `from..` spliced at `rows`, when it has them and
+    /// the finished prefill hands states on (only chunks to store need the others).
     fn reuse_states(&mut self, kv: &ChunkKv, from: usize, rows: Range<usize>) {
         let h = self.states.hidden;
-        if kv.hidden.len() == kv.tokens.len() * h {
+        if self.keep_hidden && kv.hidden.len() == kv.tokens.len() * h {
             self.states.set(rows.start, &kv.hidden[from * h..(from + rows.len()) * h]);
         }
     }
