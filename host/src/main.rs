@@ -777,8 +777,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let cfg = model.model.config();
         tracing::info!(name = %model.name, layers = cfg.layers, context = cfg.context_length, "model ready");
         let (fp, heads, dim) = (model.model.fingerprint(), cfg.kv_heads, cfg.head_dim);
-        let layout =
-            Layout::new(fp, cfg.layers, heads, dim, cfg.hidden, config.kv_dtype).with_prefix_dtype(config.prefix_kv_dtype);
+        let layout = Layout::new(fp, cfg.layers, heads, dim, cfg.hidden, config.kv_dtype)
+            .with_prefix_dtype(config.prefix_kv_dtype);
         let options = config.store_options();
         let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&options, layout)).await?);
         let policies = Policies::start(config.policy_options())?;

@@ -754,6 +754,19 @@ mod tests {
         (0..n * cols).map(|i| (((i * 7919 + seed) % 2003) as f32 / 1001.0 - 1.0) * 0.5).collect()
     }
 
+    /// `got` (`n × rows`) is `x · wᵀ` within 1% of the sum of the products' magnitudes, plus `slack`.
+    fn assert_near_f32(x: &[f32], w: &[f32], got: &[f32], cols: usize, slack: f32, what: &str) {
+        let (n, rows) = (x.len() / cols, w.len() / cols);
+        for r in 0..n {
+            for o in 0..rows {
+                let exact: f32 = (0..cols).map(|c| x[r * cols + c] * w[o * cols + c]).sum();
+                let scale: f32 = (0..cols).map(|c| (x[r * cols + c] * w[o * cols + c]).abs()).sum();
+                let got = got[r * rows + o];
+                assert!((got - exact).abs() <= 0.01 * scale + slack, "{what}: {r},{o}: {got} vs {exact}");
+            }
+        }
+    }
+
     fn kernels() -> Vec<Kernel> {
         let mut out = vec![Kernel::detect()];
         #[cfg(target_arch = "x86_64")]
@@ -779,14 +792,7 @@ mod tests {
             let reference = Int8Matrix::from_blocks(format, &raw, rows, cols).unwrap().with_kernel(Kernel::Portable);
             let mut want = vec![0f32; n * rows];
             reference.matmul(&x, n, &mut want);
-            for r in 0..n {
-                for o in 0..rows {
-                    let exact: f32 = (0..cols).map(|c| x[r * cols + c] * w[o * cols + c]).sum();
-                    let scale: f32 = (0..cols).map(|c| (x[r * cols + c] * w[o * cols + c]).abs()).sum();
-                    let got = want[r * rows + o];
-                    assert!((got - exact).abs() <= 0.01 * scale + 1e-4, "{format:?} {cols}: {r},{o}: {got} vs {exact}");
-                }
-            }
+            assert_near_f32(&x, &w, &want, cols, 1e-4, &format!("{format:?} {cols}"));
             for k in kernels() {
                 let m = Int8Matrix::from_blocks(format, &raw, rows, cols).unwrap().with_kernel(k);
                 let mut got = vec![0f32; n * rows];
@@ -832,14 +838,7 @@ mod tests {
         assert_eq!(m.format(), Format::Q8_0);
         let mut got = vec![0f32; n * rows];
         m.matmul(&x, n, &mut got);
-        for r in 0..n {
-            for o in 0..rows {
-                let exact: f32 = (0..cols).map(|c| x[r * cols + c] * w[o * cols + c]).sum();
-                let scale: f32 = (0..cols).map(|c| (x[r * cols + c] * w[o * cols + c]).abs()).sum();
-                let got = got[r * rows + o];
-                assert!((got - exact).abs() <= 0.01 * scale, "{r},{o}: {got} vs {exact}");
-            }
-        }
+        assert_near_f32(&x, &w, &got, cols, 0.0, "quantized");
         assert!(Int8Matrix::quantize(&w[1..], rows, cols).is_err());
         assert!(Int8Matrix::quantize(&w[..rows * 20], rows, 20).is_err());
     }

@@ -242,7 +242,8 @@ mod tests {
     #[test]
     fn logprobs_of_a_vocabulary_row_match_the_plain_computation() {
         // 1000 logits (not a multiple of the strip width) with ties and a far outlier.
-        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 997) as f32 * 0.013 - 6.0 + if i == 3 { 30.0 } else { 0.0 }).collect();
+        let logits: Vec<f32> =
+            (0..1000).map(|i| ((i * 7919) % 997) as f32 * 0.013 - 6.0 + if i == 3 { 30.0 } else { 0.0 }).collect();
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let lse = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
         let mut order: Vec<usize> = (0..logits.len()).collect();

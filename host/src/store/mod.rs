@@ -511,7 +511,8 @@ impl Store {
             stats.remote = r.stats().clone();
         }
         let stats = Arc::new(stats);
-        let hidden = disk.as_ref().map(|d| d.layout.hidden).or(remote.as_ref().map(|r| r.layout.hidden)).map(usize::from);
+        let hidden =
+            disk.as_ref().map(|d| d.layout.hidden).or(remote.as_ref().map(|r| r.layout.hidden)).map(usize::from);
         stats.ram.budget.store(options.ram_budget_bytes, Ordering::Relaxed);
         let evictor: Arc<RwLock<Arc<dyn Evictor>>> = Arc::new(RwLock::new(Arc::new(LeastRecentlyUsed)));
         let mut index = SpanIndex::new(options.min_span);
