@@ -180,6 +180,15 @@ impl Metrics {
                 "Sequences advanced by decode steps (divided by the steps: the mean batch).",
                 &[("", get(&e.decode_rows))],
             );
+            counter(
+                "kvgate:prompt_rows_scored_total",
+                "Echoed prompt rows scored: through the LM head, or remembered from an earlier prompt \
+                 that reused the same stored chunk.",
+                &[
+                    ("{from=\"model\"}", get(&e.scored_rows_computed)),
+                    ("{from=\"memo\"}", get(&e.scored_rows_remembered)),
+                ],
+            );
             for (name, help, v) in [
                 ("kvgate:num_requests_running", "Requests prefilling or decoding.", get(&e.running)),
                 ("kvgate:num_requests_waiting", "Requests waiting for admission.", get(&e.waiting)),

@@ -36,10 +36,11 @@ mod task;
 pub use task::Prefilling;
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::{EngineError, KvCache, Model};
-use crate::store::{ChunkKv, ChunkStore};
+use crate::store::{ChunkKey, ChunkKv, ChunkStore};
 
 /// How a request may use the chunk cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -219,12 +220,23 @@ pub struct Prefill {
     pub cache: KvCache,
     pub logits: Vec<f32>,
     pub report: ReuseReport,
-    /// When asked for ([`Prefilling::keeping_hidden`]): the last layer's hidden states of the
-    /// prompt's rows from this row on to its end, as far as the prefill knows them all (what
-    /// scoring the prompt reads instead of running the layers again). A row's state is the one
-    /// it was computed with: this prefill's, or that of the stored chunk it came from — which,
-    /// like the chunk's K/V, saw the chunk's first context.
-    pub hidden: Option<(usize, Vec<f32>)>,
+    /// When asked for ([`Prefilling::keeping_hidden`]): the last layer's hidden states the
+    /// prefill knows, what scoring the prompt reads instead of running the layers again.
+    pub hidden: Option<KnownStates>,
+}
+
+/// The last layer's hidden states of a prompt's rows from `first` on to its end, as far as a
+/// prefill knows them all, and where each came from. A row's state is the one it was
+/// computed with: this prefill's, or that of the stored chunk it came from — which, like the
+/// chunk's K/V, saw the chunk's first context.
+pub struct KnownStates {
+    pub first: usize,
+    /// `(prompt rows − first) × hidden`.
+    pub x: Vec<f32>,
+    /// Per row from `first`: `None` when the prefill computed its state, or the chunk (an
+    /// index in `chunks`) and the chunk's row it was read from.
+    pub stored: Vec<Option<(usize, usize)>>,
+    pub chunks: Vec<(ChunkKey, Arc<ChunkKv>)>,
 }
 
 /// Prefills `ids` (cut at `segment_starts`) in `mode` with the built-in policies, reading

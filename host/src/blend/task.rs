@@ -31,8 +31,8 @@ use std::time::Instant;
 use super::chunk::ChunkKey;
 use super::select;
 use super::{
-    ATTENTION_QUERIES, BlendOptions, CacheMode, CutInput, Policy, Prefill, ReuseReport, SelectInput, extract, gaps,
-    micros, pieces, splice,
+    ATTENTION_QUERIES, BlendOptions, CacheMode, CutInput, KnownStates, Policy, Prefill, ReuseReport, SelectInput,
+    extract, gaps, micros, pieces, splice,
 };
 use crate::engine::{EngineError, KvCache, Model};
 use crate::store::{ChunkKv, ChunkStore, Scope, SpanMatch, Use};
@@ -163,37 +163,76 @@ pub struct Prefilling {
 struct States {
     /// `rows × hidden`, allocated at the first state set.
     x: Vec<f32>,
-    known: Vec<bool>,
+    known: Vec<Known>,
+    /// The chunks states were read from.
+    chunks: Vec<(ChunkKey, Arc<ChunkKv>)>,
     hidden: usize,
+}
+
+/// Whether a row's state is known, and from where.
+#[derive(Clone, Copy, PartialEq)]
+enum Known {
+    No,
+    Computed,
+    /// Read from row `row` of `chunks[chunk]`.
+    Stored {
+        chunk: usize,
+        row: usize,
+    },
 }
 
 impl States {
     fn new(rows: usize, hidden: usize) -> Self {
-        Self { x: Vec::new(), known: vec![false; rows], hidden }
+        Self { x: Vec::new(), known: vec![Known::No; rows], chunks: Vec::new(), hidden }
     }
 
-    /// Row `row`'s state and the rows' after it, from `x` (whole rows).
+    /// Row `row`'s state and the rows' after it, computed: `x` (whole rows).
     fn set(&mut self, row: usize, x: &[f32]) {
+        self.write(row, x);
+        let n = x.len() / self.hidden;
+        self.known[row..row + n].iter_mut().for_each(|k| *k = Known::Computed);
+    }
+
+    /// The states of chunk `kv`'s rows `from..` as those of `rows`.
+    fn read(&mut self, key: ChunkKey, kv: &Arc<ChunkKv>, from: usize, rows: Range<usize>) {
+        let h = self.hidden;
+        self.write(rows.start, &kv.hidden[from * h..(from + rows.len()) * h]);
+        let chunk = self.chunks.len();
+        self.chunks.push((key, kv.clone()));
+        for (i, k) in self.known[rows].iter_mut().enumerate() {
+            *k = Known::Stored { chunk, row: from + i };
+        }
+    }
+
+    fn write(&mut self, row: usize, x: &[f32]) {
         if self.x.is_empty() {
             self.x = vec![0.0; self.known.len() * self.hidden];
         }
-        let n = x.len() / self.hidden;
-        self.x[row * self.hidden..(row + n) * self.hidden].copy_from_slice(x);
-        self.known[row..row + n].iter_mut().for_each(|k| *k = true);
+        self.x[row * self.hidden..row * self.hidden + x.len()].copy_from_slice(x);
     }
 
     /// The states of `rows`, if every one is known.
     fn rows(&self, rows: Range<usize>) -> Option<&[f32]> {
-        self.known[rows.clone()].iter().all(|&k| k).then(|| &self.x[rows.start * self.hidden..rows.end * self.hidden])
+        self.known[rows.clone()]
+            .iter()
+            .all(|&k| k != Known::No)
+            .then(|| &self.x[rows.start * self.hidden..rows.end * self.hidden])
     }
 
-    /// From the first row on which every state is known to the end: that row and the states.
-    fn tail(mut self) -> Option<(usize, Vec<f32>)> {
-        let first = self.known.iter().rposition(|&k| !k).map_or(0, |r| r + 1);
-        if self.x.is_empty() {
+    /// From the first row on which every state is known to the end.
+    fn tail(mut self) -> Option<KnownStates> {
+        let first = self.known.iter().rposition(|&k| k == Known::No).map_or(0, |r| r + 1);
+        if self.x.is_empty() || first == self.known.len() {
             return None;
         }
-        (first < self.known.len()).then(|| (first, self.x.split_off(first * self.hidden)))
+        let stored = self.known[first..]
+            .iter()
+            .map(|k| match *k {
+                Known::Stored { chunk, row } => Some((chunk, row)),
+                _ => None,
+            })
+            .collect();
+        Some(KnownStates { first, x: self.x.split_off(first * self.hidden), stored, chunks: self.chunks })
     }
 }
 
@@ -233,10 +272,9 @@ impl Prefilling {
 
     /// The stored states of the chunk rows `from..` spliced at `rows`, when it has them and
     /// the finished prefill hands states on (only chunks to store need the others).
-    fn reuse_states(&mut self, kv: &ChunkKv, from: usize, rows: Range<usize>) {
-        let h = self.states.hidden;
-        if self.keep_hidden && kv.hidden.len() == kv.tokens.len() * h {
-            self.states.set(rows.start, &kv.hidden[from * h..(from + rows.len()) * h]);
+    fn reuse_states(&mut self, key: ChunkKey, kv: &Arc<ChunkKv>, from: usize, rows: Range<usize>) {
+        if self.keep_hidden && kv.hidden.len() == kv.tokens.len() * self.states.hidden {
+            self.states.read(key, kv, from, rows);
         }
     }
 
@@ -360,7 +398,7 @@ impl Prefilling {
                     let positions: Vec<u32> = (m.prompt.start as u32..m.prompt.end as u32).collect();
                     let rows = self.cache.push_rows(&positions);
                     splice(model, &mut self.cache, &kv, 0, rows);
-                    self.reuse_states(&kv, 0, m.prompt.clone());
+                    self.reuse_states(m.key, &kv, 0, m.prompt.clone());
                     hit_end = m.prompt.end;
                     self.report.spans += 1;
                     self.report.chunks_hit += 1;
@@ -388,7 +426,7 @@ impl Prefilling {
                         continue;
                     }
                     splice(model, &mut self.cache, &kv, m.offset, m.prompt.clone());
-                    self.reuse_states(&kv, m.offset, m.prompt.clone());
+                    self.reuse_states(m.key, &kv, m.offset, m.prompt.clone());
                     spans.push(m);
                 }
                 let reused: Vec<usize> = spans.iter().flat_map(|m| m.prompt.clone()).collect();

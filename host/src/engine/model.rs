@@ -550,7 +550,7 @@ impl Model {
             let positions: Vec<u32> = (start as u32..end as u32).collect();
             let mut x = self.embed(&tokens[start..end], &positions)?;
             self.layers(0..self.cfg.layers, &mut x, &positions, CacheAccess::Read(cache), self.prefill, false)?;
-            self.score_block(&x, tokens, start, top, &mut out)?;
+            self.score_block(&x, &tokens[start + 1..end + 1], top, &mut out)?;
         }
         Ok(out)
     }
@@ -572,24 +572,39 @@ impl Model {
         if start < first || first + hidden.len() / h < n {
             return Err(EngineError::Internal("score_hidden: the states do not cover the rows scored".into()));
         }
-        let mut out = Vec::with_capacity(n.saturating_sub(from));
-        for s in (start..n.saturating_sub(1)).step_by(SCORE_BLOCK) {
-            let end = (s + SCORE_BLOCK).min(n - 1);
-            self.score_block(&hidden[(s - first) * h..(end - first) * h], tokens, s, top, &mut out)?;
+        let end = n.saturating_sub(1).max(start);
+        self.score_rows(&hidden[(start - first) * h..(end - first) * h], &tokens[start + 1..end + 1], top)
+    }
+
+    /// The logprob of `next[i]` and the `top` most likely tokens after the row whose last
+    /// layer's hidden state is row `i` of `x`, for every row: the LM head and the log-softmax,
+    /// in blocks. A row's result does not depend on the rows scored with it.
+    pub fn score_rows(
+        &self,
+        x: &[f32],
+        next: &[u32],
+        top: usize,
+    ) -> Result<Vec<(TokenLogprob, Vec<TokenLogprob>)>, EngineError> {
+        let h = self.cfg.hidden;
+        if x.len() != next.len() * h {
+            return Err(EngineError::Internal("score_rows: states and tokens differ in number".into()));
+        }
+        let mut out = Vec::with_capacity(next.len());
+        for (x, next) in x.chunks(SCORE_BLOCK * h).zip(next.chunks(SCORE_BLOCK)) {
+            self.score_block(x, next, top, &mut out)?;
         }
         Ok(out)
     }
 
-    /// Logprobs of the tokens after rows `start..` (hidden states `x`), appended to `out`.
+    /// Logprobs of the tokens `next` after the rows of hidden states `x`, appended to `out`.
     fn score_block(
         &self,
         x: &[f32],
-        tokens: &[u32],
-        start: usize,
+        next: &[u32],
         top: usize,
         out: &mut Vec<(TokenLogprob, Vec<TokenLogprob>)>,
     ) -> Result<(), EngineError> {
-        let rows: Vec<usize> = (0..x.len() / self.cfg.hidden).collect();
+        let rows: Vec<usize> = (0..next.len()).collect();
         let logits = self.logits_with(x, &rows, self.prefill)?;
         // Rows are independent: the engine's threads take them in turn.
         let scored: Vec<std::sync::OnceLock<(TokenLogprob, Vec<TokenLogprob>)>> =
@@ -597,7 +612,7 @@ impl Model {
         candle_core::utils::barrier_pool().execute_chunked(rows.len(), |range| {
             for i in range {
                 let row = &logits[i * self.cfg.vocab..(i + 1) * self.cfg.vocab];
-                let _ = scored[i].set(sampling::logprobs(row, tokens[start + i + 1], top));
+                let _ = scored[i].set(sampling::logprobs(row, next[i], top));
             }
         });
         out.extend(scored.into_iter().map(|s| s.into_inner().expect("every row is scored")));

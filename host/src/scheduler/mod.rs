@@ -24,6 +24,7 @@
 //! - [`request`]: what the API hands over and what comes back.
 //! - [`sequence`]: a request inside the scheduler, and its choices.
 
+mod echo;
 pub mod request;
 mod sequence;
 
@@ -141,7 +142,14 @@ pub struct SchedulerStats {
     /// Decode steps, and the choices they advanced (their ratio: the mean batch).
     pub decode_steps: AtomicU64,
     pub decode_rows: AtomicU64,
+    /// Echoed prompt rows scored: through the LM head, and taken from what the same stored
+    /// chunk's rows scored before.
+    pub scored_rows_computed: AtomicU64,
+    pub scored_rows_remembered: AtomicU64,
 }
+
+/// What the memo of echoed chunk rows' logprobs may hold: some 800 000 rows at five top tokens.
+const SCORE_MEMO_BYTES: usize = 64 << 20;
 
 const LOOKUP_BOUNDS: &[f64] = &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05];
 
@@ -162,6 +170,8 @@ impl Default for SchedulerStats {
             running: zero(),
             decode_steps: zero(),
             decode_rows: zero(),
+            scored_rows_computed: zero(),
+            scored_rows_remembered: zero(),
         }
     }
 }
@@ -314,6 +324,8 @@ struct Loop {
     started_early: BTreeSet<u64>,
     /// Submitted and not admitted, shared with the handle (which refuses beyond capacity).
     pending: Arc<AtomicUsize>,
+    /// What echoed prompts' rows read from stored chunks scored.
+    memo: echo::ScoreMemo,
 }
 
 impl Loop {
@@ -338,6 +350,7 @@ impl Loop {
             reserved: 0,
             next_seq: 0,
             started_early: BTreeSet::new(),
+            memo: echo::ScoreMemo::new(SCORE_MEMO_BYTES),
         }
     }
 
@@ -609,14 +622,24 @@ impl Loop {
 
     /// The prompt echoed back, scored from token `from` on when logprobs were asked for.
     /// Scored from the hidden states the prefill knows (its own rows', and those reused chunks
-    /// stored) with the LM head alone; a prompt with a row of unknown state before `from`
-    /// (a chunk stored without states) takes another pass over the cache.
-    fn echo(&self, a: &Admitted, done: &Prefill, from: usize, logprobs: Option<usize>) -> Result<(), EngineError> {
+    /// stored) with the LM head alone, and only for the rows the memo does not hold; a prompt
+    /// with a row of unknown state before `from` (a chunk stored without states) takes another
+    /// pass over the cache.
+    fn echo(&mut self, a: &Admitted, done: &Prefill, from: usize, logprobs: Option<usize>) -> Result<(), EngineError> {
         let from = from.clamp(1, a.ids.len());
         let model = &self.model.model;
         let scored = match (logprobs, &done.hidden) {
-            (Some(top), Some((first, h))) if *first < from => model.score_hidden(&a.ids, from, *first, h, top)?,
-            (Some(top), _) => model.score(&a.ids, from, &done.cache, top)?,
+            (Some(top), Some(states)) if states.first < from => {
+                let (scored, how) = self.memo.score(model, &a.ids, from, states, top)?;
+                self.stats.scored_rows_computed.fetch_add(how.computed as u64, Ordering::Relaxed);
+                self.stats.scored_rows_remembered.fetch_add(how.remembered as u64, Ordering::Relaxed);
+                scored
+            }
+            (Some(top), _) => {
+                let scored = model.score(&a.ids, from, &done.cache, top)?;
+                self.stats.scored_rows_computed.fetch_add(scored.len() as u64, Ordering::Relaxed);
+                scored
+            }
             (None, _) => Vec::new(),
         };
         let mut scored = scored.into_iter();

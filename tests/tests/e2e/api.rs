@@ -457,6 +457,53 @@ fn echo_works_in_every_cache_mode_and_reports_reuse() {
     }
 }
 
+/// Scoring the same passages again (a harness scoring each choice after one context) takes
+/// the rows read from stored chunks from what they scored before, and returns what scoring
+/// them through the LM head returns: bit for bit, and truncated when fewer top tokens are asked.
+#[test]
+fn echo_remembers_what_reused_chunk_rows_scored() {
+    let s = test_server();
+    let passage = "The borrow checker compares scopes to determine whether all borrows are valid. \
+                   A reference must never outlive the value it points to, and a value may have either one \
+                   mutable reference or any number of immutable ones at a time.";
+    let score = |question: &str, top: u64| {
+        let body = json!({"prompt": format!("{passage}\n\nQuestion: {question}"), "echo": true, "max_tokens": 0,
+                          "logprobs": top, "kvgate": {"cache": "compose"}});
+        let (st, r) = s.post("/v1/completions", &body);
+        assert_eq!(st, 200, "{r}");
+        r["choices"][0]["logprobs"].clone()
+    };
+    let memo = "kvgate:prompt_rows_scored_total{from=\"memo\"}";
+    let model = "kvgate:prompt_rows_scored_total{from=\"model\"}";
+    score("what may outlive a value?", 2); // stores the passage
+    score("what does the borrow checker compare?", 2); // reads it, and scores its rows
+    let (memo_before, model_before) = (s.metric(memo), s.metric(model));
+    let remembered = score("what does the borrow checker compare?", 2);
+    let from_memo = s.metric(memo) - memo_before;
+    assert!(from_memo >= 20.0, "{from_memo} rows from the memo");
+    assert!(s.metric(model) - model_before < 30.0, "only the rows not read from chunks are computed");
+    // Three top tokens: more than remembered, so every row goes through the LM head again.
+    let computed = score("what does the borrow checker compare?", 3);
+    assert_eq!(computed["token_logprobs"], remembered["token_logprobs"], "the memo returns what the LM head does");
+    let first_two = |lp: &Value| -> Vec<Vec<(String, f64)>> {
+        lp["top_logprobs"].as_array().unwrap()[1..]
+            .iter()
+            .map(|m| {
+                let mut v: Vec<(String, f64)> =
+                    m.as_object().unwrap().iter().map(|(t, l)| (t.clone(), l.as_f64().unwrap())).collect();
+                v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                v.truncate(2);
+                v
+            })
+            .collect()
+    };
+    assert_eq!(first_two(&computed), first_two(&remembered));
+    // And those rows, remembered with three, come back with two.
+    let before = s.metric(memo);
+    assert_eq!(score("what does the borrow checker compare?", 2), remembered);
+    assert!(s.metric(memo) - before >= from_memo, "the rows remembered with three top tokens serve two");
+}
+
 #[test]
 fn echo_refuses_what_it_cannot_do_with_a_400_naming_the_field() {
     let s = test_server();

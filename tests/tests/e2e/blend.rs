@@ -327,11 +327,12 @@ fn scoring_from_the_prefills_hidden_states_equals_another_pass() {
     let (ids, starts) = tokens(&rag(&[0, 1, 2], "What does Cargo do?"));
     let store = ram(1 << 30);
     let off = prefill(&ids, &starts, CacheMode::Off, &store);
-    let (first, hidden) = off.hidden.as_ref().expect("off keeps every row's state");
-    assert_eq!(*first, 0);
+    let states = off.hidden.as_ref().expect("off keeps every row's state");
+    assert_eq!(states.first, 0);
+    assert!(states.stored.iter().all(|s| s.is_none()), "off computes every row");
     for from in [1, 9] {
         let again = m.model.score(&ids, from, &off.cache, 5).unwrap();
-        assert_eq!(m.model.score_hidden(&ids, from, 0, hidden, 5).unwrap(), again, "from {from}");
+        assert_eq!(m.model.score_hidden(&ids, from, 0, &states.x, 5).unwrap(), again, "from {from}");
     }
     prefill(&ids, &starts, CacheMode::Compose, &store); // stores the prompt's chunks
     let question = "Which of the passages above says how a crate gets published, and to which registry?";
@@ -339,9 +340,9 @@ fn scoring_from_the_prefills_hidden_states_equals_another_pass() {
     let (off, blended) =
         (prefill(&ids, &starts, CacheMode::Off, &store), prefill(&ids, &starts, CacheMode::Compose, &store));
     assert!(blended.report.reused_tokens > 100, "{:?}", blended.report);
-    let (first, states) = blended.hidden.as_ref().expect("every row's state is known");
-    assert_eq!(*first, 0);
-    let scored = m.model.score_hidden(&ids, 1, 0, states, 5).unwrap();
+    let states = blended.hidden.as_ref().expect("every row's state is known");
+    assert_eq!(states.first, 0);
+    let scored = m.model.score_hidden(&ids, 1, 0, &states.x, 5).unwrap();
     let reference = m.model.score(&ids, 1, &off.cache, 5).unwrap();
     // The passages: the rows before the new question (scored token i + 1 at entry i).
     let shared = ids.iter().zip(&tokens(&rag(&[0, 1, 2], "What does Cargo do?")).0).take_while(|(a, b)| a == b).count();
