@@ -23,8 +23,8 @@
 //! lane (exact, in i32). For 4-bit weights the group's lanes are then scaled by the weight's
 //! `d` and the input's scale and the min term `m · d_x · Σx` added, in f32; for 8-bit ones
 //! the `128 · Σx` the stored offset adds is taken off each lane's integer sum exactly before
-//! scaling. The sixteen lanes are summed once at the end, a tile's sums all in one tree of
-//! shuffles (`lane_sums`), and the offset `128 · Σx` is made when the input is quantized. A lane's integer sum does not
+//! scaling (the offset is made when the input is quantized). The sixteen lanes are summed
+//! once at the end, a tile's sums all in one tree of shuffles. A lane's integer sum does not
 //! depend on the order of its products, and the f32 steps run in the same order for every
 //! output whatever the tile, batch or thread split — so a row's result does not depend on the
 //! rows beside it (batch invariance), and a slice of a prompt gets the same result as the
@@ -588,6 +588,7 @@ impl Int8Matrix {
                     }
                 }
             }
+            const { assert!(O * R <= 16, "a tile's sums fit one lane_sums") };
             let mut all = [_mm512_setzero_ps(); 16];
             for j in 0..O {
                 for i in 0..R {

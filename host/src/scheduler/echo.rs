@@ -39,6 +39,13 @@ struct Entry {
     used: u64,
 }
 
+impl Entry {
+    /// Whether its rows are those of this copy of the chunk, with at least `top` top tokens.
+    fn serves(&self, chunk: &Arc<ChunkKv>, top: usize) -> bool {
+        self.top >= top && std::ptr::eq(self.chunk.as_ptr(), Arc::as_ptr(chunk))
+    }
+}
+
 /// How the rows of one scoring were had.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Scoring {
@@ -104,10 +111,7 @@ impl ScoreMemo {
     /// Row `row` of `chunk` with its `top` most likely tokens, if remembered from that copy
     /// of the chunk with at least as many.
     fn get(&mut self, (key, chunk): &(ChunkKey, Arc<ChunkKv>), row: usize, top: usize) -> Option<Scored> {
-        let e = self.entries.get_mut(key)?;
-        if e.top < top || !std::ptr::eq(e.chunk.as_ptr(), Arc::as_ptr(chunk)) {
-            return None;
-        }
+        let e = self.entries.get_mut(key).filter(|e| e.serves(chunk, top))?;
         e.used = self.clock;
         let (chosen, best) = e.rows.get(row)?.as_ref()?;
         Some((*chosen, best[..top.min(best.len())].to_vec()))
@@ -117,9 +121,7 @@ impl ScoreMemo {
     /// another copy of the chunk, or with fewer top tokens, starts afresh; one with more
     /// keeps its rows.
     fn put(&mut self, (key, chunk): &(ChunkKey, Arc<ChunkKv>), row: usize, top: usize, scored: &Scored) {
-        let stale =
-            self.entries.get(key).is_none_or(|e| e.top < top || !std::ptr::eq(e.chunk.as_ptr(), Arc::as_ptr(chunk)));
-        if stale {
+        if !self.entries.get(key).is_some_and(|e| e.serves(chunk, top)) {
             if let Some(old) = self.entries.remove(key) {
                 self.bytes -= old.bytes;
             }
