@@ -873,6 +873,9 @@ fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
         if let Some(p) = r.peak_int8_gops {
             println!("roofline: peak {p:.0} GOP/s (int8 vpdpbusd on registers)");
         }
+        if let Some(p) = r.peak_bf16_gflops {
+            println!("roofline: peak {p:.0} GFLOP/s (bf16 AMX tiles, 512 x 2048^2)");
+        }
         for (n, g) in &r.prefill_gflops {
             println!(
                 "roofline: prefill {n:>5} tokens ({}): {g:>6.1} GOP/s = {:>4.1}% of the {} peak",

@@ -57,9 +57,12 @@ pub struct Roofline {
     pub peak_gflops: f64,
     /// Independent `vpdpbusd` on registers on the engine's threads, GOP/s (CPUs with VNNI).
     pub peak_int8_gops: Option<f64>,
-    /// The peak prefill is placed against: int8's when prefill runs int8, f32's otherwise.
+    /// bf16 products on AMX tiles (512 rows by a 2048² matrix, the engine's threads), GFLOP/s
+    /// (CPUs with AMX).
+    pub peak_bf16_gflops: Option<f64>,
+    /// The peak prefill is placed against: that of the weights prefill runs on.
     pub prefill_peak: f64,
-    /// `int8` or `f32`.
+    /// `bf16`, `int8` or `f32`.
     pub prefill_weights: &'static str,
     /// Reading a 512 MiB buffer, GB/s.
     pub peak_gbps: f64,
@@ -87,12 +90,19 @@ impl Roofline {
         let decode_bytes_per_token = m.model.decode_bytes() as f64;
         let peak_gflops = peak_gflops();
         let peak_int8_gops = crate::engine::int8::peak_int8_gops(rayon::current_num_threads());
-        let int8 = m.model.prefill_weights() == crate::engine::Weights::Int8;
+        let peak_bf16_gflops = crate::engine::amx::peak_bf16_gflops();
+        use crate::engine::Weights;
+        let (prefill_peak, prefill_weights) = match m.model.prefill_weights() {
+            Weights::Bf16 => (peak_bf16_gflops.unwrap_or(peak_gflops), "bf16"),
+            Weights::Int8 => (peak_int8_gops.unwrap_or(peak_gflops), "int8"),
+            Weights::F32 => (peak_gflops, "f32"),
+        };
         Self {
             peak_gflops,
             peak_int8_gops,
-            prefill_peak: if int8 { peak_int8_gops.unwrap_or(peak_gflops) } else { peak_gflops },
-            prefill_weights: if int8 { "int8" } else { "f32" },
+            peak_bf16_gflops,
+            prefill_peak,
+            prefill_weights,
             peak_gbps: peak_gbps(),
             prefill_gflops,
             decode_bytes_per_token,

@@ -20,8 +20,10 @@ pub struct CpuReport {
     pub compiled: Vec<&'static str>,
     /// gemm's f32 microkernels (prefill linear layers, attention blocks).
     pub gemm: &'static str,
-    /// The int8 dot products of decode (and of prefill with VNNI).
+    /// The int8 dot products of decode (and of prefill with VNNI but no AMX).
     pub quantized: &'static str,
+    /// Whether prefill multiplies on AMX tiles (bf16).
+    pub amx: bool,
 }
 
 macro_rules! features {
@@ -72,7 +74,7 @@ pub fn report() -> CpuReport {
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    CpuReport { model, threads, detected, compiled, gemm, quantized }
+    CpuReport { model, threads, detected, compiled, gemm, quantized, amx: super::amx::available() }
 }
 
 impl std::fmt::Display for CpuReport {
@@ -81,7 +83,9 @@ impl std::fmt::Display for CpuReport {
         writeln!(f, "detected:          {}", self.detected.join(" "))?;
         writeln!(f, "compiled for:      {}", self.compiled.join(" "))?;
         writeln!(f, "gemm (f32):        {}", self.gemm)?;
-        write!(f, "int8 kernels:      {}", self.quantized)
+        writeln!(f, "int8 kernels:      {}", self.quantized)?;
+        let amx = if self.amx { "AMX bf16 tiles" } else { "no AMX (the int8 kernels or f32 gemm)" };
+        write!(f, "prefill products:  {amx}")
     }
 }
 

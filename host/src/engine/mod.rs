@@ -8,12 +8,14 @@
 //! Layout:
 //! - [`model`]: GGUF loading and our llama forward (explicit positions, caller-owned KV).
 //! - [`attention`]: RoPE at any position and blocked, position-masked attention.
+//! - [`amx`]: prefill's matrix products on AMX tiles (bf16), where the CPU has them.
 //! - [`int8`]: Q4_0 / Q4_1 / Q8_0 matrix products on int8 dot products (decode and prefill).
 //! - [`cpu`]: which SIMD paths the kernels take on this CPU (`kvgate info`).
 //! - [`tokenizer`]: byte-level BPE from GGUF metadata, streaming detokenizer.
 //! - [`template`]: the GGUF chat template.
 //! - [`sampling`]: greedy / temperature / top-k / top-p, log-probabilities.
 
+pub mod amx;
 pub mod attention;
 pub mod cpu;
 pub mod int8;

@@ -6,12 +6,13 @@
 //! only for the rows asked for, and can hand back the new tokens' K before RoPE — the
 //! position-independent form compositional reuse stores.
 //!
-//! Weights are held twice: f32 (dequantized) for the reference path, and in the int8 form
-//! the kernels multiply — the GGUF's own blocks where it ships Q4_0 / Q4_1 / Q8_0,
-//! Q8_0 otherwise ([`super::int8`]). Decode always runs on the int8 kernels
-//! (it is memory-bound: a token reads the 4-bit bytes); prefill does too on CPUs with
-//! AVX-512 VNNI, where int8 dot products outrun f32 gemm several times, and runs f32 gemm
-//! elsewhere ([`Model::prefill_weights`]). Every row goes through the same kernel in the same
+//! Weights are held two or three times: f32 (dequantized) for the reference path, the int8
+//! form the kernels multiply — the GGUF's own blocks where it ships Q4_0 / Q4_1 / Q8_0,
+//! Q8_0 otherwise ([`super::int8`]) — and, on CPUs with AMX, bf16 in the tile layout
+//! ([`super::amx`]). Decode always runs on the int8 kernels (it is memory-bound: a token
+//! reads the 4-bit bytes); prefill runs on AMX tiles where there are some, on the int8
+//! kernels on CPUs with AVX-512 VNNI (where int8 dot products outrun f32 gemm several
+//! times), and on f32 gemm elsewhere ([`Model::prefill_weights`]). Every row goes through the same kernel in the same
 //! order whatever rows share a call, so slices, batches and reuse paths agree bit for bit.
 
 use std::fs::File;
@@ -22,6 +23,7 @@ use candle_core::{Device, Storage, Tensor};
 use sha2::{Digest, Sha256};
 
 use super::EngineError;
+use super::amx::{self, Bf16Matrix};
 use super::attention::{self, Heads, Keys, Rope};
 use super::int8::{Format, Int8Matrix, Kernel};
 use super::sampling::{self, TokenLogprob};
@@ -39,6 +41,9 @@ pub enum Weights {
     F32,
     /// The int8 kernels: the GGUF's 4-bit blocks (or Q8_0) by per-block int8 inputs.
     Int8,
+    /// AMX tiles: the f32 weights rounded to bf16 by bf16 inputs, f32 sums; prefill on CPUs
+    /// with AMX ([`super::amx::available`]).
+    Bf16,
 }
 
 /// Shape and constants of a llama model, read from GGUF metadata.
@@ -124,6 +129,8 @@ struct Linear {
     /// The GGUF's own Q4_0 / Q4_1 / Q8_0 blocks, or a Q8_0 quantization of weights shipped
     /// in another format.
     int8: Int8Matrix,
+    /// The f32 weights in bf16, where the CPU has AMX.
+    bf16: Option<Bf16Matrix>,
 }
 
 impl Linear {
@@ -156,7 +163,11 @@ impl Linear {
             Some(m) => m,
             None => with_slice(&w, |v| Int8Matrix::quantize(v, out_dim, in_dim))?.map_err(EngineError::Model)?,
         };
-        Ok(Self { f32: w, int8 })
+        let bf16 = match amx::available() {
+            true => Some(with_slice(&w, |v| Bf16Matrix::from_f32(v, out_dim, in_dim))?.map_err(EngineError::Model)?),
+            false => None,
+        };
+        Ok(Self { f32: w, int8, bf16 })
     }
 
     /// `x · Wᵀ` for `rows` rows of `x`; `f` sees the result (rows × out) in place.
@@ -176,6 +187,15 @@ impl Linear {
                 let mut out = cell.borrow_mut();
                 out.resize(rows * out_dim, 0.0);
                 self.int8.matmul(x, rows, &mut out);
+                f(&out)
+            }));
+        }
+        if w == Weights::Bf16 {
+            let bf16 = self.bf16.as_ref().ok_or_else(|| EngineError::Internal("bf16 weights without AMX".into()))?;
+            return Ok(THREAD_OUT.with(|cell| {
+                let mut out = cell.borrow_mut();
+                out.resize(rows * out_dim, 0.0);
+                bf16.matmul(x, rows, &mut out);
                 f(&out)
             }));
         }
@@ -373,8 +393,13 @@ impl Model {
             });
         }
         let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.context_length);
-        // int8 prefill only where the int8 kernel outruns f32 gemm (measured: `kvgate bench engine`).
-        let prefill = if Kernel::detect() == Kernel::Vnni512 { Weights::Int8 } else { Weights::F32 };
+        // Prefill on AMX tiles where there are some, else int8 only where the int8 kernel
+        // outruns f32 gemm (measured: `kvgate bench engine`).
+        let prefill = match (amx::available(), Kernel::detect()) {
+            (true, _) => Weights::Bf16,
+            (false, Kernel::Vnni512) => Weights::Int8,
+            _ => Weights::F32,
+        };
         let model = Self { cfg, embed, layers, out_norm, lm_head, rope, fingerprint, prefill };
         Ok((model, ct))
     }
@@ -384,7 +409,7 @@ impl Model {
     }
 
     /// The weights prefills (every pass of more than a decode step's rows) multiply with:
-    /// int8 on CPUs with AVX-512 VNNI, f32 elsewhere.
+    /// bf16 on CPUs with AMX, int8 on CPUs with AVX-512 VNNI, f32 elsewhere.
     pub fn prefill_weights(&self) -> Weights {
         self.prefill
     }
