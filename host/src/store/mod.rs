@@ -835,11 +835,12 @@ fn apply_events(
             remote::Event::Have { .. } | remote::Event::Drop { .. } => {}
         }
     }
+    // Counted while the index is held: whoever sees an event's chunk sees it counted.
+    tier.stats().events.fetch_add(events.len() as u64, Ordering::Relaxed);
     drop(index);
     if let Some(d) = disk {
         d.keep_fleet(&puts, &gone, next);
     }
-    tier.stats().events.fetch_add(events.len() as u64, Ordering::Relaxed);
 }
 
 impl ChunkStore for Store {
