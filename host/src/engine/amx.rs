@@ -98,11 +98,6 @@ impl Bf16Matrix {
         Ok(Self { rows, cols, padded, w: out })
     }
 
-    /// Bytes of the bf16 copy.
-    pub fn bytes(&self) -> usize {
-        2 * self.w.len()
-    }
-
     /// `x · Wᵀ` for the `n` rows of `x` (`n × cols`): `out` is `n × rows`. Only where
     /// [`available`] says so.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
@@ -117,10 +112,8 @@ impl Bf16Matrix {
             // Rows rounded up to the kernel's 32; the padding rows are zeros.
             let n_padded = n.div_ceil(2 * TILE) * 2 * TILE;
             xb.clear();
+            xb.extend(x.iter().map(|&v| bf16(v)));
             xb.resize(n_padded * self.cols, 0);
-            for (b, &v) in xb.iter_mut().zip(x) {
-                *b = bf16(v);
-            }
             let xb = &*xb;
             let dst = OutPtr(out.as_mut_ptr());
             let pairs = self.padded / (2 * TILE);

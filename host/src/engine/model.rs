@@ -12,8 +12,9 @@
 //! ([`super::amx`]). Decode always runs on the int8 kernels (it is memory-bound: a token
 //! reads the 4-bit bytes); prefill runs on AMX tiles where there are some, on the int8
 //! kernels on CPUs with AVX-512 VNNI (where int8 dot products outrun f32 gemm several
-//! times), and on f32 gemm elsewhere ([`Model::prefill_weights`]). Every row goes through the same kernel in the same
-//! order whatever rows share a call, so slices, batches and reuse paths agree bit for bit.
+//! times), and on f32 gemm elsewhere ([`Model::prefill_weights`]). Every row goes through
+//! the same kernel in the same order whatever rows share a call, so slices, batches and
+//! reuse paths agree bit for bit.
 
 use std::fs::File;
 use std::path::Path;
@@ -182,20 +183,20 @@ impl Linear {
         if x.len() != rows * in_dim {
             return Err(EngineError::Internal(format!("linear: {} inputs for {rows} × {in_dim}", x.len())));
         }
-        if w == Weights::Int8 {
+        if w != Weights::F32 {
+            let bf16 = match w {
+                Weights::Bf16 => {
+                    Some(self.bf16.as_ref().ok_or_else(|| EngineError::Internal("bf16 weights without AMX".into()))?)
+                }
+                _ => None,
+            };
             return Ok(THREAD_OUT.with(|cell| {
                 let mut out = cell.borrow_mut();
                 out.resize(rows * out_dim, 0.0);
-                self.int8.matmul(x, rows, &mut out);
-                f(&out)
-            }));
-        }
-        if w == Weights::Bf16 {
-            let bf16 = self.bf16.as_ref().ok_or_else(|| EngineError::Internal("bf16 weights without AMX".into()))?;
-            return Ok(THREAD_OUT.with(|cell| {
-                let mut out = cell.borrow_mut();
-                out.resize(rows * out_dim, 0.0);
-                bf16.matmul(x, rows, &mut out);
+                match bf16 {
+                    Some(m) => m.matmul(x, rows, &mut out),
+                    None => self.int8.matmul(x, rows, &mut out),
+                }
                 f(&out)
             }));
         }
