@@ -612,6 +612,9 @@ struct BenchEngineArgs {
     /// Tokens to decode.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Sequence counts to time batched decode at (the first is what the others are put against).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16])]
+    batches: Vec<usize>,
     /// Repetitions; the best is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -844,10 +847,13 @@ async fn shutdown_signal() {
 }
 
 fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
+    if args.batches.is_empty() || args.batches.contains(&0) {
+        anyhow::bail!("--batches: give one or more sequence counts, each at least 1");
+    }
     set_threads(args.threads);
     init_logging("warn");
     let (path, model) = bench_model(args.model)?;
-    let f = kvgate::bench::engine(&model, &args.lengths, args.reps, args.decode_tokens)?;
+    let f = kvgate::bench::engine(&model, &args.lengths, &args.batches, args.reps, args.decode_tokens)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&f)?);
     } else {

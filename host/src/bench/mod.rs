@@ -166,9 +166,15 @@ fn prompt(m: &LoadedModel, n: usize) -> Vec<u32> {
     ids
 }
 
-/// Times prefill at each length in `lengths` (best of `reps`) and `decode_tokens` decode
-/// steps after a 16-token prompt (best of `reps`).
-pub fn engine(m: &LoadedModel, lengths: &[usize], reps: usize, decode_tokens: usize) -> anyhow::Result<EngineFigures> {
+/// Times prefill at each length in `lengths` (best of `reps`), `decode_tokens` decode steps
+/// after a 16-token prompt, and as many batched decode steps of each count in `batches`.
+pub fn engine(
+    m: &LoadedModel,
+    lengths: &[usize],
+    batches: &[usize],
+    reps: usize,
+    decode_tokens: usize,
+) -> anyhow::Result<EngineFigures> {
     let mut prefill = Vec::new();
     for &n in lengths {
         let ids = prompt(m, n);
@@ -200,7 +206,7 @@ pub fn engine(m: &LoadedModel, lengths: &[usize], reps: usize, decode_tokens: us
     }
     // The scheduler's decode: every running sequence one token per step, in one batch.
     let mut batched_decode = Vec::new();
-    for b in [1, 2, 4, 8, 16] {
+    for &b in batches {
         let mut best = 0f64;
         for _ in 0..reps.max(1) {
             let mut caches: Vec<crate::engine::KvCache> = Vec::new();
