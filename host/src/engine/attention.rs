@@ -320,7 +320,7 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
                 let (i, h) = (task / q_heads, task % q_heads);
                 // SAFETY: row i, head h belongs to this task only; in bounds by the asserts.
                 let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(i * q_stride + h * hd), hd) };
-                decode_head(heads, &q[i * q_stride..][..q_stride], q_pos[i], keys, h, &mut scores, o);
+                decode_heads(heads, &q[i * q_stride..][..q_stride], q_pos[i], keys, h, &mut scores, o);
             });
         });
     } else if n * t < SEQUENTIAL_MAX_WORK {
@@ -346,39 +346,65 @@ pub fn attention_decode_batch(heads: Heads, q: &[f32], q_pos: &[u32], keys: &[Ke
         assert_eq!(k.k.len(), k.positions.len() * kv_stride);
         assert_eq!(k.v.len(), k.positions.len() * kv_stride);
     }
+    // A task per (row, KV head) when they are enough to keep the threads busy: the group's
+    // query heads share one pass over its keys. A head's arithmetic is the same either way.
+    let group = q_heads / heads.kv_heads;
+    let per_task = if n * heads.kv_heads >= GROUPED_MIN_TASKS { group } else { 1 };
+    let tasks = q_heads / per_task;
     let out_ptr = OutPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(n * q_heads, |tasks| {
+    candle_core::utils::barrier_pool().execute_chunked(n * tasks, |range| {
         let mut scores = Vec::new();
-        tasks.for_each(|task| {
-            let (i, h) = (task / q_heads, task % q_heads);
-            // SAFETY: row i, head h belongs to this task only; in bounds by the asserts.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(i * q_stride + h * hd), hd) };
-            decode_head(heads, &q[i * q_stride..][..q_stride], q_pos[i], &keys[i], h, &mut scores, o);
+        range.for_each(|task| {
+            let (i, h) = (task / tasks, task % tasks * per_task);
+            // SAFETY: row i, heads h..h + per_task belong to this task only; in bounds by the
+            // asserts.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(i * q_stride + h * hd), per_task * hd) };
+            decode_heads(heads, &q[i * q_stride..][..q_stride], q_pos[i], &keys[i], h, &mut scores, o);
         });
     });
 }
 
-/// Head `h` of one decode query row `q` (all heads) at `qp` against `keys`, into `o`.
-fn decode_head(heads: Heads, q: &[f32], qp: u32, keys: &Keys<'_>, h: usize, scores: &mut Vec<f32>, o: &mut [f32]) {
+/// (Row, KV head) tasks of a decode batch at least, for the heads of a group to share a task.
+const GROUPED_MIN_TASKS: usize = 8;
+
+/// Heads `h..h + o.len() / head_dim` (of one KV group) of one decode query row `q` (all
+/// heads) at `qp` against `keys`, into `o`.
+fn decode_heads(heads: Heads, q: &[f32], qp: u32, keys: &Keys<'_>, h: usize, scores: &mut Vec<f32>, o: &mut [f32]) {
     let Heads { q_heads, kv_heads, head_dim: hd } = heads;
+    let count = o.len() / hd;
     let (kv_stride, g) = (kv_heads * hd, h / (q_heads / kv_heads));
+    assert_eq!(g, (h + count - 1) / (q_heads / kv_heads), "heads of one KV group");
     let scale = 1.0 / (hd as f32).sqrt();
     let t = keys.positions.len();
     let lim = if keys.sorted { keys.positions.partition_point(|&p| p <= qp) } else { t };
-    let qh = &q[h * hd..][..hd];
+    let qh = &q[h * hd..][..count * hd];
     let (k, v) = (&keys.k[g * hd..], &keys.v[g * hd..]);
     let visible = |j: usize| keys.sorted || keys.positions[j] <= qp;
     #[cfg(target_arch = "x86_64")]
     if hd == 64 && *HAS_AVX512 {
         // SAFETY: the CPU has AVX-512F (checked); keys 0..lim lie within k and v (lim ≤ t
         // rows of kv_stride, head g's 64 values at g · 64 inside each row).
-        unsafe { attend_one_avx512(qh, k, v, kv_stride, lim, scale, visible, scores, o) };
+        unsafe {
+            match count {
+                1 => attend_avx512::<1>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+                2 => attend_avx512::<2>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+                3 => attend_avx512::<3>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+                4 => attend_avx512::<4>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+                _ => (0..count).for_each(|c| {
+                    let (qc, oc) = (&qh[c * hd..][..hd], &mut o[c * hd..][..hd]);
+                    attend_avx512::<1>(qc, k, v, kv_stride, lim, scale, visible, scores, oc)
+                }),
+            }
+        }
         return;
     }
-    match hd {
-        64 => attend_one::<64>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
-        128 => attend_one::<128>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
-        _ => attend_one_dyn(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+    for c in 0..count {
+        let (qc, oc) = (&qh[c * hd..][..hd], &mut o[c * hd..][..hd]);
+        match hd {
+            64 => attend_one::<64>(qc, k, v, kv_stride, lim, scale, visible, scores, oc),
+            128 => attend_one::<128>(qc, k, v, kv_stride, lim, scale, visible, scores, oc),
+            _ => attend_one_dyn(qc, k, v, kv_stride, lim, scale, visible, scores, oc),
+        }
     }
 }
 
@@ -429,18 +455,20 @@ fn attend_one<const HD: usize>(
     out.copy_from_slice(&acc);
 }
 
-/// Whether this CPU runs [`attend_one_avx512`].
+/// Whether this CPU runs [`attend_avx512`].
 #[cfg(target_arch = "x86_64")]
 static HAS_AVX512: std::sync::LazyLock<bool> =
     std::sync::LazyLock::new(|| std::arch::is_x86_feature_detected!("avx512f"));
 
-/// [`attend_one`] for head dim 64 on AVX-512: a key's dot product in four registers and one
-/// reduction (the portable form's halving sums spill to the stack), the weighted sum of V in
-/// four accumulators.
+/// [`attend_one`] for head dim 64 on AVX-512, for `G` query heads of one KV group at once
+/// (`q`, `out`: `G × 64`): sixteen keys' dot products a head in sixteen registers and one
+/// [`lane_sums`](super::lane_sums) (the portable form's halving sums spill to the stack), the
+/// weighted sums of V in four accumulators a head, each key's values loaded once for the `G`
+/// heads. A head's arithmetic does not depend on `G`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_one_avx512(
+unsafe fn attend_avx512<const G: usize>(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -452,35 +480,57 @@ unsafe fn attend_one_avx512(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    assert!(q.len() == 64 && out.len() == 64);
+    assert!(q.len() == G * 64 && out.len() == G * 64);
     assert!(lim == 0 || ((lim - 1) * stride + 64 <= k.len() && (lim - 1) * stride + 64 <= v.len()));
+    // Each head's scores rounded up to whole blocks of sixteen.
+    let span = lim.next_multiple_of(16);
     scores.clear();
-    scores.resize(lim, 0.0);
-    // SAFETY: the caller checked the CPU; every row read is inside k / v (asserted above).
+    scores.resize(G * span, 0.0);
+    // SAFETY: the caller checked the CPU; every row read is inside k / v (asserted above),
+    // every store inside `scores` (G · span) and `out`.
     unsafe {
-        let qv = [0, 16, 32, 48].map(|d| _mm512_loadu_ps(q.as_ptr().add(d)));
-        for (j, s) in scores.iter_mut().enumerate() {
-            if !visible(j) {
-                *s = f32::NEG_INFINITY;
-                continue;
+        for j0 in (0..lim).step_by(16) {
+            let keys = (lim - j0).min(16);
+            for c in 0..G {
+                let qv = [0, 16, 32, 48].map(|d| _mm512_loadu_ps(q.as_ptr().add(c * 64 + d)));
+                let dots: [__m512; 16] = std::array::from_fn(|e| {
+                    if e >= keys {
+                        return _mm512_setzero_ps();
+                    }
+                    let kr = k.as_ptr().add((j0 + e) * stride);
+                    let a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+                    let a = _mm512_fmadd_ps(qv[1], _mm512_loadu_ps(kr.add(16)), a);
+                    let a = _mm512_fmadd_ps(qv[2], _mm512_loadu_ps(kr.add(32)), a);
+                    _mm512_fmadd_ps(qv[3], _mm512_loadu_ps(kr.add(48)), a)
+                });
+                let s = _mm512_mul_ps(super::lane_sums(dots), _mm512_set1_ps(scale));
+                _mm512_storeu_ps(scores.as_mut_ptr().add(c * span + j0), s);
             }
-            let kr = k.as_ptr().add(j * stride);
-            let mut a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-            a = _mm512_fmadd_ps(qv[1], _mm512_loadu_ps(kr.add(16)), a);
-            a = _mm512_fmadd_ps(qv[2], _mm512_loadu_ps(kr.add(32)), a);
-            a = _mm512_fmadd_ps(qv[3], _mm512_loadu_ps(kr.add(48)), a);
-            *s = _mm512_reduce_add_ps(a) * scale;
         }
-        softmax_prefix(scores, lim);
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for (j, &p) in scores.iter().enumerate() {
-            let (vr, pv) = (v.as_ptr().add(j * stride), _mm512_set1_ps(p));
+        for c in 0..G {
+            let row = &mut scores[c * span..][..lim];
+            for (j, s) in row.iter_mut().enumerate() {
+                if !visible(j) {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+            softmax_prefix(row, lim);
+        }
+        let mut acc = [[_mm512_setzero_ps(); 4]; G];
+        for j in 0..lim {
+            let vr = v.as_ptr().add(j * stride);
+            let vv = [0, 16, 32, 48].map(|d| _mm512_loadu_ps(vr.add(d)));
             for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vr.add(16 * c)), *a);
+                let p = _mm512_set1_ps(*scores.get_unchecked(c * span + j));
+                for (a, v) in a.iter_mut().zip(vv) {
+                    *a = _mm512_fmadd_ps(p, v, *a);
+                }
             }
         }
         for (c, a) in acc.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *a);
+            for (d, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(c * 64 + 16 * d), *a);
+            }
         }
     }
 }
@@ -720,6 +770,49 @@ mod tests {
             let want = naive(heads, &q, &q_pos, &k2, &v2, &k_pos);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "sorted={sorted}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// A decode batch's row gets what it gets alone — its KV group's heads in one task in the
+    /// batch, a task a head alone, and the single-row `attention` — and what plain attention
+    /// computes; key counts around a block of sixteen, sorted and scattered positions.
+    #[test]
+    fn a_decode_row_gets_the_same_result_alone_or_in_a_batch() {
+        let heads = Heads { q_heads: 9, kv_heads: 3, head_dim: 64 };
+        let stride = 3 * 64;
+        let lens = [1usize, 15, 16, 17, 40, 63, 64, 200];
+        let caches: Vec<(Vec<f32>, Vec<f32>, Vec<u32>)> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                let mut pos: Vec<u32> = (0..t as u32).collect();
+                if i % 2 == 1 {
+                    pos.reverse();
+                }
+                (pseudo(t * stride, 10 + i as u32), pseudo(t * stride, 20 + i as u32), pos)
+            })
+            .collect();
+        let keys: Vec<Keys<'_>> =
+            caches.iter().map(|(k, v, p)| Keys { k, v, positions: p, sorted: p.len() < 2 || p[0] < p[1] }).collect();
+        let n = lens.len();
+        let q = pseudo(n * 9 * 64, 5);
+        // Each row's query sits a few positions before its last key: the last keys are masked.
+        let q_pos: Vec<u32> = lens.iter().map(|&t| (t as u32).saturating_sub(3)).collect();
+        let mut batch = vec![0.0; q.len()];
+        attention_decode_batch(heads, &q, &q_pos, &keys, &mut batch);
+        for i in 0..n {
+            let row = &q[i * 576..][..576];
+            let mut alone = vec![0.0; 576];
+            attention_decode_batch(heads, row, &q_pos[i..=i], &keys[i..=i], &mut alone);
+            assert!(alone[..] == batch[i * 576..][..576], "row {i}: alone vs batch");
+            let mut single = vec![0.0; 576];
+            attention(heads, row, &q_pos[i..=i], &keys[i], &mut single, true);
+            assert!(single == alone, "row {i}: single-row attention vs batch of one");
+            let (k, v, p) = &caches[i];
+            let want = naive(heads, row, &q_pos[i..=i], k, v, p);
+            for (a, b) in alone.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "row {i}: {a} vs {b}");
             }
         }
     }

@@ -595,7 +595,8 @@ impl Int8Matrix {
                     all[j * R + i] = acc[j][i];
                 }
             }
-            let sums = lane_sums(all);
+            let mut sums = [0f32; 16];
+            _mm512_storeu_ps(sums.as_mut_ptr(), super::lane_sums(all));
             for j in 0..O {
                 for i in 0..R {
                     res[j][i] = sums[j * R + i];
@@ -676,37 +677,6 @@ impl Int8Matrix {
             }
         }
     }
-}
-
-/// The sums of the sixteen lanes of each of sixteen vectors, in one vector (lane `k`: vector
-/// `k`'s), by a tree of in-lane shuffles and adds: 45 instructions where one reduction per
-/// vector takes 8 each. Every vector's lanes are added in the same order whatever its place.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn lane_sums(v: [std::arch::x86_64::__m512; 16]) -> [f32; 16] {
-    use std::arch::x86_64::*;
-    // Vectors a, b → per 128-bit quarter [a0 + a2, b0 + b2, a1 + a3, b1 + b3].
-    let pairs: [__m512; 8] = std::array::from_fn(|k| {
-        _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]))
-    });
-    // Two of those → per quarter the four vectors' sums over it.
-    let quads: [__m512; 4] = std::array::from_fn(|k| {
-        let (a, b) = (_mm512_castps_pd(pairs[2 * k]), _mm512_castps_pd(pairs[2 * k + 1]));
-        _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)))
-    });
-    // Quarters added in pairs, then the pairs: lane k ends with vector k's total.
-    let halves: [__m512; 2] = std::array::from_fn(|k| {
-        let (a, b) = (quads[2 * k], quads[2 * k + 1]);
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
-    });
-    let total = _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0b10_00_10_00>(halves[0], halves[1]),
-        _mm512_shuffle_f32x4::<0b11_01_11_01>(halves[0], halves[1]),
-    );
-    let mut out = [0f32; 16];
-    // SAFETY: `out` holds sixteen f32.
-    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), total) };
-    out
 }
 
 /// The machine's int8 dot-product peak, GOP/s (2 per multiply-add) on `threads` threads: a
