@@ -381,7 +381,7 @@ fn decode_heads(heads: Heads, q: &[f32], qp: u32, keys: &Keys<'_>, h: usize, sco
     let (k, v) = (&keys.k[g * hd..], &keys.v[g * hd..]);
     let visible = |j: usize| keys.sorted || keys.positions[j] <= qp;
     #[cfg(target_arch = "x86_64")]
-    if hd == 64 && *HAS_AVX512 {
+    if hd == 64 && *super::HAS_AVX512 {
         // SAFETY: the CPU has AVX-512F (checked); keys 0..lim lie within k and v (lim ≤ t
         // rows of kv_stride, head g's 64 values at g · 64 inside each row).
         unsafe {
@@ -454,11 +454,6 @@ fn attend_one<const HD: usize>(
     }
     out.copy_from_slice(&acc);
 }
-
-/// Whether this CPU runs [`attend_avx512`].
-#[cfg(target_arch = "x86_64")]
-static HAS_AVX512: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::arch::is_x86_feature_detected!("avx512f"));
 
 /// [`attend_one`] for head dim 64 on AVX-512, for `G` query heads of one KV group at once
 /// (`q`, `out`: `G × 64`): sixteen keys' dot products a head in sixteen registers and one

@@ -34,6 +34,7 @@ use half::f16;
 
 use super::OutPtr;
 
+pub static SKIP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 const BLOCK: usize = 32;
 /// Lanes of a group: one 512-bit register of i32 sums.
 const LANES: usize = 16;
@@ -115,10 +116,21 @@ impl Format {
     }
 }
 
-/// Quantizes one block to int8 (as Q8_0); returns its scale.
-/// Written so that it vectorizes (eight running maxima; rounding half to even, which the
-/// CPU does in one instruction): a decode step quantizes every input row of every matmul.
+/// Quantizes one block to int8 (as Q8_0); returns its scale: `d = max|x| / 127`, each value
+/// `x / d` rounded half to even. A decode step quantizes every input row of every matmul;
+/// the AVX-512 form gets the same bytes as the portable one.
 pub(super) fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    assert!(x.len() == BLOCK && q.len() == BLOCK, "quantize_block: a block of {BLOCK}");
+    #[cfg(target_arch = "x86_64")]
+    if *super::HAS_AVX512 {
+        // SAFETY: the CPU has AVX-512F; both slices hold a block (asserted).
+        return unsafe { quantize_block_avx512(x, q) };
+    }
+    quantize_block_portable(x, q)
+}
+
+/// [`quantize_block`] in plain code, written so that it vectorizes (eight running maxima).
+fn quantize_block_portable(x: &[f32], q: &mut [i8]) -> f32 {
     let mut m = [0f32; 8];
     for c in x.chunks_exact(8) {
         for (m, v) in m.iter_mut().zip(c) {
@@ -126,12 +138,38 @@ pub(super) fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
         }
     }
     let amax = m.iter().fold(0f32, |a, &b| a.max(b));
-    let d = amax / 127.0;
-    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (d, inv) = block_scale(amax);
     for (o, &v) in q.iter_mut().zip(x) {
         *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
     }
     d
+}
+
+/// The scale of a block whose largest magnitude is `amax`, and its inverse (0 for a block of
+/// zeros).
+fn block_scale(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+}
+
+/// [`quantize_block`] in two registers: the CPU's conversion rounds half to even.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller checked the CPU and that x and q hold 32 values.
+    unsafe {
+        let (a, b) = (_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16)));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        let (d, inv) = block_scale(amax);
+        let inv = _mm512_set1_ps(inv);
+        let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+        for (half, v) in [a, b].into_iter().enumerate() {
+            let r = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
+            _mm_storeu_si128(q.as_mut_ptr().add(16 * half) as *mut __m128i, _mm512_cvtepi32_epi8(r));
+        }
+        d
+    }
 }
 
 /// Sixteen lanes over `blocks` blocks of a row.
@@ -332,15 +370,9 @@ impl Int8Matrix {
                         let mut o0 = s * STRIPE;
                         while o0 < end {
                             let outs = (end - o0).min(width);
-                            let mut res: Tile = [[0.0; MAX_ROWS]; MAX_OUTS];
-                            self.tile(o0, outs, xq, r0, rows, &mut res);
-                            for (j, col) in res[..outs].iter().enumerate() {
-                                for (i, v) in col[..rows].iter().enumerate() {
-                                    // SAFETY: (r0 + i, o0 + j) is inside `out` (n × rows, checked
-                                    // above); stripes are disjoint in outputs.
-                                    unsafe { *dst.at((r0 + i) * self.rows + o0 + j) = *v };
-                                }
-                            }
+                            // SAFETY: rows r0.. and outputs o0.. of the tile are inside `out`
+                            // (n × rows, checked above); stripes are disjoint in outputs.
+                            unsafe { self.tile(o0, outs, xq, r0, rows, dst) };
                             o0 += outs;
                         }
                     }
@@ -424,16 +456,22 @@ impl Int8Matrix {
         }
     }
 
-    fn tile(&self, o0: usize, outs: usize, x: &Quantized, r0: usize, rows: usize, res: &mut Tile) {
+    /// Outputs `o0..o0 + outs` of input rows `r0..r0 + rows`, written into `dst` (the product's
+    /// `n × self.rows` output).
+    ///
+    /// # Safety
+    /// The tile must be inside the matrix, the input and `dst`, in a region only this task writes.
+    unsafe fn tile(&self, o0: usize, outs: usize, x: &Quantized, r0: usize, rows: usize, dst: OutPtr<f32>) {
+        let mut res: Tile = [[0.0; MAX_ROWS]; MAX_OUTS];
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: chosen only when the CPU has these features (Kernel::detect); the tile is
-            // inside the matrix and the input (the callers' loops).
+            // inside the matrix, the input and `dst` (the caller's contract).
             Kernel::Vnni512 => unsafe {
-                match self.format.wide() {
-                    false => self.tile_vnni512_shaped::<false>(o0, outs, x, r0, rows, res),
-                    true => self.tile_vnni512_shaped::<true>(o0, outs, x, r0, rows, res),
-                }
+                return match self.format.wide() {
+                    false => self.tile_vnni512_shaped::<false>(o0, outs, x, r0, rows, dst),
+                    true => self.tile_vnni512_shaped::<true>(o0, outs, x, r0, rows, dst),
+                };
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
@@ -444,6 +482,13 @@ impl Int8Matrix {
                 }
             }),
             _ => (0..outs).for_each(|j| self.dot_portable(o0 + j, x, r0, rows, &mut res[j])),
+        }
+        for (j, col) in res[..outs].iter().enumerate() {
+            for (i, v) in col[..rows].iter().enumerate() {
+                // SAFETY: (r0 + i, o0 + j) is inside `dst`, written by this task alone (the
+                // caller's contract).
+                unsafe { *dst.at((r0 + i) * self.rows + o0 + j) = *v };
+            }
         }
     }
 
@@ -457,26 +502,24 @@ impl Int8Matrix {
         x: &Quantized,
         r0: usize,
         rows: usize,
-        res: &mut Tile,
+        dst: OutPtr<f32>,
     ) {
         // SAFETY: as in `tile`.
         unsafe {
             match (outs, rows) {
-                (8, 1) => self.tile_vnni512::<8, 1, WIDE>(o0, x, r0, res),
-                (6, 2) => self.tile_vnni512::<6, 2, WIDE>(o0, x, r0, res),
-                (4, 3) => self.tile_vnni512::<4, 3, WIDE>(o0, x, r0, res),
-                (4, 4) => self.tile_vnni512::<4, 4, WIDE>(o0, x, r0, res),
+                (8, 1) => self.tile_vnni512::<8, 1, WIDE>(o0, x, r0, dst),
+                (6, 2) => self.tile_vnni512::<6, 2, WIDE>(o0, x, r0, dst),
+                (4, 3) => self.tile_vnni512::<4, 3, WIDE>(o0, x, r0, dst),
+                (4, 4) => self.tile_vnni512::<4, 4, WIDE>(o0, x, r0, dst),
                 // A stripe's last, narrower tile: one output at a time.
                 _ => {
                     for j in 0..outs {
-                        let mut one: Tile = [[0.0; MAX_ROWS]; MAX_OUTS];
                         match rows {
-                            1 => self.tile_vnni512::<1, 1, WIDE>(o0 + j, x, r0, &mut one),
-                            2 => self.tile_vnni512::<1, 2, WIDE>(o0 + j, x, r0, &mut one),
-                            3 => self.tile_vnni512::<1, 3, WIDE>(o0 + j, x, r0, &mut one),
-                            _ => self.tile_vnni512::<1, 4, WIDE>(o0 + j, x, r0, &mut one),
+                            1 => self.tile_vnni512::<1, 1, WIDE>(o0 + j, x, r0, dst),
+                            2 => self.tile_vnni512::<1, 2, WIDE>(o0 + j, x, r0, dst),
+                            3 => self.tile_vnni512::<1, 3, WIDE>(o0 + j, x, r0, dst),
+                            _ => self.tile_vnni512::<1, 4, WIDE>(o0 + j, x, r0, dst),
                         }
-                        res[j] = one[0];
                     }
                 }
             }
@@ -527,10 +570,11 @@ impl Int8Matrix {
         o0: usize,
         x: &Quantized,
         r0: usize,
-        res: &mut Tile,
+        dst: OutPtr<f32>,
     ) {
         // SAFETY: the caller checked the CPU features; every row holds its groups' full 64-byte
-        // steps and 16 lanes each (`o0 + O ≤ self.rows`, `r0 + R ≤ n`).
+        // steps and 16 lanes each (`o0 + O ≤ self.rows`, `r0 + R ≤ n`); the tile's outputs in
+        // `dst` are this task's.
         unsafe {
             use std::arch::x86_64::*;
             let lanes = self.groups.len() * LANES;
@@ -568,6 +612,14 @@ impl Int8Matrix {
                         }
                     }
                 }
+                if SKIP.load(std::sync::atomic::Ordering::Relaxed) {
+                    for j in 0..O {
+                        for i in 0..R {
+                            acc[j][i] = _mm512_add_ps(acc[j][i], _mm512_castsi512_ps(sums[j][i]));
+                        }
+                    }
+                    continue;
+                }
                 for j in 0..O {
                     let at = (o0 + j) * lanes + gi * LANES;
                     let wd = _mm512_cvtph_ps(_mm256_loadu_si256(self.d.as_ptr().add(at) as *const _));
@@ -589,18 +641,18 @@ impl Int8Matrix {
                 }
             }
             const { assert!(O * R <= 16, "a tile's sums fit one lane_sums") };
+            // Row-major sums: a row's O outputs are adjacent lanes, moved down and stored in one.
             let mut all = [_mm512_setzero_ps(); 16];
             for j in 0..O {
                 for i in 0..R {
-                    all[j * R + i] = acc[j][i];
+                    all[i * O + j] = acc[j][i];
                 }
             }
-            let mut sums = [0f32; 16];
-            _mm512_storeu_ps(sums.as_mut_ptr(), super::lane_sums(all));
-            for j in 0..O {
-                for i in 0..R {
-                    res[j][i] = sums[j * R + i];
-                }
+            let sums = super::lane_sums(all);
+            let row = ((1u32 << O) - 1) as u16;
+            for i in 0..R {
+                let v = _mm512_maskz_compress_ps(row << (i * O), sums);
+                _mm512_mask_storeu_ps(dst.at((r0 + i) * self.rows + o0), row, v);
             }
         }
     }
@@ -754,6 +806,9 @@ mod tests {
     }
 
     /// Blocks of `format` for a pseudo-random matrix, and the f32 weights they stand for.
+    pub(crate) fn blocks_pub(format: Format, rows: usize, cols: usize, seed: usize) -> (Vec<u8>, Vec<f32>) {
+        blocks(format, rows, cols, seed)
+    }
     fn blocks(format: Format, rows: usize, cols: usize, seed: usize) -> (Vec<u8>, Vec<f32>) {
         match format {
             Format::Q8_0 => q8_0(rows, cols, seed),
@@ -854,6 +909,23 @@ mod tests {
         assert!(Int8Matrix::quantize(&w[..rows * 20], rows, 20).is_err());
     }
 
+    /// The quantizer's kernel gets the portable form's scale and bytes: blocks of zeros, of
+    /// halves that round to even, of one outlier, of pseudo-random values.
+    #[test]
+    fn the_input_quantizer_agrees_with_the_portable_form() {
+        let mut blocks: Vec<Vec<f32>> = vec![vec![0.0; BLOCK], (0..BLOCK).map(|e| e as f32 - 15.5).collect()];
+        blocks.push((0..BLOCK).map(|e| if e == 7 { -300.0 } else { (e as f32 * 0.37).sin() }).collect());
+        // max 127: each value's quotient is itself, halves included.
+        blocks.push((0..BLOCK).map(|e| if e == 0 { 127.0 } else { e as f32 * 2.5 - 40.0 }).collect());
+        blocks.extend((0..200).map(|seed| input(1, BLOCK, seed)));
+        for (i, x) in blocks.iter().enumerate() {
+            let (mut a, mut b) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let da = quantize_block(x, &mut a);
+            let db = quantize_block_portable(x, &mut b);
+            assert!(da.to_bits() == db.to_bits() && a == b, "block {i}: {da} {a:?} vs {db} {b:?}");
+        }
+    }
+
     /// A row's result does not depend on the rows beside it or on how many there are —
     /// decode tiles, prefill tiles, the calling thread or the pool.
     #[test]
@@ -874,6 +946,46 @@ mod tests {
                     assert!(
                         some[..rows] == all[r * rows..(r + 1) * rows],
                         "{format:?} {rows}×{cols}: row {r} with {n}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod microbench {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn microbench_tile() {
+        for t in [1, 2, 1, 2] {
+            eprintln!("peak {t} threads: {:?}", peak_int8_gops(t));
+        }
+        for skip in [false, true] {
+            SKIP.store(skip, std::sync::atomic::Ordering::Relaxed);
+            eprintln!("skip epilogue: {skip}");
+            for (format, rows, cols) in
+                [(Format::Q4_1, 1536, 576), (Format::Q4_1, 576, 1536), (Format::Q8_0, 1536, 576)]
+            {
+                let (raw, _) = super::tests::blocks_pub(format, rows, cols, 3);
+                let m = Int8Matrix::from_blocks(format, &raw, rows, cols).unwrap();
+                for n in [1usize, 4, 8] {
+                    let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * 0.5).collect();
+                    let mut out = vec![0f32; n * rows];
+                    let reps = 4000 / n;
+                    for _ in 0..20 {
+                        m.matmul(&x, n, &mut out);
+                    }
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        m.matmul(&x, n, &mut out);
+                    }
+                    let s = t.elapsed().as_secs_f64() / reps as f64;
+                    eprintln!(
+                        "{format:?} {rows}x{cols} n={n}: {:.1} us, {:.1} GMAC/s",
+                        s * 1e6,
+                        (n * rows * cols) as f64 / s / 1e9
                     );
                 }
             }

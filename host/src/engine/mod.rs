@@ -32,6 +32,11 @@ pub use sampling::{SamplingParams, TokenLogprob};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::Tokenizer;
 
+/// Whether this CPU has AVX-512F (decode attention's and the input quantizer's kernels).
+#[cfg(target_arch = "x86_64")]
+static HAS_AVX512: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::arch::is_x86_feature_detected!("avx512f"));
+
 /// An output buffer shared by the parallel tasks of one kernel (attention blocks, matrix
 /// product stripes, quantized input rows), each of which writes only its own disjoint elements.
 struct OutPtr<T>(*mut T);
@@ -184,9 +189,11 @@ impl LoadedModel {
 
 /// The sums of the sixteen lanes of each of sixteen vectors, in one vector (lane `k`: vector
 /// `k`'s), by a tree of in-lane shuffles and adds: 45 instructions where one reduction per
-/// vector takes 8 each (the int8 tiles' sums, decode attention's scores). Every vector's lanes are added in the same order whatever its place.
+/// vector takes 8 each (the int8 tiles' sums, decode attention's scores). Every vector's
+/// lanes are added in the same order whatever its place.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 pub(crate) unsafe fn lane_sums(v: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     // Vectors a, b → per 128-bit quarter [a0 + a2, b0 + b2, a1 + a3, b1 + b3].

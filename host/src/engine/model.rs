@@ -631,16 +631,17 @@ impl Model {
         out: &mut Vec<(TokenLogprob, Vec<TokenLogprob>)>,
     ) -> Result<(), EngineError> {
         let rows: Vec<usize> = (0..next.len()).collect();
-        let logits = self.logits_with(x, &rows, self.prefill)?;
-        // Rows are independent: the engine's threads take them in turn.
         let scored: Vec<std::sync::OnceLock<(TokenLogprob, Vec<TokenLogprob>)>> =
             rows.iter().map(|_| std::sync::OnceLock::new()).collect();
-        candle_core::utils::barrier_pool().execute_chunked(rows.len(), |range| {
-            for i in range {
-                let row = &logits[i * self.cfg.vocab..(i + 1) * self.cfg.vocab];
-                let _ = scored[i].set(sampling::logprobs(row, next[i], top));
-            }
-        });
+        self.with_logits(x, &rows, self.prefill, |logits| {
+            // Rows are independent: the engine's threads take them in turn.
+            candle_core::utils::barrier_pool().execute_chunked(rows.len(), |range| {
+                for i in range {
+                    let row = &logits[i * self.cfg.vocab..(i + 1) * self.cfg.vocab];
+                    let _ = scored[i].set(sampling::logprobs(row, next[i], top));
+                }
+            });
+        })?;
         out.extend(scored.into_iter().map(|s| s.into_inner().expect("every row is scored")));
         Ok(())
     }
@@ -845,19 +846,31 @@ impl Model {
     }
 
     fn logits_with(&self, x: &[f32], rows: &[usize], w: Weights) -> Result<Vec<f32>, EngineError> {
+        self.with_logits(x, rows, w, <[f32]>::to_vec)
+    }
+
+    /// `f` of the logits (`rows.len() × vocab`) of `rows` of the hidden states `x`, seen in
+    /// the LM head's output buffer (a block of prompt rows' logits is tens of MB: a copy of
+    /// them costs as much as reading them).
+    fn with_logits<R>(
+        &self,
+        x: &[f32],
+        rows: &[usize],
+        w: Weights,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R, EngineError> {
         let hidden = self.cfg.hidden;
         let n = x.len() / hidden;
         if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
             return Err(EngineError::Internal(format!("logits row {bad} of {n}")));
         }
-        let mut logits = Vec::with_capacity(rows.len() * self.cfg.vocab);
-        if !rows.is_empty() {
-            let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
-            let mut normed = vec![0f32; picked.len()];
-            rms_norm(&picked, &self.out_norm, self.cfg.rms_eps, &mut normed);
-            self.lm_head.forward(&normed, rows.len(), w, |l| logits.extend_from_slice(l))?;
+        if rows.is_empty() {
+            return Ok(f(&[]));
         }
-        Ok(logits)
+        let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect();
+        let mut normed = vec![0f32; picked.len()];
+        rms_norm(&picked, &self.out_norm, self.cfg.rms_eps, &mut normed);
+        self.lm_head.forward(&normed, rows.len(), w, f)
     }
 }
 
