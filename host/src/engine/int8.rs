@@ -34,7 +34,6 @@ use half::f16;
 
 use super::OutPtr;
 
-pub static SKIP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 const BLOCK: usize = 32;
 /// Lanes of a group: one 512-bit register of i32 sums.
 const LANES: usize = 16;
@@ -612,14 +611,6 @@ impl Int8Matrix {
                         }
                     }
                 }
-                if SKIP.load(std::sync::atomic::Ordering::Relaxed) {
-                    for j in 0..O {
-                        for i in 0..R {
-                            acc[j][i] = _mm512_add_ps(acc[j][i], _mm512_castsi512_ps(sums[j][i]));
-                        }
-                    }
-                    continue;
-                }
                 for j in 0..O {
                     let at = (o0 + j) * lanes + gi * LANES;
                     let wd = _mm512_cvtph_ps(_mm256_loadu_si256(self.d.as_ptr().add(at) as *const _));
@@ -806,9 +797,6 @@ mod tests {
     }
 
     /// Blocks of `format` for a pseudo-random matrix, and the f32 weights they stand for.
-    pub(crate) fn blocks_pub(format: Format, rows: usize, cols: usize, seed: usize) -> (Vec<u8>, Vec<f32>) {
-        blocks(format, rows, cols, seed)
-    }
     fn blocks(format: Format, rows: usize, cols: usize, seed: usize) -> (Vec<u8>, Vec<f32>) {
         match format {
             Format::Q8_0 => q8_0(rows, cols, seed),
@@ -946,46 +934,6 @@ mod tests {
                     assert!(
                         some[..rows] == all[r * rows..(r + 1) * rows],
                         "{format:?} {rows}×{cols}: row {r} with {n}"
-                    );
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod microbench {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn microbench_tile() {
-        for t in [1, 2, 1, 2] {
-            eprintln!("peak {t} threads: {:?}", peak_int8_gops(t));
-        }
-        for skip in [false, true] {
-            SKIP.store(skip, std::sync::atomic::Ordering::Relaxed);
-            eprintln!("skip epilogue: {skip}");
-            for (format, rows, cols) in
-                [(Format::Q4_1, 1536, 576), (Format::Q4_1, 576, 1536), (Format::Q8_0, 1536, 576)]
-            {
-                let (raw, _) = super::tests::blocks_pub(format, rows, cols, 3);
-                let m = Int8Matrix::from_blocks(format, &raw, rows, cols).unwrap();
-                for n in [1usize, 4, 8] {
-                    let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * 0.5).collect();
-                    let mut out = vec![0f32; n * rows];
-                    let reps = 4000 / n;
-                    for _ in 0..20 {
-                        m.matmul(&x, n, &mut out);
-                    }
-                    let t = std::time::Instant::now();
-                    for _ in 0..reps {
-                        m.matmul(&x, n, &mut out);
-                    }
-                    let s = t.elapsed().as_secs_f64() / reps as f64;
-                    eprintln!(
-                        "{format:?} {rows}x{cols} n={n}: {:.1} us, {:.1} GMAC/s",
-                        s * 1e6,
-                        (n * rows * cols) as f64 / s / 1e9
                     );
                 }
             }
