@@ -181,14 +181,19 @@ fn lane_max(xs: &[f32]) -> f32 {
 fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4; // 355/512: k·LN2_HI is exact for |k| < 2^15
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let c = x.max(-87.0);
+    // Clamped to [−87, 0] (a NaN to −87), k is a whole number in [−126, 0].
+    let c = x.max(-87.0).min(0.0);
     let k = (c * std::f32::consts::LOG2_E + 0.5).floor();
     let y = (c - k * LN2_HI) - k * LN2_LO;
     let p = 1.0
         + y * (1.0
             + y * (1.0 / 2.0
                 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0 + y * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    // `as i32` saturates, which the vectorizer turns into a scalar conversion per lane; k is
+    // in range, where the plain conversion gives the same.
+    // SAFETY: k is finite and in [−126, 0] (above), inside i32.
+    let k = unsafe { k.to_int_unchecked::<i32>() };
+    let scale = f32::from_bits(((k + 127) as u32) << 23);
     if x < -87.0 { 0.0 } else { scale * p }
 }
 
