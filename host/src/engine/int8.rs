@@ -39,15 +39,14 @@ const BLOCK: usize = 32;
 const LANES: usize = 16;
 /// 4-byte steps of a block.
 const BLOCK_STEPS: usize = BLOCK / 4;
-/// Input rows of a tile at most: of the VNNI kernel's, of the others'.
-const VNNI_MAX_ROWS: usize = 8;
+/// Input rows of a tile at most.
 const MAX_ROWS: usize = 4;
 /// Outputs of a tile at most.
 const MAX_OUTS: usize = 8;
 /// Outputs handed to a thread at a time: a multiple of every tile width; 24 rows of 4-bit
 /// weights (≤ 20 KiB for rows 1536 wide) stay in L1 while every block of input rows passes.
 const STRIPE: usize = 24;
-/// Input rows of a work item: a multiple of VNNI_MAX_ROWS and MAX_ROWS; 64 rows of input (≤ 96 KiB unpacked)
+/// Input rows of a work item: a multiple of MAX_ROWS; 64 rows of input (≤ 96 KiB unpacked)
 /// and of output stay in L2 while the item's stripe of weights passes over them.
 const ROW_BLOCK: usize = 64;
 /// Multiply-adds below which a product stays on the calling thread.
@@ -364,8 +363,8 @@ impl Int8Matrix {
                     let (block, s) = (item / stripes, item % stripes);
                     let end = ((s + 1) * STRIPE).min(self.rows);
                     let block_rows = block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(n);
-                    for r0 in block_rows.clone().step_by(self.max_rows()) {
-                        let rows = (block_rows.end - r0).min(self.max_rows());
+                    for r0 in block_rows.clone().step_by(MAX_ROWS) {
+                        let rows = (block_rows.end - r0).min(MAX_ROWS);
                         let width = self.outs(rows);
                         let mut o0 = s * STRIPE;
                         while o0 < end {
@@ -387,24 +386,12 @@ impl Int8Matrix {
         });
     }
 
-    /// Input rows of a tile at most.
-    fn max_rows(&self) -> usize {
-        match self.kernel {
-            Kernel::Vnni512 => VNNI_MAX_ROWS,
-            _ => MAX_ROWS,
-        }
-    }
-
-    /// Outputs per tile for `rows` input rows: as many as the registers hold sums for. Eight
-    /// rows take two outputs (16 sums, 4 registers of unpacked weights) rather than two
-    /// passes of four by four: each output's weights are loaded and unpacked once for the
-    /// eight, which is what a batch of eight decoding sequences multiplies.
+    /// Outputs per tile for `rows` input rows: as many as the registers hold sums for.
     fn outs(&self, rows: usize) -> usize {
         match (self.kernel, rows) {
             (Kernel::Vnni512, 1) => 8,
             (Kernel::Vnni512, 2) => 6,
-            (Kernel::Vnni512, 3 | 4) => 4,
-            (Kernel::Vnni512, _) => 2,
+            (Kernel::Vnni512, _) => 4,
             _ => 1,
         }
     }
@@ -523,10 +510,6 @@ impl Int8Matrix {
                 (6, 2) => self.tile_vnni512::<6, 2, WIDE>(o0, x, r0, dst),
                 (4, 3) => self.tile_vnni512::<4, 3, WIDE>(o0, x, r0, dst),
                 (4, 4) => self.tile_vnni512::<4, 4, WIDE>(o0, x, r0, dst),
-                (2, 5) => self.tile_vnni512::<2, 5, WIDE>(o0, x, r0, dst),
-                (2, 6) => self.tile_vnni512::<2, 6, WIDE>(o0, x, r0, dst),
-                (2, 7) => self.tile_vnni512::<2, 7, WIDE>(o0, x, r0, dst),
-                (2, 8) => self.tile_vnni512::<2, 8, WIDE>(o0, x, r0, dst),
                 // A stripe's last, narrower tile: one output at a time.
                 _ => {
                     for j in 0..outs {
@@ -534,11 +517,7 @@ impl Int8Matrix {
                             1 => self.tile_vnni512::<1, 1, WIDE>(o0 + j, x, r0, dst),
                             2 => self.tile_vnni512::<1, 2, WIDE>(o0 + j, x, r0, dst),
                             3 => self.tile_vnni512::<1, 3, WIDE>(o0 + j, x, r0, dst),
-                            4 => self.tile_vnni512::<1, 4, WIDE>(o0 + j, x, r0, dst),
-                            5 => self.tile_vnni512::<1, 5, WIDE>(o0 + j, x, r0, dst),
-                            6 => self.tile_vnni512::<1, 6, WIDE>(o0 + j, x, r0, dst),
-                            7 => self.tile_vnni512::<1, 7, WIDE>(o0 + j, x, r0, dst),
-                            _ => self.tile_vnni512::<1, 8, WIDE>(o0 + j, x, r0, dst),
+                            _ => self.tile_vnni512::<1, 4, WIDE>(o0 + j, x, r0, dst),
                         }
                     }
                 }
@@ -947,7 +926,7 @@ mod tests {
             let mut all = vec![0f32; big * rows];
             m.matmul(&x, big, &mut all);
             for r in [0, 5, 36] {
-                for n in [1, 2, 3, 4, 6, 8, 9, 13] {
+                for n in [1, 2, 3, 4, 9] {
                     let mut some = vec![0f32; n * rows];
                     let mut rowsx = x[r * cols..(r + 1) * cols].to_vec();
                     rowsx.extend(x.iter().take((n - 1) * cols));
