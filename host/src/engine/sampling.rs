@@ -126,9 +126,14 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (TokenLogprob, Vec<TokenLogprob>) {
     let strip_max: Vec<f32> = logits.chunks(TOP_STRIP).map(lane_max).collect();
     let max = strip_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let strips = logits.len() / LANES * LANES;
-    let tail: f32 = logits[strips..].iter().map(|&l| exp_nonpositive(l - max)).sum();
-    let sums = strip_exp_sums(&logits[..strips], max);
+    let mut sums = [0f32; LANES];
+    let strips = logits.chunks_exact(LANES);
+    let tail: f32 = strips.remainder().iter().map(|&l| exp_nonpositive(l - max)).sum();
+    for strip in strips {
+        for (s, &l) in sums.iter_mut().zip(strip) {
+            *s += exp_nonpositive(l - max);
+        }
+    }
     let lse = max + (sums.iter().sum::<f32>() + tail).ln();
     let chosen = TokenLogprob { id, logprob: logits[id as usize] - lse };
     let mut best: Vec<TokenLogprob> = Vec::with_capacity(top + 1);
@@ -150,66 +155,6 @@ pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (TokenLogprob, Vec<Token
     (chosen, best)
 }
 
-/// Per lane of the strips of `xs` (a whole number of [`LANES`]), the sum of `exp(x - max)`:
-/// in AVX-512 registers where the CPU has them (the compiler's own vectors are half as wide),
-/// the same operations in the same order as the portable form, so the same sums bit for bit.
-fn strip_exp_sums(xs: &[f32], max: f32) -> [f32; LANES] {
-    #[cfg(target_arch = "x86_64")]
-    if *super::HAS_AVX512 {
-        // SAFETY: the CPU has AVX-512F (checked above).
-        return unsafe { strip_exp_sums_avx512(xs, max) };
-    }
-    strip_exp_sums_portable(xs, max)
-}
-
-fn strip_exp_sums_portable(xs: &[f32], max: f32) -> [f32; LANES] {
-    let mut sums = [0f32; LANES];
-    for strip in xs.chunks_exact(LANES) {
-        for (s, &x) in sums.iter_mut().zip(strip) {
-            *s += exp_nonpositive(x - max);
-        }
-    }
-    sums
-}
-
-/// [`strip_exp_sums_portable`] with [`exp_nonpositive`] spelled out in 16-lane operations:
-/// products and sums apart (Rust does not fuse `a * b + c`), the floor, the plain conversion
-/// and the select as the scalar form has them.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn strip_exp_sums_avx512(xs: &[f32], max: f32) -> [f32; LANES] {
-    use std::arch::x86_64::*;
-    let c = |v: f32| _mm512_set1_ps(v);
-    let (lo, zero, m) = (c(-87.0), _mm512_setzero_ps(), c(max));
-    let mut acc = _mm512_setzero_ps();
-    for strip in xs.chunks_exact(LANES) {
-        // SAFETY: a strip is 16 readable f32.
-        let x = _mm512_sub_ps(unsafe { _mm512_loadu_ps(strip.as_ptr()) }, m);
-        // `max` takes its second operand where the first is NaN, as f32::max(NaN, −87) does.
-        let cl = _mm512_min_ps(_mm512_max_ps(x, lo), zero);
-        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_add_ps(
-            _mm512_mul_ps(cl, c(std::f32::consts::LOG2_E)),
-            c(0.5),
-        ));
-        let y = _mm512_sub_ps(_mm512_sub_ps(cl, _mm512_mul_ps(k, c(EXP_LN2_HI))), _mm512_mul_ps(k, c(EXP_LN2_LO)));
-        let mut p = c(1.0 / 5040.0);
-        for coefficient in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 1.0 / 2.0, 1.0, 1.0] {
-            p = _mm512_add_ps(c(coefficient), _mm512_mul_ps(y, p));
-        }
-        let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvttps_epi32(k),
-            _mm512_set1_epi32(127),
-        )));
-        // x < −87 gives 0; NaN compares not-less and keeps the product, as the scalar branch does.
-        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, lo);
-        acc = _mm512_add_ps(acc, _mm512_maskz_mul_ps(keep, scale, p));
-    }
-    let mut sums = [0f32; LANES];
-    // SAFETY: `sums` is 16 writable f32.
-    unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), acc) };
-    sums
-}
-
 /// Width of the strips [`logprobs`] works in: one AVX-512 register of f32.
 const LANES: usize = 16;
 /// Logits per strip whose maximum the first pass keeps, for the top tokens' pass to skip by.
@@ -228,21 +173,18 @@ fn lane_max(xs: &[f32]) -> f32 {
     m.iter().copied().fold(tail, f32::max)
 }
 
-/// ln 2 in two parts for [`exp_nonpositive`]: 355/512 (k·EXP_LN2_HI is exact for |k| < 2^15)
-/// and the rest.
-const EXP_LN2_HI: f32 = 0.693_359_4;
-const EXP_LN2_LO: f32 = -2.121_944_4e-4;
-
 /// `exp(x)` for `x ≤ 0` in branch-free arithmetic that vectorizes: `2^k · e^y` with
 /// `k = round(x·log2 e)` put into the exponent bits, `y = x − k·ln 2` (ln 2 split in two so that
 /// `k·ln 2` is exact: `|y| ≤ ½ ln 2` to f32 precision) and `e^y` from its Taylor series to
 /// degree 7 (relative error below 3e-7). Below −87 it returns 0, where `exp` is under f32's
 /// smallest normal number anyway.
 fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4; // 355/512: k·LN2_HI is exact for |k| < 2^15
+    const LN2_LO: f32 = -2.121_944_4e-4;
     // Clamped to [−87, 0] (a NaN to −87), k is a whole number in [−126, 0].
     let c = x.max(-87.0).min(0.0);
     let k = (c * std::f32::consts::LOG2_E + 0.5).floor();
-    let y = (c - k * EXP_LN2_HI) - k * EXP_LN2_LO;
+    let y = (c - k * LN2_HI) - k * LN2_LO;
     let p = 1.0
         + y * (1.0
             + y * (1.0 / 2.0
@@ -320,29 +262,6 @@ mod tests {
             assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
         }
         assert_eq!(top[0].id, 3);
-    }
-
-    /// The AVX-512 sums are the portable form's bit for bit: logits spread over the whole
-    /// range, with the row's maximum, exact halves of ln 2 multiples, and ones below −87.
-    #[test]
-    fn the_avx512_exp_sums_are_the_portable_ones() {
-        #[cfg(target_arch = "x86_64")]
-        if *crate::engine::HAS_AVX512 {
-            for seed in 0..50usize {
-                let mut xs: Vec<f32> = (0..LANES * 200)
-                    .map(|i| ((i * 7919 + seed * 104_729) % 10_007) as f32 * -0.0095 + seed as f32 * 0.01)
-                    .collect();
-                xs[3] = 0.0;
-                xs[17] = -(std::f32::consts::LN_2 * 0.5);
-                xs[40] = -100.0;
-                xs[41] = -87.0;
-                let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let want = strip_exp_sums_portable(&xs, max);
-                // SAFETY: checked above.
-                let got = unsafe { strip_exp_sums_avx512(&xs, max) };
-                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{seed}: {got:?} vs {want:?}");
-            }
-        }
     }
 
     #[test]
