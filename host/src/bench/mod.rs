@@ -72,11 +72,17 @@ pub struct Roofline {
     /// the GB/s one stream reaches.
     pub decode_bytes_per_token: f64,
     pub decode_gbps: f64,
+    /// (sequences, GOP/s reached) of each batched decode count: two operations per weight
+    /// per token (the attention over the short caches left out), against the int8 peak,
+    /// which batched steps are bound by once the weights they read are shared.
+    pub batched_decode_gops: Vec<(usize, f64)>,
+    /// The peak batched decode is placed against: int8, else f32.
+    pub decode_peak: f64,
 }
 
 impl Roofline {
     /// Measures the peaks and places `prefill` and `decode_tok_s` of `m` against them.
-    fn measure(m: &LoadedModel, prefill: &[(usize, f64)], decode_tok_s: f64) -> Self {
+    fn measure(m: &LoadedModel, prefill: &[(usize, f64)], decode_tok_s: f64, batched: &[(usize, f64)]) -> Self {
         let c = m.model.config();
         let (h, kv, f) = (c.hidden as f64, c.kv_dim() as f64, c.ffn as f64);
         let per_layer = h * (h + 2.0 * kv) + h * h + 3.0 * h * f;
@@ -88,6 +94,8 @@ impl Roofline {
         let prefill_gflops =
             prefill.iter().map(|&(n, tps)| (n, prefill_flop(n as f64) * tps / n as f64 / 1e9)).collect();
         let decode_bytes_per_token = m.model.decode_bytes() as f64;
+        let decode_op = 2.0 * (layers + h * c.vocab as f64);
+        let batched_decode_gops = batched.iter().map(|&(b, tps)| (b, decode_op * tps / 1e9)).collect();
         let peak_gflops = peak_gflops();
         let peak_int8_gops = crate::engine::int8::peak_int8_gops(rayon::current_num_threads());
         let peak_bf16_gflops = crate::engine::amx::peak_bf16_gflops();
@@ -107,6 +115,8 @@ impl Roofline {
             prefill_gflops,
             decode_bytes_per_token,
             decode_gbps: decode_bytes_per_token * decode_tok_s / 1e9,
+            batched_decode_gops,
+            decode_peak: peak_int8_gops.unwrap_or(peak_gflops),
         }
     }
 }
@@ -232,6 +242,6 @@ pub fn engine(
         }
         batched_decode.push((b, best));
     }
-    let roofline = Roofline::measure(m, &prefill, decode_tok_s);
+    let roofline = Roofline::measure(m, &prefill, decode_tok_s, &batched_decode);
     Ok(EngineFigures { prefill, decode_tok_s, decode_context: ctx, decode_tokens, batched_decode, roofline })
 }
