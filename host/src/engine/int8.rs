@@ -723,21 +723,26 @@ impl Int8Matrix {
 }
 
 /// The machine's int8 dot-product peak, GOP/s (2 per multiply-add) on `threads` threads: a
-/// loop of independent `vpdpbusd` on registers, or `None` without AVX-512 VNNI.
+/// loop of independent `vpdpbusd` on registers, best of five (as the other peaks are), or
+/// `None` without AVX-512 VNNI.
 pub fn peak_int8_gops(threads: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     if Kernel::detect() == Kernel::Vnni512 {
         const ITERS: usize = 1 << 22;
         const CHAINS: usize = 12;
-        let start = std::time::Instant::now();
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                // SAFETY: the CPU has AVX-512 VNNI (checked above).
-                s.spawn(|| std::hint::black_box(unsafe { spin_vnni512::<CHAINS>(ITERS) }));
-            }
-        });
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads.max(1) {
+                    // SAFETY: the CPU has AVX-512 VNNI (checked above).
+                    s.spawn(|| std::hint::black_box(unsafe { spin_vnni512::<CHAINS>(ITERS) }));
+                }
+            });
+            best = best.min(start.elapsed().as_secs_f64());
+        }
         let ops = (threads.max(1) * ITERS * CHAINS * 64 * 2) as f64;
-        return Some(ops / start.elapsed().as_secs_f64() / 1e9);
+        return Some(ops / best / 1e9);
     }
     let _ = threads;
     None
