@@ -896,11 +896,11 @@ fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
             r.decode_bytes_per_token / 1e6,
             100.0 * r.decode_gbps / r.peak_gbps
         );
-        let peak = if r.peak_int8_gops.is_some() { "int8" } else { "f32" };
         for (b, g) in &r.batched_decode_gops {
             println!(
-                "roofline: decode {b:>2} sequences, batched: {g:>6.1} GOP/s of weight products = {:>4.1}% of the {peak} peak",
-                100.0 * g / r.decode_peak
+                "roofline: decode {b:>2} sequences, batched: {g:>6.1} GOP/s of weight products = {:>4.1}% of the {} peak",
+                100.0 * g / r.decode_peak,
+                r.decode_peak_kind
             );
         }
     }

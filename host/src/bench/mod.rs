@@ -76,8 +76,9 @@ pub struct Roofline {
     /// per token (the attention over the short caches left out), against the int8 peak,
     /// which batched steps are bound by once the weights they read are shared.
     pub batched_decode_gops: Vec<(usize, f64)>,
-    /// The peak batched decode is placed against: int8, else f32.
+    /// The peak batched decode is placed against, and which: `int8`, else `f32`.
     pub decode_peak: f64,
+    pub decode_peak_kind: &'static str,
 }
 
 impl Roofline {
@@ -117,6 +118,7 @@ impl Roofline {
             decode_gbps: decode_bytes_per_token * decode_tok_s / 1e9,
             batched_decode_gops,
             decode_peak: peak_int8_gops.unwrap_or(peak_gflops),
+            decode_peak_kind: if peak_int8_gops.is_some() { "int8" } else { "f32" },
         }
     }
 }
