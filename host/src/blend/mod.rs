@@ -153,6 +153,9 @@ pub struct Timings {
     pub compute_us: u64,
     /// Cutting and storing new chunks.
     pub store_us: u64,
+    /// Echo's scoring of the prompt after the prefill (LM head and log-softmax of the rows
+    /// not remembered); 0 without `echo` and `logprobs`.
+    pub score_us: u64,
 }
 
 /// A prompt as the chunker sees it.

@@ -578,7 +578,7 @@ impl Loop {
             (t, true) => 8 * t * m.model.config().layers,
             (t, false) => t * m.model.config().layers,
         };
-        let done = match a.prefill.step(&m.model, store, policy, work) {
+        let mut done = match a.prefill.step(&m.model, store, policy, work) {
             Ok(None) => return,
             Ok(Some(done)) => done,
             Err(e) => {
@@ -594,23 +594,26 @@ impl Loop {
             self.stats.record(&done.report);
         }
         let (started, overtaken) = a.started.expect("set above");
-        let usage = Usage {
-            prompt_tokens: a.prompt_tokens,
-            cached_tokens: done.report.reused_tokens,
-            reuse: done.report,
-            mode: Some(a.mode),
-            prefill_seconds: started.elapsed().as_secs_f64(),
-            queued_seconds: (started - a.submitted).as_secs_f64(),
-            overtaken,
-            ..Usage::default()
-        };
+        let prefill_seconds = started.elapsed().as_secs_f64();
         if let Some((from, logprobs)) = a.echo {
+            let scoring = Instant::now();
             if let Err(e) = self.echo(&a, &done, from, logprobs) {
                 let _ = a.events.send(Event::Error(e));
                 self.reserved -= a.reserved.min(self.reserved);
                 return;
             }
+            done.report.timings.score_us = scoring.elapsed().as_micros() as u64;
         }
+        let usage = Usage {
+            prompt_tokens: a.prompt_tokens,
+            cached_tokens: done.report.reused_tokens,
+            reuse: done.report,
+            mode: Some(a.mode),
+            prefill_seconds,
+            queued_seconds: (started - a.submitted).as_secs_f64(),
+            overtaken,
+            ..Usage::default()
+        };
         for (mut choice, logits) in Choice::fork(&a, done, usage) {
             if let Next::Feed = choice.advance(&logits, &m.tokenizer, &self.stats) {
                 self.decoding.push(choice);
