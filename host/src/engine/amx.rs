@@ -104,17 +104,7 @@ impl Bf16Matrix {
         assert!(available(), "AMX product on a process without AMX");
         assert_eq!(x.len(), n * self.cols, "bf16 matmul: input size");
         assert_eq!(out.len(), n * self.rows, "bf16 matmul: output size");
-        thread_local! {
-            static INPUT: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        INPUT.with(|cell| {
-            let xb = &mut *cell.borrow_mut();
-            // Rows rounded up to the kernel's 32; the padding rows are zeros.
-            let n_padded = n.div_ceil(2 * TILE) * 2 * TILE;
-            xb.clear();
-            xb.extend(x.iter().map(|&v| bf16(v)));
-            xb.resize(n_padded * self.cols, 0);
-            let xb = &*xb;
+        with_input(x, n, self.cols, |xb| {
             let dst = OutPtr(out.as_mut_ptr());
             let pairs = self.padded / (2 * TILE);
             // Work items are (block of input rows, pair of output tiles), row blocks outermost.
@@ -153,6 +143,49 @@ impl Bf16Matrix {
                 run(0..items)
             } else {
                 candle_core::utils::barrier_pool().execute_chunked(items, run)
+            }
+        });
+    }
+
+    /// `x · Wᵀ` for the `n` rows of `x`, handed to `f` a tile at a time instead of written out:
+    /// `f(rows, outputs, tile)` sees the sums of `rows` (at most 32) by `outputs` (one
+    /// `segment` of them, a multiple of 32; the last may be shorter), row `i` of the tile at
+    /// `tile[i * segment..]`. A work item is one segment for every row: its weights stay in
+    /// L2 while the rows pass, so they are read once and the product never goes to memory
+    /// (an LM head's is tens of MB per hundred rows). The sums are [`Bf16Matrix::matmul`]'s,
+    /// bit for bit: the same kernel over the same steps. Only where [`available`] says so.
+    pub fn matmul_by_segments(
+        &self,
+        x: &[f32],
+        n: usize,
+        segment: usize,
+        f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &[f32]) + Sync,
+    ) {
+        assert!(available(), "AMX product on a process without AMX");
+        assert_eq!(x.len(), n * self.cols, "bf16 matmul: input size");
+        assert!(segment > 0 && segment.is_multiple_of(2 * TILE), "segments of whole kernel blocks");
+        with_input(x, n, self.cols, |xb| {
+            let run = |range: std::ops::Range<usize>| {
+                let _tiles = Tiles::configure();
+                let mut sums = vec![0f32; 2 * TILE * segment];
+                for s in range {
+                    let outs = s * segment..((s + 1) * segment).min(self.rows);
+                    for r0 in (0..n).step_by(2 * TILE) {
+                        for (k, pair) in (outs.start / (2 * TILE)..outs.end.div_ceil(2 * TILE)).enumerate() {
+                            // SAFETY: rows r0..r0 + 32 are inside the padded input, output tiles
+                            // 2·pair, 2·pair + 1 inside the padded weights (pair < padded / 32),
+                            // and the 32 × 32 sums at column 32·k of `sums` (32 rows of `segment`).
+                            unsafe { self.kernel(xb, r0, pair, sums.as_mut_ptr().add(k * 2 * TILE), segment) };
+                        }
+                        f(r0..(r0 + 2 * TILE).min(n), outs.clone(), &sums);
+                    }
+                }
+            };
+            let segments = self.rows.div_ceil(segment);
+            if n * self.rows * self.cols < PARALLEL_MIN_WORK {
+                run(0..segments)
+            } else {
+                candle_core::utils::barrier_pool().execute_chunked(segments, run)
             }
         });
     }
@@ -220,6 +253,21 @@ impl Bf16Matrix {
     unsafe fn kernel(&self, _: &[u16], _: usize, _: usize, _: *mut f32, _: usize) {
         unreachable!("AMX is x86-64 only")
     }
+}
+
+/// `f` of the `n` rows of `x` (`cols` wide) in bf16, rounded up to the kernel's 32 rows with
+/// zeros, in a buffer the thread reuses.
+fn with_input<R>(x: &[f32], n: usize, cols: usize, f: impl FnOnce(&[u16]) -> R) -> R {
+    thread_local! {
+        static INPUT: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    INPUT.with(|cell| {
+        let xb = &mut *cell.borrow_mut();
+        xb.clear();
+        xb.extend(x.iter().map(|&v| bf16(v)));
+        xb.resize(n.div_ceil(2 * TILE) * 2 * TILE * cols, 0);
+        f(xb)
+    })
 }
 
 /// The calling thread's tile registers, configured for [`Bf16Matrix::kernel`] (eight tiles of
@@ -334,5 +382,33 @@ mod tests {
             }
         }
         assert!(Bf16Matrix::from_f32(&[0.0; 40], 2, 20).is_err());
+    }
+
+    /// The product handed out a segment at a time holds the sums the whole product writes, bit
+    /// for bit, each (row, segment) handed out once: outputs that fill no segment and no tile,
+    /// rows that fill no kernel block, one segment and many.
+    #[test]
+    fn segments_hold_the_products_sums() {
+        if !available() {
+            eprintln!("no AMX on this machine: the bf16 tile product is not tested");
+            return;
+        }
+        for (rows, cols, n, segment) in [(1000, 576, 70, 128), (37, 64, 5, 64), (300, 96, 33, 512)] {
+            let m = Bf16Matrix::from_f32(&input(rows, cols, 3), rows, cols).unwrap();
+            let x = input(n, cols, 11);
+            let mut want = vec![0f32; n * rows];
+            m.matmul(&x, n, &mut want);
+            let got = std::sync::Mutex::new((vec![f32::NAN; n * rows], vec![0u32; n * rows.div_ceil(segment)]));
+            m.matmul_by_segments(&x, n, segment, |rs, outs, sums| {
+                let (out, seen) = &mut *got.lock().unwrap();
+                for (i, r) in rs.enumerate() {
+                    seen[r * rows.div_ceil(segment) + outs.start / segment] += 1;
+                    out[r * rows + outs.start..r * rows + outs.end].copy_from_slice(&sums[i * segment..][..outs.len()]);
+                }
+            });
+            let (out, seen) = got.into_inner().unwrap();
+            assert!(seen.iter().all(|&s| s == 1), "{rows}×{cols}, {n} rows: a (row, segment) not handed out once");
+            assert!(out == want, "{rows}×{cols}, {n} rows by segments of {segment}: other sums");
+        }
     }
 }

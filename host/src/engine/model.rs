@@ -23,11 +23,11 @@ use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Storage, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::EngineError;
 use super::amx::{self, Bf16Matrix};
 use super::attention::{self, Heads, Keys, Rope};
 use super::int8::{Format, Int8Matrix, Kernel};
 use super::sampling::{self, TokenLogprob};
+use super::{EngineError, OutPtr};
 
 /// `Model::forward` batches of at most this many rows are decode steps: int8 weights and the
 /// dot-product attention path. Larger ones are prefills, on [`Model::prefill_weights`].
@@ -616,14 +616,74 @@ impl Model {
             return Err(EngineError::Internal("score_rows: states and tokens differ in number".into()));
         }
         let mut out = Vec::with_capacity(next.len());
-        for (x, next) in x.chunks(SCORE_BLOCK * h).zip(next.chunks(SCORE_BLOCK)) {
+        for (x, next) in x.chunks(SCORE_ROWS * h).zip(next.chunks(SCORE_ROWS)) {
             self.score_block(x, next, top, &mut out)?;
         }
         Ok(out)
     }
 
     /// Logprobs of the tokens `next` after the rows of hidden states `x`, appended to `out`.
+    /// On bf16 weights the LM head hands its sums over a segment at a time to the log-softmax
+    /// ([`Bf16Matrix::matmul_by_segments`]), which scores them while they are in cache; else
+    /// the logits of [`SCORE_BLOCK`] rows at a time are written out and scored a row at a time.
+    /// Both take the same segments ([`sampling::SEGMENT`]) in the same way: the same logits
+    /// give the same logprobs.
     fn score_block(
+        &self,
+        x: &[f32],
+        next: &[u32],
+        top: usize,
+        out: &mut Vec<(TokenLogprob, Vec<TokenLogprob>)>,
+    ) -> Result<(), EngineError> {
+        let (hidden, vocab, n) = (self.cfg.hidden, self.cfg.vocab, next.len());
+        if x.len() != n * hidden {
+            return Err(EngineError::Internal("score: states and tokens differ in number".into()));
+        }
+        if let Some(&bad) = next.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::Internal(format!("score: token {bad} outside the vocabulary")));
+        }
+        let head = match (self.prefill, &self.lm_head.bf16) {
+            (Weights::Bf16, Some(head)) => head,
+            _ => {
+                for (x, next) in x.chunks(SCORE_BLOCK * hidden).zip(next.chunks(SCORE_BLOCK)) {
+                    self.score_logits(x, next, top, out)?;
+                }
+                return Ok(());
+            }
+        };
+        let mut normed = vec![0f32; x.len()];
+        rms_norm(x, &self.out_norm, self.cfg.rms_eps, &mut normed);
+        let segments = vocab.div_ceil(sampling::SEGMENT);
+        let mut parts = vec![sampling::SegmentScore::default(); n * segments];
+        let mut tops = vec![TokenLogprob { id: 0, logprob: 0.0 }; n * segments * top];
+        let mut chosen = vec![0f32; n];
+        let (p, t, c) = (OutPtr(parts.as_mut_ptr()), OutPtr(tops.as_mut_ptr()), OutPtr(chosen.as_mut_ptr()));
+        head.matmul_by_segments(&normed, n, sampling::SEGMENT, |rows, outs, sums| {
+            let s = outs.start / sampling::SEGMENT;
+            for (i, r) in rows.enumerate() {
+                let logits = &sums[i * sampling::SEGMENT..][..outs.len()];
+                // SAFETY: row r's entries for segment s (its score, its `top` tokens) are written
+                // by this call alone (a call per rows × segment), and lie inside the buffers
+                // (r < n, s < segments); row r's chosen logit comes from the one segment that
+                // holds its token.
+                unsafe {
+                    let kept = std::slice::from_raw_parts_mut(t.at((r * segments + s) * top), top);
+                    *p.at(r * segments + s) = sampling::score_segment(logits, outs.start, kept);
+                    if outs.contains(&(next[r] as usize)) {
+                        *c.at(r) = logits[next[r] as usize - outs.start];
+                    }
+                }
+            }
+        });
+        out.extend((0..n).map(|r| {
+            let tops = &tops[r * segments * top..(r + 1) * segments * top];
+            sampling::combine(&parts[r * segments..(r + 1) * segments], tops, chosen[r], next[r], top)
+        }));
+        Ok(())
+    }
+
+    /// [`Model::score_block`] from logits written out, at most [`SCORE_BLOCK`] rows.
+    fn score_logits(
         &self,
         x: &[f32],
         next: &[u32],
@@ -874,8 +934,13 @@ impl Model {
     }
 }
 
-/// Rows scored at once: logits never exceed this many rows × the vocabulary.
+/// Rows whose logits are written out at once: never more than this many rows × the vocabulary.
 const SCORE_BLOCK: usize = 128;
+
+/// Rows [`Model::score_rows`] hands the LM head at once: on bf16 weights the head's weights are
+/// read once per this many rows (their bf16 inputs, 1.1 MiB at 576 wide, stay in L2), and
+/// what is kept per row is a score per segment, not its logits.
+const SCORE_ROWS: usize = 1024;
 
 /// How a pass of the layers uses the cache.
 enum CacheAccess<'a> {

@@ -118,41 +118,115 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// The log-probability of `id` and the `top` most likely tokens, from one row of logits.
-/// Three passes over the row, each written in [`LANES`]-wide strips the compiler turns into
-/// vector code: the maximum of every strip of [`TOP_STRIP`] logits, the sum of `exp(l - max)`
-/// (with [`exp_nonpositive`], not a libm call per logit), and the top tokens, skipping every
-/// strip whose maximum would not enter them.
+/// The logprob of token `id` and the `top` most likely tokens (sorted, most likely first; ties
+/// to the lower id) under `logits`, without sorting the vocabulary.
+///
+/// The row is taken a [`SEGMENT`] of logits at a time ([`score_segment`]: its largest logit,
+/// the sum of exp over it relative to that, its top tokens), and the segments combined in
+/// order ([`combine`]). Echo's fused LM head ([`super::amx::Bf16Matrix::matmul_by_segments`])
+/// scores the same segments as they come out of the product, in any order and on any
+/// thread, and combines them the same way: the same logits give the same logprobs bit for
+/// bit either way.
 pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (TokenLogprob, Vec<TokenLogprob>) {
-    let strip_max: Vec<f32> = logits.chunks(TOP_STRIP).map(lane_max).collect();
+    let segments = logits.len().div_ceil(SEGMENT);
+    let mut parts = Vec::with_capacity(segments);
+    let mut tops = vec![TokenLogprob { id: 0, logprob: 0.0 }; segments * top];
+    for (s, seg) in logits.chunks(SEGMENT).enumerate() {
+        parts.push(score_segment(seg, s * SEGMENT, &mut tops[s * top..(s + 1) * top]));
+    }
+    combine(&parts, &tops, logits[id as usize], id, top)
+}
+
+/// Logits per segment of a row: a multiple of the AMX product's 32 outputs; 512 of them
+/// (2 KiB) stay in L1 over the segment's three passes.
+pub const SEGMENT: usize = 512;
+
+/// What one segment of a row's logits contributes to its logprobs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SegmentScore {
+    /// The segment's largest logit.
+    max: f32,
+    /// Σ exp(l − max) over the segment.
+    sum: f32,
+    /// How many of its top tokens were kept (≤ `top`).
+    kept: u32,
+}
+
+/// The segment `logits` of a row (its logits from id `first` on): its largest logit, its sum
+/// of exps, and its `top.len()` most likely tokens (raw logits) in `top`, sorted. Three passes,
+/// the first two written in [`LANES`]-wide strips the compiler turns into vector code: the
+/// maximum of every strip of [`TOP_STRIP`] logits, the sum of `exp(l − max)` (with
+/// [`exp_nonpositive`], not a libm call per logit), and the top tokens: the strip of the maximum
+/// first, then every other strip whose maximum would enter them.
+pub fn score_segment(logits: &[f32], first: usize, top: &mut [TokenLogprob]) -> SegmentScore {
+    const STRIPS: usize = SEGMENT / TOP_STRIP;
+    let strips = logits.len().div_ceil(TOP_STRIP).min(STRIPS);
+    let mut strip_max = [f32::NEG_INFINITY; STRIPS];
+    for (m, strip) in strip_max.iter_mut().zip(logits.chunks(TOP_STRIP)) {
+        *m = lane_max(strip);
+    }
     let max = strip_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sums = [0f32; LANES];
-    let strips = logits.chunks_exact(LANES);
-    let tail: f32 = strips.remainder().iter().map(|&l| exp_nonpositive(l - max)).sum();
-    for strip in strips {
+    let lanes = logits.chunks_exact(LANES);
+    let tail: f32 = lanes.remainder().iter().map(|&l| exp_nonpositive(l - max)).sum();
+    for strip in lanes {
         for (s, &l) in sums.iter_mut().zip(strip) {
             *s += exp_nonpositive(l - max);
         }
     }
-    let lse = max + (sums.iter().sum::<f32>() + tail).ln();
-    let chosen = TokenLogprob { id, logprob: logits[id as usize] - lse };
-    let mut best: Vec<TokenLogprob> = Vec::with_capacity(top + 1);
-    if top > 0 {
-        for (s, (strip, &m)) in logits.chunks(TOP_STRIP).zip(&strip_max).enumerate() {
-            if best.len() == top && m <= best[top - 1].logprob {
-                continue;
-            }
-            for (i, &l) in strip.iter().enumerate() {
-                if best.len() < top || l > best[best.len() - 1].logprob {
-                    let pos = best.partition_point(|b| b.logprob >= l);
-                    best.insert(pos, TokenLogprob { id: (s * TOP_STRIP + i) as u32, logprob: l });
-                    best.truncate(top);
-                }
+    let sum = sums.iter().sum::<f32>() + tail;
+    // The strip holding the maximum first, then the others in order, each skipped once `top`
+    // is full and its maximum is below the last entry.
+    let best = strip_max.iter().position(|&m| m == max).unwrap_or(0);
+    let mut kept = 0;
+    for s in std::iter::once(best).chain((0..strips).filter(|&s| s != best)) {
+        if kept == top.len() && (kept == 0 || strip_max[s] < top[kept - 1].logprob) {
+            continue;
+        }
+        let strip = &logits[s * TOP_STRIP..((s + 1) * TOP_STRIP).min(logits.len())];
+        for (i, &l) in strip.iter().enumerate() {
+            if kept < top.len() || l >= top[kept - 1].logprob {
+                insert(top, &mut kept, TokenLogprob { id: (first + s * TOP_STRIP + i) as u32, logprob: l });
             }
         }
     }
+    SegmentScore { max, sum, kept: kept as u32 }
+}
+
+/// Puts `t` into the sorted `best[..*kept]` (most likely first, a tie to the lower id), dropping
+/// the last when `best` is full: the same entries whatever order they come in.
+fn insert(best: &mut [TokenLogprob], kept: &mut usize, t: TokenLogprob) {
+    let pos = best[..*kept].partition_point(|b| b.logprob > t.logprob || (b.logprob == t.logprob && b.id < t.id));
+    if pos == best.len() {
+        return;
+    }
+    *kept = (*kept + 1).min(best.len());
+    best.copy_within(pos..*kept - 1, pos + 1);
+    best[pos] = t;
+}
+
+/// A row's logprobs from its segments' scores, in order (`tops`: `top` entries per segment),
+/// and the logit of the token scored.
+pub fn combine(
+    parts: &[SegmentScore],
+    tops: &[TokenLogprob],
+    chosen: f32,
+    id: u32,
+    top: usize,
+) -> (TokenLogprob, Vec<TokenLogprob>) {
+    let max = parts.iter().map(|p| p.max).fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = parts.iter().map(|p| p.sum * exp_nonpositive(p.max - max)).sum();
+    let lse = max + sum.ln();
+    let mut best = vec![TokenLogprob { id: 0, logprob: 0.0 }; top];
+    let mut kept = 0;
+    for (s, p) in parts.iter().enumerate() {
+        for &t in &tops[s * top..][..p.kept as usize] {
+            insert(&mut best, &mut kept, t);
+        }
+    }
+    best.truncate(kept);
     best.iter_mut().for_each(|b| b.logprob -= lse);
-    (chosen, best)
+    (TokenLogprob { id, logprob: chosen - lse }, best)
 }
 
 /// Width of the strips [`logprobs`] works in: one AVX-512 register of f32.
@@ -262,6 +336,29 @@ mod tests {
             assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
         }
         assert_eq!(top[0].id, 3);
+    }
+
+    /// Segments scored in any order (as the fused LM head's threads take them) and combined in
+    /// order give a row's logprobs; the top tokens cross segments, a tie between two segments
+    /// going to the lower id.
+    #[test]
+    fn segments_scored_in_any_order_combine_to_the_rows_logprobs() {
+        let mut logits: Vec<f32> = (0..2000).map(|i| ((i * 7919) % 997) as f32 * 0.011 - 5.0).collect();
+        (logits[1700], logits[100], logits[600]) = (9.0, 8.0, 8.0);
+        for top in [0, 1, 3, 20] {
+            let segments = logits.len().div_ceil(SEGMENT);
+            let mut parts = vec![SegmentScore::default(); segments];
+            let mut tops = vec![TokenLogprob { id: 0, logprob: 0.0 }; segments * top];
+            for s in (0..segments).rev() {
+                let seg = &logits[s * SEGMENT..((s + 1) * SEGMENT).min(logits.len())];
+                parts[s] = score_segment(seg, s * SEGMENT, &mut tops[s * top..(s + 1) * top]);
+            }
+            let want = logprobs(&logits, 42, top);
+            assert_eq!(combine(&parts, &tops, logits[42], 42, top), want, "top {top}");
+            let ids: Vec<u32> = want.1.iter().take(3).map(|t| t.id).collect();
+            assert_eq!(ids, [1700, 100, 600][..top.min(3)], "top {top}");
+            assert_eq!(want.1.len(), top);
+        }
     }
 
     #[test]

@@ -372,3 +372,26 @@ fn int8_paths_match_the_f32_path_teacher_forced() {
         assert!(mean < 0.02 && max < 0.25, "{what}: KL(f32 || it) mean {mean}, max {max}");
     }
 }
+
+/// Echo's scoring of rows (the LM head handing its sums to the log-softmax a segment at a
+/// time, where the weights are bf16) gives bit for bit what the rows' logits, written out,
+/// give to `sampling::logprobs`: 300 rows (more than a block of either path, not a multiple
+/// of the kernel's 32), tokens in the first and last segments of the vocabulary, top 0, 1
+/// and 20.
+#[test]
+fn scoring_rows_equals_the_logprobs_of_their_logits() {
+    let m = model();
+    let (hidden, vocab) = (m.model.config().hidden, m.model.config().vocab);
+    let n = 300;
+    let x: Vec<f32> = (0..n * hidden).map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * 2.0).collect();
+    let next: Vec<u32> = (0..n).map(|i| [0, 5, vocab - 1, i * 163 % vocab][i % 4] as u32).collect();
+    let rows: Vec<usize> = (0..n).collect();
+    let logits = m.model.logits(&x, &rows).unwrap();
+    for top in [0, 1, 20] {
+        let scored = m.model.score_rows(&x, &next, top).unwrap();
+        for (i, got) in scored.iter().enumerate() {
+            let want = sampling::logprobs(&logits[i * vocab..(i + 1) * vocab], next[i], top);
+            assert_eq!(*got, want, "row {i}, top {top}");
+        }
+    }
+}
