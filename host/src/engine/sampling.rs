@@ -166,18 +166,20 @@ pub fn score_segment(logits: &[f32], first: usize, top: &mut [TokenLogprob]) -> 
         *m = lane_max(strip);
     }
     let max = strip_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sums = [0f32; LANES];
-    let lanes = logits.chunks_exact(LANES);
-    let tail: f32 = lanes.remainder().iter().map(|&l| exp_nonpositive(l - max)).sum();
-    for strip in lanes {
-        for (s, &l) in sums.iter_mut().zip(strip) {
-            *s += exp_nonpositive(l - max);
-        }
-    }
-    let sum = sums.iter().sum::<f32>() + tail;
+    let sum = match <&[f32; SEGMENT]>::try_from(logits) {
+        // A whole segment: its length known here, the loop is unrolled.
+        Ok(whole) => exp_sum(whole, max),
+        Err(_) => exp_sum(logits, max),
+    };
     // The strip holding the maximum first, then the others in order, each skipped once `top`
     // is full and its maximum is below the last entry.
     let best = strip_max.iter().position(|&m| m == max).unwrap_or(0);
+    let best_strip = &logits[(best * TOP_STRIP).min(logits.len())..((best + 1) * TOP_STRIP).min(logits.len())];
+    if let (1, Some(i)) = (top.len(), first_equal(best_strip, max)) {
+        // One top token: the first of the largest, found without a scan of insertions.
+        top[0] = TokenLogprob { id: (first + best * TOP_STRIP + i) as u32, logprob: max };
+        return SegmentScore { max, sum, kept: 1 };
+    }
     let mut kept = 0;
     for s in std::iter::once(best).chain((0..strips).filter(|&s| s != best)) {
         if kept == top.len() && (kept == 0 || strip_max[s] < top[kept - 1].logprob) {
@@ -191,6 +193,37 @@ pub fn score_segment(logits: &[f32], first: usize, top: &mut [TokenLogprob]) -> 
         }
     }
     SegmentScore { max, sum, kept: kept as u32 }
+}
+
+/// Σ exp(l − max) over `logits` (`max` their largest), in [`LANES`] sums of every
+/// [`LANES`]-th logit, then the lanes summed and the remainder added.
+#[inline(always)]
+fn exp_sum(logits: &[f32], max: f32) -> f32 {
+    let mut sums = [0f32; LANES];
+    let lanes = logits.chunks_exact(LANES);
+    let tail: f32 = lanes.remainder().iter().map(|&l| exp_nonpositive(l - max)).sum();
+    for strip in lanes {
+        for (s, &l) in sums.iter_mut().zip(strip) {
+            *s += exp_nonpositive(l - max);
+        }
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
+/// The index of the first of `xs` equal to `x`, a [`LANES`]-wide comparison at a time.
+fn first_equal(xs: &[f32], x: f32) -> Option<usize> {
+    let lanes = xs.chunks_exact(LANES);
+    let rest = lanes.remainder();
+    for (c, strip) in lanes.enumerate() {
+        let mut hits = 0u32;
+        for (i, &v) in strip.iter().enumerate() {
+            hits |= ((v == x) as u32) << i;
+        }
+        if hits != 0 {
+            return Some(c * LANES + hits.trailing_zeros() as usize);
+        }
+    }
+    rest.iter().position(|&v| v == x).map(|i| xs.len() - rest.len() + i)
 }
 
 /// Puts `t` into the sorted `best[..*kept]` (most likely first, a tie to the lower id), dropping
@@ -339,12 +372,12 @@ mod tests {
     }
 
     /// Segments scored in any order (as the fused LM head's threads take them) and combined in
-    /// order give a row's logprobs; the top tokens cross segments, a tie between two segments
-    /// going to the lower id.
+    /// order give a row's logprobs; the top tokens cross segments, a tie (inside a strip,
+    /// between two segments) going to the lower id, with one top token or several.
     #[test]
     fn segments_scored_in_any_order_combine_to_the_rows_logprobs() {
         let mut logits: Vec<f32> = (0..2000).map(|i| ((i * 7919) % 997) as f32 * 0.011 - 5.0).collect();
-        (logits[1700], logits[100], logits[600]) = (9.0, 8.0, 8.0);
+        (logits[1700], logits[1710], logits[100], logits[600]) = (9.0, 9.0, 8.0, 8.0);
         for top in [0, 1, 3, 20] {
             let segments = logits.len().div_ceil(SEGMENT);
             let mut parts = vec![SegmentScore::default(); segments];
@@ -355,8 +388,8 @@ mod tests {
             }
             let want = logprobs(&logits, 42, top);
             assert_eq!(combine(&parts, &tops, logits[42], 42, top), want, "top {top}");
-            let ids: Vec<u32> = want.1.iter().take(3).map(|t| t.id).collect();
-            assert_eq!(ids, [1700, 100, 600][..top.min(3)], "top {top}");
+            let ids: Vec<u32> = want.1.iter().take(4).map(|t| t.id).collect();
+            assert_eq!(ids, [1700, 1710, 100, 600][..top.min(4)], "top {top}");
             assert_eq!(want.1.len(), top);
         }
     }
