@@ -23,7 +23,7 @@
 //! result does not depend on the rows beside it, and a slice of a prompt gets what the whole
 //! prompt gets.
 
-use super::OutPtr;
+use super::{Aligned, OutPtr};
 
 /// Outputs and input rows of a tile.
 const TILE: usize = 16;
@@ -70,7 +70,7 @@ pub struct Bf16Matrix {
     /// `rows` rounded up to two tiles (the kernel's 32 outputs).
     padded: usize,
     /// `padded / 16` output tiles × `cols / 32` steps × 512 values.
-    w: Lines,
+    w: Aligned<u16>,
 }
 
 /// `x` rounded to the nearest bf16, ties to even (finite values; what `vcvtneps2bf16` does).
@@ -87,8 +87,8 @@ impl Bf16Matrix {
         }
         let padded = rows.div_ceil(2 * TILE) * 2 * TILE;
         let steps = cols / STEP;
-        let mut tiles = Lines::zeroed(padded * cols);
-        let out = tiles.as_mut_slice();
+        let mut tiles = Aligned::zeroed(padded * cols);
+        let out = &mut *tiles;
         for o in 0..rows {
             let (tile, n) = (o / TILE, o % TILE);
             for (c, &v) in w[o * cols..(o + 1) * cols].iter().enumerate() {
@@ -169,11 +169,7 @@ impl Bf16Matrix {
             let run = |range: std::ops::Range<usize>| {
                 let _tiles = Tiles::configure();
                 // Rows of sums on line boundaries, as the tile stores write them.
-                let mut lines = vec![SumLine([0.0; TILE]); 2 * segment];
-                // SAFETY: the lines are contiguous f32 values with no padding (64 bytes each,
-                // align 64): 32 rows of `segment`.
-                let sums =
-                    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut f32, 2 * TILE * segment) };
+                let mut sums = Aligned::<f32>::zeroed(2 * TILE * segment);
                 for s in range {
                     let outs = s * segment..((s + 1) * segment).min(self.rows);
                     for r0 in (0..n).step_by(2 * TILE) {
@@ -183,7 +179,7 @@ impl Bf16Matrix {
                             // and the 32 × 32 sums at column 32·k of `sums` (32 rows of `segment`).
                             unsafe { self.kernel(xb, r0, pair, sums.as_mut_ptr().add(k * 2 * TILE), segment) };
                         }
-                        f(r0..(r0 + 2 * TILE).min(n), outs.clone(), sums);
+                        f(r0..(r0 + 2 * TILE).min(n), outs.clone(), &sums);
                     }
                 }
             };
@@ -206,7 +202,7 @@ impl Bf16Matrix {
     #[cfg(target_arch = "x86_64")]
     unsafe fn kernel(&self, x: &[u16], r0: usize, pair: usize, c: *mut f32, stride: usize) {
         let steps = self.cols / STEP;
-        let w = self.w.as_slice();
+        let w = &*self.w;
         debug_assert!((r0 + 2 * TILE) * self.cols <= x.len() && (2 * pair + 2) * steps * STEP_VALUES <= w.len());
         let a0 = x[r0 * self.cols..].as_ptr();
         let a1 = x[(r0 + TILE) * self.cols..].as_ptr();
@@ -266,59 +262,18 @@ impl Bf16Matrix {
 /// zeros, in a buffer the thread reuses.
 fn with_input<R>(x: &[f32], n: usize, cols: usize, f: impl FnOnce(&[u16]) -> R) -> R {
     thread_local! {
-        static INPUT: std::cell::RefCell<Lines> = const { std::cell::RefCell::new(Lines { lines: Vec::new(), len: 0 }) };
+        static INPUT: std::cell::RefCell<Aligned<u16>> = const { std::cell::RefCell::new(Aligned::new()) };
     }
     INPUT.with(|cell| {
-        let lines = &mut *cell.borrow_mut();
-        lines.resize(n.div_ceil(2 * TILE) * 2 * TILE * cols);
-        let xb = lines.as_mut_slice();
+        let xb = &mut *cell.borrow_mut();
+        xb.resize(n.div_ceil(2 * TILE) * 2 * TILE * cols);
         for (b, &v) in xb.iter_mut().zip(x) {
             *b = bf16(v);
         }
+        // The padding rows are zeros.
         xb[x.len()..].fill(0);
         f(xb)
     })
-}
-
-/// One tile row of f32 sums: a cache line, and aligned to one.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct SumLine([f32; TILE]);
-
-/// One tile row of bf16 values: a cache line, and aligned to one.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u16; 32]);
-
-/// `len` bf16 values in whole lines, the first on a 64-byte boundary, so that every tile row
-/// (64 bytes from a multiple of 64: steps are 32 values, rows whole steps) is one cache line.
-/// Measured on this kernel's loop: rows straddling two lines halve the product's speed.
-struct Lines {
-    lines: Vec<Line>,
-    len: usize,
-}
-
-impl Lines {
-    fn zeroed(len: usize) -> Self {
-        Self { lines: vec![Line([0; 32]); len.div_ceil(32)], len }
-    }
-
-    /// `len` values, those kept from before and those added unspecified (callers write them).
-    fn resize(&mut self, len: usize) {
-        self.lines.resize(len.div_ceil(32), Line([0; 32]));
-        self.len = len;
-    }
-
-    fn as_slice(&self) -> &[u16] {
-        // SAFETY: the lines are contiguous u16 values with no padding (64 bytes each, align 64),
-        // at least `len` of them.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u16, self.len) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u16] {
-        // SAFETY: as in `as_slice`, borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u16, self.len) }
-    }
 }
 
 /// The calling thread's tile registers, configured for [`Bf16Matrix::kernel`] (eight tiles of
