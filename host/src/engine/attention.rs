@@ -618,17 +618,23 @@ pub fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // Below this exp underflows to 0 in f32 anyway.
-    let x = x.clamp(-87.0, 88.0);
+    // Below this exp underflows to 0 in f32 anyway. Clamped with max/min, a NaN becomes −87
+    // here (and is given back below), so that n is always finite.
+    let c = x.max(-87.0).min(88.0);
     // Round to nearest with the 1.5·2²³ trick (no branches, no libm call).
     const SHIFT: f32 = 12_582_912.0;
-    let n = (x * LOG2E + SHIFT) - SHIFT;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let n = (c * LOG2E + SHIFT) - SHIFT;
+    let r = c - n * LN2_HI - n * LN2_LO;
     // exp(r) on [-ln2/2, ln2/2]: degree-6 Taylor/minimax polynomial.
     let p = 1.0
         + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    let bits = ((n as i32 + 127) as u32) << 23;
-    p * f32::from_bits(bits)
+    // `as i32` saturates, which the vectorizer turns into a scalar conversion per lane (it did:
+    // softmax_prefix extracted every lane); n is a whole number in [−126, 127], where the plain
+    // conversion gives the same.
+    // SAFETY: n is finite and in range (c is clamped above).
+    let n = unsafe { n.to_int_unchecked::<i32>() };
+    let e = p * f32::from_bits(((n + 127) as u32) << 23);
+    if x.is_nan() { x } else { e }
 }
 
 #[cfg(test)]
