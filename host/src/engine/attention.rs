@@ -685,6 +685,8 @@ mod tests {
         assert!(worst < 1e-6, "worst relative error {worst}");
         assert_eq!(fast_exp(-200.0), fast_exp(-87.0));
         assert!(fast_exp(-200.0) < 1e-37);
+        assert_eq!(fast_exp(200.0), fast_exp(88.0));
+        assert!(fast_exp(f32::NAN).is_nan(), "a NaN is given back, not clamped into a number");
     }
 
     #[test]
