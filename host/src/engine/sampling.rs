@@ -166,11 +166,7 @@ pub fn score_segment(logits: &[f32], first: usize, top: &mut [TokenLogprob]) -> 
         *m = lane_max(strip);
     }
     let max = strip_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum = match <&[f32; SEGMENT]>::try_from(logits) {
-        // A whole segment: its length known here, the loop is unrolled.
-        Ok(whole) => exp_sum(whole, max),
-        Err(_) => exp_sum(logits, max),
-    };
+    let sum = exp_sum(logits, max);
     // The strip holding the maximum first, then the others in order, each skipped once `top`
     // is full and its maximum is below the last entry.
     let best = strip_max.iter().position(|&m| m == max).unwrap_or(0);
@@ -197,7 +193,6 @@ pub fn score_segment(logits: &[f32], first: usize, top: &mut [TokenLogprob]) -> 
 
 /// Σ exp(l − max) over `logits` (`max` their largest), in [`LANES`] sums of every
 /// [`LANES`]-th logit, then the lanes summed and the remainder added.
-#[inline(always)]
 fn exp_sum(logits: &[f32], max: f32) -> f32 {
     let mut sums = [0f32; LANES];
     let lanes = logits.chunks_exact(LANES);
