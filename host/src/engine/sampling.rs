@@ -191,8 +191,43 @@ pub fn score_segment(logits: &[f32], first: usize, top: &mut [TokenLogprob]) -> 
         top[0] = TokenLogprob { id: (first + best * TOP_STRIP + i) as u32, logprob: max };
         return SegmentScore { max, sum, kept: 1 };
     }
+    // The top tokens are all at least the top.len()-th largest maximum of the strips (that
+    // many strips hold a value that large): only the logits from it up are candidates, found
+    // 16 comparisons at a time in the strips that reach it. For more top tokens than strips,
+    // the same with the maxima of every 16 logits.
+    if (2..=strips).contains(&top.len()) {
+        let mut maxima = strip_max;
+        maxima[..strips].sort_unstable_by(|a, b| b.total_cmp(a));
+        let floor = maxima[top.len() - 1];
+        if floor.is_finite() {
+            return SegmentScore {
+                max,
+                sum,
+                kept: top_from(logits, first, &strip_max[..strips], TOP_STRIP, floor, top),
+            };
+        }
+    } else if top.len() > strips && top.len() <= logits.len() / LANES {
+        let mut chunk_max = [f32::NEG_INFINITY; SEGMENT / LANES];
+        let chunks = logits.len().div_ceil(LANES).min(SEGMENT / LANES);
+        for (m, chunk) in chunk_max.iter_mut().zip(logits.chunks(LANES)) {
+            *m = lane_max(chunk);
+        }
+        let mut maxima = chunk_max;
+        maxima[..chunks].sort_unstable_by(|a, b| b.total_cmp(a));
+        let floor = maxima[top.len() - 1];
+        if floor.is_finite() {
+            return SegmentScore { max, sum, kept: top_from(logits, first, &chunk_max[..chunks], LANES, floor, top) };
+        }
+    }
+    SegmentScore { max, sum, kept: top_by_strips(logits, first, &strip_max[..strips], best, top) }
+}
+
+/// The `top.len()` most likely of `logits` (ids from `first`) into `top`, sorted, their count
+/// returned: the strip `best` (holding the maximum) scanned first, then every other strip
+/// whose maximum (`strip_max`) would enter them. What [`top_from`] gives, for any input.
+fn top_by_strips(logits: &[f32], first: usize, strip_max: &[f32], best: usize, top: &mut [TokenLogprob]) -> u32 {
     let mut kept = 0;
-    for s in std::iter::once(best).chain((0..strips).filter(|&s| s != best)) {
+    for s in std::iter::once(best).chain((0..strip_max.len()).filter(|&s| s != best)) {
         if kept == top.len() && (kept == 0 || strip_max[s] < top[kept - 1].logprob) {
             continue;
         }
@@ -203,7 +238,40 @@ pub fn score_segment(logits: &[f32], first: usize, top: &mut [TokenLogprob]) -> 
             }
         }
     }
-    SegmentScore { max, sum, kept: kept as u32 }
+    kept as u32
+}
+
+/// The `top.len()` most likely of `logits` (ids from `first`) into `top`, sorted, their count
+/// returned: every logit at least `floor` inserted (for NaN-free logits, what
+/// [`top_by_strips`] gives), of the groups of `width` logits whose
+/// maximum (`maxima`) reaches it (`floor` at most the top's last value, so none is missed).
+fn top_from(logits: &[f32], first: usize, maxima: &[f32], width: usize, floor: f32, top: &mut [TokenLogprob]) -> u32 {
+    let mut kept = 0;
+    for (s, _) in maxima.iter().enumerate().filter(|&(_, &m)| m >= floor) {
+        let strip = &logits[s * width..((s + 1) * width).min(logits.len())];
+        let lanes = strip.chunks_exact(LANES);
+        let rest = lanes.remainder();
+        for (c, lane) in lanes.enumerate() {
+            let mut hits = 0u32;
+            for (i, &v) in lane.iter().enumerate() {
+                hits |= ((v >= floor) as u32) << i;
+            }
+            while hits != 0 {
+                let i = c * LANES + hits.trailing_zeros() as usize;
+                hits &= hits - 1;
+                if kept < top.len() || strip[i] >= top[kept - 1].logprob {
+                    insert(top, &mut kept, TokenLogprob { id: (first + s * width + i) as u32, logprob: strip[i] });
+                }
+            }
+        }
+        for (i, &v) in rest.iter().enumerate().filter(|&(_, &v)| v >= floor) {
+            let i = strip.len() - rest.len() + i;
+            if kept < top.len() || v >= top[kept - 1].logprob {
+                insert(top, &mut kept, TokenLogprob { id: (first + s * width + i) as u32, logprob: v });
+            }
+        }
+    }
+    kept as u32
 }
 
 /// Σ exp(l − max) over `logits` (`max` their largest), in [`LANES`] sums of every
@@ -483,6 +551,34 @@ mod tests {
             assert!((got - want).abs() <= tolerance, "exp({x}) = {got}, want {want}");
         }
         assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    /// Top tokens found from a floor (the k-th largest maximum of the strips, or of every 16
+    /// logits) are those of the scan of strips: the same ids and values in the same order, ties
+    /// to the lower id, for 2..20 tokens, whole and short segments, rows of ties.
+    #[test]
+    fn top_tokens_from_a_floor_are_the_scans() {
+        let mut segments: Vec<Vec<f32>> = (0..40)
+            .map(|seed| (0..SEGMENT).map(|i| ((((i * 7919 + seed * 104_729) % 211) as f32) / 10.0).floor()).collect())
+            .collect();
+        segments.push(vec![1.0; SEGMENT]);
+        segments.push((0..SEGMENT - 37).map(|i| (i as f32 * 0.37).sin()).collect());
+        segments.push((0..100).map(|i| (i % 7) as f32).collect());
+        for (n, seg) in segments.iter().enumerate() {
+            let strip_max: Vec<f32> = seg.chunks(TOP_STRIP).map(lane_max).collect();
+            let max = strip_max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let best = strip_max.iter().position(|&m| m == max).unwrap();
+            for k in 2..=20 {
+                let mut want = vec![TokenLogprob { id: 0, logprob: 0.0 }; k];
+                let kept = top_by_strips(seg, 512, &strip_max, best, &mut want) as usize;
+                let mut got = vec![TokenLogprob { id: 0, logprob: 0.0 }; k];
+                let score = score_segment(seg, 512, &mut got);
+                assert_eq!(score.kept as usize, kept, "segment {n}, top {k}");
+                let pairs =
+                    |t: &[TokenLogprob]| t[..kept].iter().map(|t| (t.id, t.logprob.to_bits())).collect::<Vec<_>>();
+                assert_eq!(pairs(&got), pairs(&want), "segment {n}, top {k}");
+            }
+        }
     }
 
     /// The AVX-512 passes give the portable ones' strip maxima exactly (NaNs skipped, a strip
