@@ -517,6 +517,12 @@ mod tests {
             assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
         }
         assert_eq!(top[0].id, 3);
+        // Every top list is the sort's first ids, ties to the lower id.
+        for k in [1, 2, 5, 20, 40] {
+            let ids: Vec<u32> = logprobs(&logits, 500, k).1.iter().map(|t| t.id).collect();
+            let want: Vec<u32> = order[..k].iter().map(|&i| i as u32).collect();
+            assert_eq!(ids, want, "top {k}");
+        }
     }
 
     /// Segments scored in any order (as the fused LM head's threads take them) and combined in
