@@ -195,28 +195,25 @@ pub fn score_segment(logits: &[f32], first: usize, top: &mut [TokenLogprob]) -> 
     // many strips hold a value that large): only the logits from it up are candidates, found
     // 16 comparisons at a time in the strips that reach it. For more top tokens than strips,
     // the same with the maxima of every 16 logits.
-    if (2..=strips).contains(&top.len()) {
-        let mut maxima = strip_max;
-        maxima[..strips].sort_unstable_by(|a, b| b.total_cmp(a));
-        let floor = maxima[top.len() - 1];
-        if floor.is_finite() {
-            return SegmentScore {
-                max,
-                sum,
-                kept: top_from(logits, first, &strip_max[..strips], TOP_STRIP, floor, top),
-            };
+    let mut chunk_max = [f32::NEG_INFINITY; SEGMENT / LANES];
+    let (maxima, width) = match top.len() <= strips {
+        true => (&strip_max[..strips], TOP_STRIP),
+        false => {
+            let chunks = logits.len().div_ceil(LANES).min(SEGMENT / LANES);
+            for (m, chunk) in chunk_max.iter_mut().zip(logits.chunks(LANES)) {
+                *m = lane_max(chunk);
+            }
+            (&chunk_max[..chunks], LANES)
         }
-    } else if top.len() > strips && top.len() <= logits.len() / LANES {
-        let mut chunk_max = [f32::NEG_INFINITY; SEGMENT / LANES];
-        let chunks = logits.len().div_ceil(LANES).min(SEGMENT / LANES);
-        for (m, chunk) in chunk_max.iter_mut().zip(logits.chunks(LANES)) {
-            *m = lane_max(chunk);
-        }
-        let mut maxima = chunk_max;
-        maxima[..chunks].sort_unstable_by(|a, b| b.total_cmp(a));
-        let floor = maxima[top.len() - 1];
+    };
+    if (2..=maxima.len()).contains(&top.len()) {
+        let mut sorted = [f32::NEG_INFINITY; SEGMENT / LANES];
+        let sorted = &mut sorted[..maxima.len()];
+        sorted.copy_from_slice(maxima);
+        sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+        let floor = sorted[top.len() - 1];
         if floor.is_finite() {
-            return SegmentScore { max, sum, kept: top_from(logits, first, &chunk_max[..chunks], LANES, floor, top) };
+            return SegmentScore { max, sum, kept: top_from(logits, first, maxima, width, floor, top) };
         }
     }
     SegmentScore { max, sum, kept: top_by_strips(logits, first, &strip_max[..strips], best, top) }
@@ -249,25 +246,24 @@ fn top_from(logits: &[f32], first: usize, maxima: &[f32], width: usize, floor: f
     let mut kept = 0;
     for (s, _) in maxima.iter().enumerate().filter(|&(_, &m)| m >= floor) {
         let strip = &logits[s * width..((s + 1) * width).min(logits.len())];
+        let mut consider = |i: usize| {
+            if kept < top.len() || strip[i] >= top[kept - 1].logprob {
+                insert(top, &mut kept, TokenLogprob { id: (first + s * width + i) as u32, logprob: strip[i] });
+            }
+        };
         let lanes = strip.chunks_exact(LANES);
-        let rest = lanes.remainder();
+        let tail = strip.len() - lanes.remainder().len();
+        for (i, _) in lanes.remainder().iter().enumerate().filter(|&(_, &v)| v >= floor) {
+            consider(tail + i);
+        }
         for (c, lane) in lanes.enumerate() {
             let mut hits = 0u32;
             for (i, &v) in lane.iter().enumerate() {
                 hits |= ((v >= floor) as u32) << i;
             }
             while hits != 0 {
-                let i = c * LANES + hits.trailing_zeros() as usize;
+                consider(c * LANES + hits.trailing_zeros() as usize);
                 hits &= hits - 1;
-                if kept < top.len() || strip[i] >= top[kept - 1].logprob {
-                    insert(top, &mut kept, TokenLogprob { id: (first + s * width + i) as u32, logprob: strip[i] });
-                }
-            }
-        }
-        for (i, &v) in rest.iter().enumerate().filter(|&(_, &v)| v >= floor) {
-            let i = strip.len() - rest.len() + i;
-            if kept < top.len() || v >= top[kept - 1].logprob {
-                insert(top, &mut kept, TokenLogprob { id: (first + s * width + i) as u32, logprob: v });
             }
         }
     }
