@@ -362,6 +362,10 @@ impl Int8Matrix {
                 for item in range {
                     let (block, s) = (item / stripes, item % stripes);
                     let end = ((s + 1) * STRIPE).min(self.rows);
+                    // The next stripe's weights on their way into L2 while this one is worked:
+                    // a decode step streams every weight from memory once, and a stripe's rows
+                    // are too short for the hardware to see the stream.
+                    self.prefetch_rows(end..(end + STRIPE).min(self.rows));
                     let block_rows = block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(n);
                     for r0 in block_rows.clone().step_by(MAX_ROWS) {
                         let rows = (block_rows.end - r0).min(MAX_ROWS);
@@ -384,6 +388,23 @@ impl Int8Matrix {
                 candle_core::utils::barrier_pool().execute_chunked(items, run)
             }
         });
+    }
+
+    /// Asks for weight rows `rows` (their values and scales) to be brought into L2: a hint,
+    /// which changes no result.
+    fn prefetch_rows(&self, rows: std::ops::Range<usize>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+            let lanes = self.groups.len() * LANES;
+            let q = &self.q[rows.start * self.packed_row..rows.end * self.packed_row];
+            let d = &self.d[rows.start * lanes..rows.end * lanes];
+            let m = self.m.get(rows.start * lanes..rows.end * lanes).unwrap_or_default();
+            let lines = q.chunks(64).map(|c| c.as_ptr() as *const i8);
+            let scales = [d, m].into_iter().flat_map(|s| s.chunks(32).map(|c| c.as_ptr() as *const i8));
+            // SAFETY: prefetching reads nothing; the addresses lie inside the matrix anyway.
+            lines.chain(scales).for_each(|p| unsafe { _mm_prefetch::<_MM_HINT_T1>(p) });
+        }
     }
 
     /// Outputs per tile for `rows` input rows: as many as the registers hold sums for.
