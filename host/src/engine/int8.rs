@@ -13,11 +13,13 @@
 //! a time (a *group*) into sixteen 4-byte lanes: in a full group a lane is one block and
 //! holds its values in 8 *steps* of 4 bytes. The last group of a row whose block count is not
 //! a multiple of 16 spreads each block over several lanes (2, 4 or 8 steps each), so that a
-//! 576-wide row costs 9 steps' work, not 16. Unused lanes hold zero values and zero scales,
-//! so every load is a full 64 bytes. Steps come in pairs: 4-bit weights share 64 bytes, one
-//! step in the low nibbles and one in the high (a load and two masks give two steps of
-//! sixteen lanes); 8-bit weights take 64 bytes a step. An input row is quantized per block
-//! (as Q8_0) into the same lanes, signed, unpacked.
+//! 576-wide row costs 9 steps' work, not 16; a last group of one or two blocks (two steps
+//! each, four lanes a block) is eight lanes wide, so that it is stored and read at 32 bytes a
+//! step, not 64. Unused lanes hold zero values and zero scales, so every load is a full
+//! step. Steps come in pairs: 4-bit weights share a step's bytes, one step in the low
+//! nibbles and one in the high (a load and two masks give two steps of the group's lanes);
+//! 8-bit weights take a byte a value. An input row is quantized per block (as Q8_0) into the
+//! same lanes, signed, unpacked.
 //!
 //! Per group, `vpdpbusd` adds 4 products of unsigned weight and signed input bytes into each
 //! lane (exact, in i32). For 4-bit weights the group's lanes are then scaled by the weight's
@@ -171,13 +173,17 @@ unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> f32 {
     }
 }
 
-/// Sixteen lanes over `blocks` blocks of a row.
+/// Sixteen lanes (eight in a last group of one or two blocks) over `blocks` blocks of a row.
 #[derive(Debug, Clone, Copy)]
 struct Group {
     first: usize,
     blocks: usize,
     /// Steps each lane holds: 8 (a lane per block), or 4 or 2 in a short last group.
     steps: usize,
+    /// Lanes: 16, or 8.
+    width: usize,
+    /// The group's first lane in a row's scales.
+    lane0: usize,
     /// Offset of the group in a weight row.
     packed: usize,
     /// Offset of the group in a quantized input row.
@@ -185,12 +191,17 @@ struct Group {
 }
 
 impl Group {
+    /// Bytes of one step of the group's lanes (4 per lane).
+    fn step_bytes(&self) -> usize {
+        4 * self.width
+    }
+
     /// Lanes one block spreads over.
     fn lanes_per_block(&self) -> usize {
         BLOCK_STEPS / self.steps
     }
 
-    /// Where value `e` of local block `b` sits: (step, byte offset within the step's 64).
+    /// Where value `e` of local block `b` sits: (step, byte offset within the step).
     fn slot(&self, b: usize, e: usize) -> (usize, usize) {
         let s = e / 4;
         let lane = b * self.lanes_per_block() + s / self.steps;
@@ -201,7 +212,7 @@ impl Group {
 /// The groups of a row of `blocks` blocks; `wide` values take a byte, others a nibble.
 fn groups(blocks: usize, wide: bool) -> Vec<Group> {
     let mut out = Vec::new();
-    let (mut first, mut packed, mut unpacked) = (0, 0, 0);
+    let (mut first, mut packed, mut unpacked, mut lane0) = (0, 0, 0, 0);
     while first < blocks {
         let n = (blocks - first).min(LANES);
         // The fewest steps (an even number: steps are packed in pairs) whose lanes hold n blocks.
@@ -210,10 +221,13 @@ fn groups(blocks: usize, wide: bool) -> Vec<Group> {
             5..=8 => 4,
             _ => 8,
         };
-        out.push(Group { first, blocks: n, steps, packed, unpacked });
-        packed += if wide { steps * 64 } else { steps / 2 * 64 };
-        unpacked += steps * 64;
+        let width = if n * BLOCK_STEPS / steps <= LANES / 2 { LANES / 2 } else { LANES };
+        let g = Group { first, blocks: n, steps, width, lane0, packed, unpacked };
+        packed += if wide { steps * g.step_bytes() } else { steps / 2 * g.step_bytes() };
+        unpacked += steps * g.step_bytes();
+        lane0 += width;
         first += n;
+        out.push(g);
     }
     out
 }
@@ -224,12 +238,14 @@ pub struct Int8Matrix {
     rows: usize,
     cols: usize,
     groups: Vec<Group>,
+    /// Lanes of a row (the groups' widths summed).
+    lanes: usize,
     /// Bytes of one weight row, of one quantized input row.
     packed_row: usize,
     unpacked_row: usize,
     /// `rows × packed_row`: nibble pairs, or bytes (`q + 128`) of 8-bit formats.
     q: Vec<u8>,
-    /// Per row and lane (`groups · 16` lanes): the weight scale and (4-bit formats) the min
+    /// Per row and lane (`lanes` of them): the weight scale and (4-bit formats) the min
     /// of the lane's block.
     d: Vec<f16>,
     m: Vec<f16>,
@@ -264,16 +280,18 @@ impl Int8Matrix {
         let wide = format.wide();
         let blocks = cols / BLOCK;
         let groups = groups(blocks, wide);
-        let last = groups.last().copied().unwrap_or(Group { first: 0, blocks: 0, steps: 2, packed: 0, unpacked: 0 });
-        let packed_row = last.packed + if wide { last.steps * 64 } else { last.steps / 2 * 64 };
-        let unpacked_row = last.unpacked + last.steps * 64;
-        let lanes = groups.len() * LANES;
+        let empty = Group { first: 0, blocks: 0, steps: 2, width: 0, lane0: 0, packed: 0, unpacked: 0 };
+        let last = groups.last().copied().unwrap_or(empty);
+        let sb = last.step_bytes();
+        let packed_row = last.packed + if wide { last.steps * sb } else { last.steps / 2 * sb };
+        let unpacked_row = last.unpacked + last.steps * sb;
+        let lanes = last.lane0 + last.width;
         let mut q = vec![0u8; rows * packed_row];
         let mut d = vec![f16::ZERO; rows * lanes];
         let mut m = vec![f16::ZERO; if wide { 0 } else { rows * lanes }];
         let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
         for r in 0..rows {
-            for (gi, g) in groups.iter().enumerate() {
+            for g in &groups {
                 for lb in 0..g.blocks {
                     let block = &raw[(r * blocks + g.first + lb) * bs..][..bs];
                     let scale = half(block, 0);
@@ -291,14 +309,14 @@ impl Int8Matrix {
                         let row = r * packed_row + g.packed + at;
                         if wide {
                             // q + 128 as u8 flips the sign bit.
-                            q[row + step * 64] = values[e] ^ 0x80;
+                            q[row + step * g.step_bytes()] = values[e] ^ 0x80;
                         } else {
                             let v = if e < 16 { values[e] & 0x0F } else { values[e - 16] >> 4 };
-                            q[row + step / 2 * 64] |= v << (4 * (step % 2));
+                            q[row + step / 2 * g.step_bytes()] |= v << (4 * (step % 2));
                         }
                     }
                     for l in 0..g.lanes_per_block() {
-                        let lane = gi * LANES + lb * g.lanes_per_block() + l;
+                        let lane = g.lane0 + lb * g.lanes_per_block() + l;
                         d[r * lanes + lane] = scale;
                         if !wide {
                             m[r * lanes + lane] = min;
@@ -307,7 +325,7 @@ impl Int8Matrix {
                 }
             }
         }
-        Ok(Self { format, rows, cols, groups, packed_row, unpacked_row, q, d, m, kernel: Kernel::detect() })
+        Ok(Self { format, rows, cols, groups, lanes, packed_row, unpacked_row, q, d, m, kernel: Kernel::detect() })
     }
 
     /// Quantizes `w` (`rows × cols`, row-major; `cols` a multiple of 32) to Q8_0, as GGUF's
@@ -396,7 +414,7 @@ impl Int8Matrix {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-            let lanes = self.groups.len() * LANES;
+            let lanes = self.lanes;
             let q = &self.q[rows.start * self.packed_row..rows.end * self.packed_row];
             let d = &self.d[rows.start * lanes..rows.end * lanes];
             let m = self.m.get(rows.start * lanes..rows.end * lanes).unwrap_or_default();
@@ -420,7 +438,7 @@ impl Int8Matrix {
     /// Quantizes the `n` rows of `x` into `xq`, in the lane layout; a prefill's rows spread
     /// over the pool (each row is written by one task, the same way whatever the split).
     fn quantize_input(&self, x: &[f32], n: usize, xq: &mut Quantized) {
-        let lanes = self.groups.len() * LANES;
+        let lanes = self.lanes;
         xq.q.clear();
         xq.q.resize(n * self.unpacked_row, 0);
         xq.d.clear();
@@ -456,18 +474,18 @@ impl Int8Matrix {
     /// One input row into its lane layout.
     fn quantize_row(&self, x: &[f32], Row { q, d, offset, dm }: Row) {
         let mut tmp = [0i8; BLOCK];
-        for (gi, g) in self.groups.iter().enumerate() {
+        for g in &self.groups {
             let lpb = g.lanes_per_block();
             for lb in 0..g.blocks {
                 let scale = quantize_block(&x[(g.first + lb) * BLOCK..][..BLOCK], &mut tmp);
                 for s in 0..BLOCK_STEPS {
                     let (k, lane) = (s % g.steps, lb * lpb + s / g.steps);
-                    q[g.unpacked + k * 64 + lane * 4..][..4].copy_from_slice(&tmp[4 * s..4 * s + 4]);
+                    q[g.unpacked + k * g.step_bytes() + lane * 4..][..4].copy_from_slice(&tmp[4 * s..4 * s + 4]);
                 }
                 let span = 4 * g.steps;
                 for l in 0..lpb {
                     let sum: i32 = tmp[l * span..(l + 1) * span].iter().map(|&v| v as i32).sum();
-                    let lane = gi * LANES + lb * lpb + l;
+                    let lane = g.lane0 + lb * lpb + l;
                     d[lane] = scale;
                     offset[lane] = 128 * sum;
                     dm[lane] = scale * sum as f32;
@@ -549,26 +567,27 @@ impl Int8Matrix {
     /// The reference: per lane the integer dot product, offset- or min-corrected and scaled,
     /// lanes summed.
     fn dot_portable(&self, o: usize, x: &Quantized, r0: usize, rows: usize, res: &mut [f32; MAX_ROWS]) {
-        let lanes = self.groups.len() * LANES;
+        let lanes = self.lanes;
         for (i, out) in res.iter_mut().enumerate().take(rows) {
             let r = r0 + i;
             let mut acc = [0f32; LANES];
-            for (gi, g) in self.groups.iter().enumerate() {
-                for (lane, a) in acc.iter_mut().enumerate() {
+            for g in &self.groups {
+                let sb = g.step_bytes();
+                for (lane, a) in acc.iter_mut().enumerate().take(g.width) {
                     let mut dot = 0i32;
                     let wide = self.format.wide();
                     for step in 0..g.steps {
                         for byte in 0..4 {
                             let at = o * self.packed_row + g.packed + lane * 4 + byte;
                             let w = match wide {
-                                true => self.q[at + step * 64],
-                                false => self.q[at + step / 2 * 64] >> (4 * (step % 2)) & 0x0F,
+                                true => self.q[at + step * sb],
+                                false => self.q[at + step / 2 * sb] >> (4 * (step % 2)) & 0x0F,
                             };
-                            let v = x.q[r * self.unpacked_row + g.unpacked + step * 64 + lane * 4 + byte];
+                            let v = x.q[r * self.unpacked_row + g.unpacked + step * sb + lane * 4 + byte];
                             dot += w as i32 * v as i32;
                         }
                     }
-                    let (wl, xl) = (o * lanes + gi * LANES + lane, r * lanes + gi * LANES + lane);
+                    let (wl, xl) = (o * lanes + g.lane0 + lane, r * lanes + g.lane0 + lane);
                     if wide {
                         *a += (dot - x.offset[xl]) as f32 * self.d[wl].to_f32() * x.d[xl];
                     } else {
@@ -592,15 +611,22 @@ impl Int8Matrix {
         r0: usize,
         dst: OutPtr<f32>,
     ) {
-        // SAFETY: the caller checked the CPU features; every row holds its groups' full 64-byte
-        // steps and 16 lanes each (`o0 + O ≤ self.rows`, `r0 + R ≤ n`); the tile's outputs in
-        // `dst` are this task's.
+        // SAFETY: the caller checked the CPU features; every row holds its groups' full steps
+        // (64 bytes and 16 lanes, or 32 and 8 in `half_group_vnni`) (`o0 + O ≤ self.rows`,
+        // `r0 + R ≤ n`); the tile's outputs in `dst` are this task's.
         unsafe {
             use std::arch::x86_64::*;
-            let lanes = self.groups.len() * LANES;
+            let lanes = self.lanes;
             let nibble = _mm512_set1_epi8(0x0F);
             let mut acc = [[_mm512_setzero_ps(); R]; O];
-            for (gi, g) in self.groups.iter().enumerate() {
+            // An eight-lane group's sums, in 256-bit registers (on CPUs that split 512-bit
+            // operations in two, half the work), added to the sixteen lanes' at the end.
+            let mut low = [[_mm256_setzero_ps(); R]; O];
+            for g in &self.groups {
+                if g.width < LANES {
+                    self.half_group_vnni::<O, R, WIDE>(g, o0, x, r0, &mut low);
+                    continue;
+                }
                 let mut sums = [[_mm512_setzero_si512(); R]; O];
                 for t in 0..g.steps / 2 {
                     let off = g.packed + if WIDE { t * 128 } else { t * 64 };
@@ -633,10 +659,10 @@ impl Int8Matrix {
                     }
                 }
                 for j in 0..O {
-                    let at = (o0 + j) * lanes + gi * LANES;
+                    let at = (o0 + j) * lanes + g.lane0;
                     let wd = _mm512_cvtph_ps(_mm256_loadu_si256(self.d.as_ptr().add(at) as *const _));
                     for i in 0..R {
-                        let xl = (r0 + i) * lanes + gi * LANES;
+                        let xl = (r0 + i) * lanes + g.lane0;
                         let xd = _mm512_loadu_ps(x.d.as_ptr().add(xl));
                         if WIDE {
                             let offset = _mm512_loadu_si512(x.offset.as_ptr().add(xl) as *const _);
@@ -657,7 +683,7 @@ impl Int8Matrix {
             let mut all = [_mm512_setzero_ps(); 16];
             for j in 0..O {
                 for i in 0..R {
-                    all[i * O + j] = acc[j][i];
+                    all[i * O + j] = _mm512_add_ps(acc[j][i], _mm512_zextps256_ps512(low[j][i]));
                 }
             }
             let sums = super::lane_sums(all);
@@ -665,6 +691,58 @@ impl Int8Matrix {
             for i in 0..R {
                 let v = _mm512_maskz_compress_ps(row << (i * O), sums);
                 _mm512_mask_storeu_ps(dst.at((r0 + i) * self.rows + o0), row, v);
+            }
+        }
+    }
+
+    /// An eight-lane group (one pair of steps, 32 bytes each) of outputs `o0..o0 + O` for
+    /// input rows `r0..r0 + R`, its scaled lanes added into `low`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn half_group_vnni<const O: usize, const R: usize, const WIDE: bool>(
+        &self,
+        g: &Group,
+        o0: usize,
+        x: &Quantized,
+        r0: usize,
+        low: &mut [[std::arch::x86_64::__m256; R]; O],
+    ) {
+        // SAFETY: as in `tile_vnni512`: the group's 32-byte steps and eight lanes lie inside
+        // every row read.
+        unsafe {
+            use std::arch::x86_64::*;
+            let nibble = _mm256_set1_epi8(0x0F);
+            let w: [(__m256i, __m256i); O] = std::array::from_fn(|j| {
+                let p = self.q.as_ptr().add((o0 + j) * self.packed_row + g.packed);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(O * self.packed_row) as *const i8);
+                if WIDE {
+                    (_mm256_loadu_si256(p as *const _), _mm256_loadu_si256(p.add(32) as *const _))
+                } else {
+                    let p = _mm256_loadu_si256(p as *const _);
+                    (_mm256_and_si256(p, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(p), nibble))
+                }
+            });
+            for (j, low) in low.iter_mut().enumerate() {
+                let at = (o0 + j) * self.lanes + g.lane0;
+                let wd = _mm256_cvtph_ps(_mm_loadu_si128(self.d.as_ptr().add(at) as *const _));
+                for (i, low) in low.iter_mut().enumerate() {
+                    let xp = x.q.as_ptr().add((r0 + i) * self.unpacked_row + g.unpacked);
+                    let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[j].0, _mm256_loadu_si256(xp as *const _));
+                    let sum = _mm256_dpbusd_epi32(sum, w[j].1, _mm256_loadu_si256(xp.add(32) as *const _));
+                    let xl = (r0 + i) * self.lanes + g.lane0;
+                    let xd = _mm256_loadu_ps(x.d.as_ptr().add(xl));
+                    if WIDE {
+                        let offset = _mm256_loadu_si256(x.offset.as_ptr().add(xl) as *const _);
+                        let t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum, offset)), wd);
+                        *low = _mm256_fmadd_ps(t, xd, *low);
+                    } else {
+                        let wm = _mm256_cvtph_ps(_mm_loadu_si128(self.m.as_ptr().add(at) as *const _));
+                        let xm = _mm256_loadu_ps(x.dm.as_ptr().add(xl));
+                        let t = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), wd);
+                        *low = _mm256_fmadd_ps(t, xd, *low);
+                        *low = _mm256_fmadd_ps(wm, xm, *low);
+                    }
+                }
             }
         }
     }
@@ -686,29 +764,30 @@ impl Int8Matrix {
         // SAFETY: the caller checked the CPU features; loads stay inside the rows' groups.
         unsafe {
             use std::arch::x86_64::*;
-            let lanes = self.groups.len() * LANES;
+            let lanes = self.lanes;
             let nibble = _mm256_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
             let sign_bit = _mm256_set1_epi8(-128);
             let mut acc = [[_mm256_setzero_ps(); 2]; MAX_ROWS];
-            for (gi, g) in self.groups.iter().enumerate() {
-                for h in 0..2 {
+            for g in &self.groups {
+                let sb = g.step_bytes();
+                for h in 0..g.width / 8 {
                     let mut sums = [_mm256_setzero_si256(); MAX_ROWS];
                     for t in 0..g.steps / 2 {
                         let p = self.q.as_ptr().add(o * self.packed_row + g.packed + h * 32);
                         let (wlo, whi) = if WIDE {
-                            let p = p.add(t * 128);
+                            let p = p.add(t * 2 * sb);
                             let lo = _mm256_xor_si256(_mm256_loadu_si256(p as *const _), sign_bit);
-                            let hi = _mm256_xor_si256(_mm256_loadu_si256(p.add(64) as *const _), sign_bit);
+                            let hi = _mm256_xor_si256(_mm256_loadu_si256(p.add(sb) as *const _), sign_bit);
                             (lo, hi)
                         } else {
-                            let p = _mm256_loadu_si256(p.add(t * 64) as *const _);
+                            let p = _mm256_loadu_si256(p.add(t * sb) as *const _);
                             (_mm256_and_si256(p, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(p), nibble))
                         };
                         for (i, sum) in sums.iter_mut().enumerate().take(rows) {
-                            let xp = x.q.as_ptr().add((r0 + i) * self.unpacked_row + g.unpacked + 2 * t * 64 + h * 32);
+                            let xp = x.q.as_ptr().add((r0 + i) * self.unpacked_row + g.unpacked + 2 * t * sb + h * 32);
                             let lo = _mm256_loadu_si256(xp as *const _);
-                            let hi = _mm256_loadu_si256(xp.add(64) as *const _);
+                            let hi = _mm256_loadu_si256(xp.add(sb) as *const _);
                             for (w, v) in [(wlo, lo), (whi, hi)] {
                                 // |w| ≤ 128 and |v| ≤ 127: a pair of products fits in i16.
                                 let (w, v) =
@@ -717,10 +796,10 @@ impl Int8Matrix {
                             }
                         }
                     }
-                    let at = o * lanes + gi * LANES + h * 8;
+                    let at = o * lanes + g.lane0 + h * 8;
                     let wd = _mm256_cvtph_ps(_mm_loadu_si128(self.d.as_ptr().add(at) as *const _));
                     for i in 0..rows {
-                        let xl = (r0 + i) * lanes + gi * LANES + h * 8;
+                        let xl = (r0 + i) * lanes + g.lane0 + h * 8;
                         let xd = _mm256_loadu_ps(x.d.as_ptr().add(xl));
                         let t = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[i]), wd);
                         acc[i][h] = _mm256_fmadd_ps(t, xd, acc[i][h]);
