@@ -1044,4 +1044,53 @@ mod tests {
             }
         }
     }
+
+    /// Every kernel's product is the blocks' own arithmetic — per block `d·d_x·Σ q·q_x` (and
+    /// `m·d_x·Σ q_x` for 4-bit weights), the input quantized per block — to f32 rounding: for
+    /// full groups, short ones spread over lanes and eight-lane ones alike.
+    #[test]
+    fn products_are_the_block_arithmetic_exactly() {
+        for (format, cols) in
+            [576, 32, 64, 96, 224, 1536].into_iter().flat_map(|c| [(Format::Q4_1, c), (Format::Q8_0, c)])
+        {
+            let (rows, n, per_row, bs) = (29, 9, cols / BLOCK, format.block_bytes());
+            let (raw, _) = blocks(format, rows, cols, 7);
+            let x = input(n, cols, 13);
+            for k in kernels() {
+                let m = Int8Matrix::from_blocks(format, &raw, rows, cols).unwrap().with_kernel(k);
+                let mut out = vec![0f32; n * rows];
+                m.matmul(&x, n, &mut out);
+                for (r, o) in (0..n).flat_map(|r| (0..rows).map(move |o| (r, o))) {
+                    let (mut exact, mut size) = (0f64, 0f64);
+                    for b in 0..per_row {
+                        let mut qx = [0i8; BLOCK];
+                        let dx = quantize_block(&x[r * cols + b * BLOCK..][..BLOCK], &mut qx) as f64;
+                        let block = &raw[(o * per_row + b) * bs..][..bs];
+                        let d = f16::from_le_bytes([block[0], block[1]]).to_f64();
+                        let (min, values) = match format {
+                            Format::Q8_0 => (0.0, &block[2..]),
+                            _ => (f16::from_le_bytes([block[2], block[3]]).to_f64(), &block[4..]),
+                        };
+                        let (mut dot, mut sum) = (0i64, 0i64);
+                        for (e, &v) in qx.iter().enumerate() {
+                            let q = match format {
+                                Format::Q8_0 => values[e] as i8 as i64,
+                                _ => (if e < 16 { values[e] & 0x0F } else { values[e - 16] >> 4 }) as i64,
+                            };
+                            dot += q * v as i64;
+                            sum += v as i64;
+                        }
+                        let term = d * dx * dot as f64 + min * dx * sum as f64;
+                        exact += term;
+                        size += term.abs();
+                    }
+                    let got = out[r * rows + o] as f64;
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * size + 1e-6,
+                        "{format:?} {cols} {k:?} ({r}, {o}): {got} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
 }

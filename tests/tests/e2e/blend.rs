@@ -163,10 +163,13 @@ fn a_chunk_reused_at_a_new_position_is_rotated_correctly() {
     let off = run(&msgs, CacheMode::Off, 0.0, &ram(0));
     // Rotation rounds differently from computing at the position, and the int8 kernels'
     // input quantization can turn that into a step: judged by the distribution (a wrong
-    // rotation moves it by nats), and exactly on the f32 path's scale only without VNNI.
+    // rotation moves it by nats), and exactly on the f32 path's scale only without VNNI. With
+    // int8 prefill (VNNI, no AMX) the step alone measured KL 0.0008 and, after a change of
+    // summation order only, 0.0012: the bound sits at int8's own mean KL from f32 (0.005,
+    // `int8_paths_match_the_f32_path_teacher_forced`), far under a wrong rotation's.
     let (d, kl) = (max_diff(&reused.logits, &off.logits), kl(&off.logits, &reused.logits));
     eprintln!("reused at the same context: logits differ from off by {d:.4}, KL {kl:.6}");
-    assert!(kl < 1e-3, "reused chunk at the same context differs from off by KL {kl} (logits by {d})");
+    assert!(kl < 5e-3, "reused chunk at the same context differs from off by KL {kl} (logits by {d})");
 }
 
 /// Tokens two sequences share from the start.
