@@ -70,42 +70,93 @@ impl Sampler {
         id
     }
 
+    /// A token drawn from `softmax(logits / temperature)`, cut to the `top_k` most likely and
+    /// then to the smallest most-likely set holding `top_p` of the mass. Only the candidates
+    /// a cut needs are ordered (a vocabulary sort costs a millisecond a token): none without
+    /// cuts, the `top_k`, or for `top_p` alone the most likely 256 and then as many more as
+    /// the missing mass needs at least, until they hold it.
     fn pick(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature <= 0.0 || self.params.top_k == 1 {
+        let p = &self.params;
+        if p.temperature <= 0.0 || p.top_k == 1 || logits.is_empty() {
             return argmax(logits);
         }
-        let t = self.params.temperature;
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if self.params.top_k > 0 {
-            cand.truncate(self.params.top_k);
+        let (inv_t, max) = (1.0 / p.temperature, lane_max(logits));
+        // Each token's weight relative to the most likely one's.
+        let w: Vec<f32> = logits.iter().map(|&l| exp_nonpositive((l - max) * inv_t)).collect();
+        if p.top_k == 0 && p.top_p >= 1.0 {
+            let total: f32 = w.iter().sum();
+            return draw(&mut self.rng, w.iter().enumerate().map(|(i, &w)| (i as u32, w)), total);
         }
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.params.top_p < 1.0 {
-            let mut acc = 0.0;
-            let keep = probs
-                .iter()
-                .position(|p| {
-                    acc += p;
-                    acc >= self.params.top_p
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (i, p) in probs.iter().enumerate() {
-            r -= p;
-            if r <= 0.0 {
-                return cand[i].0;
+        let n = w.len();
+        let k = if p.top_k > 0 { p.top_k.min(n) } else { n };
+        let mut cand: Vec<(f32, u32)> = w.iter().enumerate().map(|(i, &w)| (w, i as u32)).collect();
+        // The first m in order: heaviest first, ties to the lower id.
+        let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let first = |cand: &mut Vec<(f32, u32)>, m: usize| {
+            if m < cand.len() {
+                cand.select_nth_unstable_by(m - 1, order);
             }
-        }
-        cand[probs.len() - 1].0
+            cand[..m].sort_unstable_by(order);
+        };
+        // The mass the nucleus is a share of: the top k's (all of it without top_k).
+        let total: f32 = match k < n {
+            true => {
+                first(&mut cand, k);
+                cand.truncate(k);
+                cand.iter().map(|c| c.0).sum()
+            }
+            false => w.iter().sum(),
+        };
+        let keep = match p.top_p < 1.0 {
+            false => k,
+            true => {
+                let goal = p.top_p * total;
+                let mut m = k.min(NUCLEUS_FIRST);
+                loop {
+                    if k == n {
+                        first(&mut cand, m);
+                    }
+                    let mut acc = 0.0;
+                    let cut = cand[..m].iter().position(|c| {
+                        acc += c.0;
+                        acc >= goal
+                    });
+                    match cut {
+                        Some(i) => break i + 1,
+                        None if m == k => break k,
+                        // Every further candidate weighs at most the m-th: at least this many more.
+                        None => {
+                            m = (m + ((goal - acc) / cand[m - 1].0.max(f32::MIN_POSITIVE)) as usize).max(8 * m).min(k)
+                        }
+                    }
+                }
+            }
+        };
+        let kept = &cand[..keep];
+        let total: f32 = kept.iter().map(|c| c.0).sum();
+        draw(&mut self.rng, kept.iter().map(|&(w, i)| (i, w)), total)
     }
 }
+
+/// One of `items` (token, weight) drawn in proportion to its weight, `total` their sum; the
+/// last with any weight where rounding leaves the draw past the end.
+fn draw(rng: &mut StdRng, items: impl Iterator<Item = (u32, f32)>, total: f32) -> u32 {
+    let mut r = rng.random::<f32>() * total;
+    let mut last = 0;
+    for (i, w) in items {
+        if w > 0.0 {
+            last = i;
+            r -= w;
+            if r <= 0.0 {
+                return i;
+            }
+        }
+    }
+    last
+}
+
+/// Candidates the nucleus is first looked for among (then eight times as many, and so on).
+const NUCLEUS_FIRST: usize = 256;
 
 /// Index of the largest logit (the first one on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -474,6 +525,54 @@ mod tests {
         let mut s = Sampler::new(SamplingParams { top_p: 0.01, ..p });
         for _ in 0..20 {
             assert_eq!(s.sample(&logits), argmax(&logits));
+        }
+    }
+
+    /// Draws follow the softmax at the temperature, cut to the top k and to the nucleus:
+    /// frequencies over 40 000 seeded draws against the probabilities computed directly.
+    #[test]
+    fn draws_follow_the_cut_softmax() {
+        let logits: Vec<f32> =
+            (0..300).map(|i| ((i * 37 % 101) as f32 * 0.061).sin() * 4.0 - (i % 7) as f32 * 0.3).collect();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        for (t, top_k, top_p) in
+            [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (0.8, 0, 0.5), (1.2, 40, 0.8), (1.5, 0, 0.97)]
+        {
+            // The expected distribution: the top k in order, then the nucleus, renormalised.
+            let k = if top_k > 0 { top_k } else { logits.len() };
+            let w: Vec<f64> = order[..k].iter().map(|&i| ((logits[i] - logits[order[0]]) as f64 / t).exp()).collect();
+            let total: f64 = w.iter().sum();
+            let mut acc = 0.0;
+            let keep = w.iter().position(|x| {
+                acc += x / total;
+                acc >= top_p as f64
+            });
+            let keep = if top_p < 1.0 { keep.map_or(k, |i| i + 1) } else { k };
+            let kept: f64 = w[..keep].iter().sum();
+            let mut want = vec![0f64; logits.len()];
+            for (j, &i) in order[..keep].iter().enumerate() {
+                want[i] = w[j] / kept;
+            }
+            let params = SamplingParams { temperature: t as f32, top_k, top_p, seed: Some(11), ..Default::default() };
+            let mut s = Sampler::new(params);
+            let draws = 40_000;
+            let mut got = vec![0f64; logits.len()];
+            for _ in 0..draws {
+                got[s.sample(&logits) as usize] += 1.0 / draws as f64;
+            }
+            for i in 0..logits.len() {
+                assert!(
+                    (got[i] - want[i]).abs() < 0.01,
+                    "t {t}, top_k {top_k}, top_p {top_p}: token {i} drawn {} vs {}",
+                    got[i],
+                    want[i]
+                );
+                assert!(
+                    want[i] > 0.0 || got[i] == 0.0,
+                    "t {t}, top_k {top_k}, top_p {top_p}: token {i} is cut yet drawn"
+                );
+            }
         }
     }
 
