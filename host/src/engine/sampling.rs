@@ -158,15 +158,10 @@ fn draw(rng: &mut StdRng, items: impl Iterator<Item = (u32, f32)>, total: f32) -
 /// Candidates the nucleus is first looked for among (then eight times as many, and so on).
 const NUCLEUS_FIRST: usize = 256;
 
-/// Index of the largest logit (the first one on ties).
+/// Index of the largest logit (the first one on ties; NaNs never win): the maximum by lanes,
+/// then where it first occurs.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    first_equal(logits, lane_max(logits)).unwrap_or(0) as u32
 }
 
 /// The logprob of token `id` and the `top` most likely tokens (sorted, most likely first; ties
@@ -574,6 +569,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The greedy pick is the first index of the largest logit, as a plain scan finds it.
+    #[test]
+    fn argmax_is_the_first_largest() {
+        let scan = |xs: &[f32]| (0..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b }) as u32;
+        for len in [1, 15, 16, 17, 1000, 49152] {
+            for seed in 0..4 {
+                let mut xs: Vec<f32> =
+                    (0..len).map(|i| (((i * 7919 + seed * 104729) % 1009) as f32 * 0.01).floor()).collect();
+                assert_eq!(argmax(&xs), scan(&xs), "len {len}, seed {seed}");
+                xs[len / 2] = f32::NAN;
+                assert_eq!(argmax(&xs), scan(&xs), "len {len}, seed {seed}, a NaN inside");
+            }
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 
     #[test]
