@@ -725,6 +725,10 @@ impl Int8Matrix {
             for (j, low) in low.iter_mut().enumerate() {
                 let at = (o0 + j) * self.lanes + g.lane0;
                 let wd = _mm256_cvtph_ps(_mm_loadu_si128(self.d.as_ptr().add(at) as *const _));
+                let wm = match WIDE {
+                    true => _mm256_setzero_ps(),
+                    false => _mm256_cvtph_ps(_mm_loadu_si128(self.m.as_ptr().add(at) as *const _)),
+                };
                 for (i, low) in low.iter_mut().enumerate() {
                     let xp = x.q.as_ptr().add((r0 + i) * self.unpacked_row + g.unpacked);
                     let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[j].0, _mm256_loadu_si256(xp as *const _));
@@ -736,7 +740,6 @@ impl Int8Matrix {
                         let t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum, offset)), wd);
                         *low = _mm256_fmadd_ps(t, xd, *low);
                     } else {
-                        let wm = _mm256_cvtph_ps(_mm_loadu_si128(self.m.as_ptr().add(at) as *const _));
                         let xm = _mm256_loadu_ps(x.dm.as_ptr().add(xl));
                         let t = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), wd);
                         *low = _mm256_fmadd_ps(t, xd, *low);

@@ -81,15 +81,15 @@ impl Sampler {
             return argmax(logits);
         }
         let (inv_t, max) = (1.0 / p.temperature, lane_max(logits));
-        // Each token's weight relative to the most likely one's.
-        let w: Vec<f32> = logits.iter().map(|&l| exp_nonpositive((l - max) * inv_t)).collect();
+        // Each token's weight relative to the most likely one's, in vocabulary order.
+        let mut cand: Vec<(f32, u32)> =
+            logits.iter().enumerate().map(|(i, &l)| (exp_nonpositive((l - max) * inv_t), i as u32)).collect();
         if p.top_k == 0 && p.top_p >= 1.0 {
-            let total: f32 = w.iter().sum();
-            return draw(&mut self.rng, w.iter().enumerate().map(|(i, &w)| (i as u32, w)), total);
+            let total: f32 = cand.iter().map(|c| c.0).sum();
+            return draw(&mut self.rng, cand.iter().map(|&(w, i)| (i, w)), total);
         }
-        let n = w.len();
+        let n = cand.len();
         let k = if p.top_k > 0 { p.top_k.min(n) } else { n };
-        let mut cand: Vec<(f32, u32)> = w.iter().enumerate().map(|(i, &w)| (w, i as u32)).collect();
         // The first m in order: heaviest first, ties to the lower id.
         let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         let first = |cand: &mut Vec<(f32, u32)>, m: usize| {
@@ -105,7 +105,7 @@ impl Sampler {
                 cand.truncate(k);
                 cand.iter().map(|c| c.0).sum()
             }
-            false => w.iter().sum(),
+            false => cand.iter().map(|c| c.0).sum(),
         };
         let keep = match p.top_p < 1.0 {
             false => k,
@@ -155,7 +155,8 @@ fn draw(rng: &mut StdRng, items: impl Iterator<Item = (u32, f32)>, total: f32) -
     last
 }
 
-/// Candidates the nucleus is first looked for among (then eight times as many, and so on).
+/// Candidates the nucleus is first looked for among (then at least eight times as many, and
+/// so on).
 const NUCLEUS_FIRST: usize = 256;
 
 /// Index of the largest logit (the first one on ties; NaNs never win): the maximum by lanes,
