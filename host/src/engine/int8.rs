@@ -380,17 +380,26 @@ impl Int8Matrix {
                 for item in range {
                     let (block, s) = (item / stripes, item % stripes);
                     let end = ((s + 1) * STRIPE).min(self.rows);
-                    // The next stripe's weights on their way into L2 while this one is worked:
-                    // a decode step streams every weight from memory once, and a stripe's rows
-                    // are too short for the hardware to see the stream.
-                    self.prefetch_rows(end..(end + STRIPE).min(self.rows));
                     let block_rows = block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(n);
+                    // The next stripe's weights on their way into L2 while this one is worked,
+                    // a share before each tile: a decode step streams every weight from memory
+                    // once, and a stripe's rows are too short for the hardware to see the
+                    // stream; asked for all at once, they would stall the core until most came.
+                    let next = end..(end + STRIPE).min(self.rows);
+                    let tiles: usize = block_rows
+                        .clone()
+                        .step_by(MAX_ROWS)
+                        .map(|r0| (end - s * STRIPE).div_ceil(self.outs((block_rows.end - r0).min(MAX_ROWS))))
+                        .sum();
+                    let mut tile = 0;
                     for r0 in block_rows.clone().step_by(MAX_ROWS) {
                         let rows = (block_rows.end - r0).min(MAX_ROWS);
                         let width = self.outs(rows);
                         let mut o0 = s * STRIPE;
                         while o0 < end {
                             let outs = (end - o0).min(width);
+                            self.prefetch_rows(next.clone(), tile, tiles);
+                            tile += 1;
                             // SAFETY: rows r0.. and outputs o0.. of the tile are inside `out`
                             // (n × rows, checked above); stripes are disjoint in outputs.
                             unsafe { self.tile(o0, outs, xq, r0, rows, dst) };
@@ -408,9 +417,9 @@ impl Int8Matrix {
         });
     }
 
-    /// Asks for weight rows `rows` (their values and scales) to be brought into L2: a hint,
-    /// which changes no result.
-    fn prefetch_rows(&self, rows: std::ops::Range<usize>) {
+    /// Asks for share `part` of `parts` of weight rows `rows` (their values and scales) to be
+    /// brought into L2: a hint, which changes no result.
+    fn prefetch_rows(&self, rows: std::ops::Range<usize>, part: usize, parts: usize) {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
@@ -418,10 +427,14 @@ impl Int8Matrix {
             let q = &self.q[rows.start * self.packed_row..rows.end * self.packed_row];
             let d = &self.d[rows.start * lanes..rows.end * lanes];
             let m = self.m.get(rows.start * lanes..rows.end * lanes).unwrap_or_default();
-            let lines = q.chunks(64).map(|c| c.as_ptr() as *const i8);
-            let scales = [d, m].into_iter().flat_map(|s| s.chunks(32).map(|c| c.as_ptr() as *const i8));
+            // Shares start on multiples of 64 bytes, so that together they step over every line.
+            let share = |bytes: usize| (bytes * part / parts) / 64 * 64..bytes * (part + 1) / parts;
+            let lines = |p: *const u8, bytes: usize| share(bytes).step_by(64).map(move |o| p.wrapping_add(o));
+            let q_lines = lines(q.as_ptr(), q.len());
+            let d_lines = lines(d.as_ptr() as *const u8, 2 * d.len());
+            let m_lines = lines(m.as_ptr() as *const u8, 2 * m.len());
             // SAFETY: prefetching reads nothing; the addresses lie inside the matrix anyway.
-            lines.chain(scales).for_each(|p| unsafe { _mm_prefetch::<_MM_HINT_T1>(p) });
+            q_lines.chain(d_lines).chain(m_lines).for_each(|p| unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) });
         }
     }
 
