@@ -54,6 +54,32 @@ const ROW_BLOCK: usize = 64;
 /// Multiply-adds below which a product stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 256 << 10;
 
+/// Weight lines on their way into L2, a share at a time: a hint, which changes no result.
+struct Ahead {
+    /// Per region (values, scales, mins): its next line, the lines left and those of a share.
+    regions: [(*const u8, usize, usize); 3],
+}
+
+impl Ahead {
+    /// Asks for the next share of every region's lines (the rows come in order in each, as
+    /// the tiles need them).
+    fn share(&mut self) {
+        for (p, left, per_share) in &mut self.regions {
+            let n = (*per_share).min(*left);
+            for _ in 0..n {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: prefetching reads nothing; the addresses lie inside the matrix anyway.
+                unsafe {
+                    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+                    _mm_prefetch::<_MM_HINT_T1>(p.cast());
+                }
+                *p = p.wrapping_add(64);
+            }
+            *left -= n;
+        }
+    }
+}
+
 /// Results of a tile: `[output][input row]`.
 type Tile = [[f32; MAX_ROWS]; MAX_OUTS];
 
@@ -391,15 +417,14 @@ impl Int8Matrix {
                         .step_by(MAX_ROWS)
                         .map(|r0| (end - s * STRIPE).div_ceil(self.outs((block_rows.end - r0).min(MAX_ROWS))))
                         .sum();
-                    let mut tile = 0;
+                    let mut ahead = self.ahead(next, tiles);
                     for r0 in block_rows.clone().step_by(MAX_ROWS) {
                         let rows = (block_rows.end - r0).min(MAX_ROWS);
                         let width = self.outs(rows);
                         let mut o0 = s * STRIPE;
                         while o0 < end {
                             let outs = (end - o0).min(width);
-                            self.prefetch_rows(next.clone(), tile, tiles);
-                            tile += 1;
+                            ahead.share();
                             // SAFETY: rows r0.. and outputs o0.. of the tile are inside `out`
                             // (n × rows, checked above); stripes are disjoint in outputs.
                             unsafe { self.tile(o0, outs, xq, r0, rows, dst) };
@@ -417,24 +442,23 @@ impl Int8Matrix {
         });
     }
 
-    /// Asks for share `part` of `parts` of weight rows `rows` (their values and scales) to be
-    /// brought into L2: a hint, which changes no result.
-    fn prefetch_rows(&self, rows: std::ops::Range<usize>, part: usize, parts: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-            let lanes = self.lanes;
-            let q = &self.q[rows.start * self.packed_row..rows.end * self.packed_row];
-            let d = &self.d[rows.start * lanes..rows.end * lanes];
-            let m = self.m.get(rows.start * lanes..rows.end * lanes).unwrap_or_default();
-            // Shares start on multiples of 64 bytes, so that together they step over every line.
-            let share = |bytes: usize| (bytes * part / parts) / 64 * 64..bytes * (part + 1) / parts;
-            let lines = |p: *const u8, bytes: usize| share(bytes).step_by(64).map(move |o| p.wrapping_add(o));
-            let q_lines = lines(q.as_ptr(), q.len());
-            let d_lines = lines(d.as_ptr() as *const u8, 2 * d.len());
-            let m_lines = lines(m.as_ptr() as *const u8, 2 * m.len());
-            // SAFETY: prefetching reads nothing; the addresses lie inside the matrix anyway.
-            q_lines.chain(d_lines).chain(m_lines).for_each(|p| unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) });
+    /// The lines of weight rows `rows` (their values and scales), to be asked into L2 over
+    /// `tiles` tiles.
+    fn ahead(&self, rows: std::ops::Range<usize>, tiles: usize) -> Ahead {
+        let lanes = self.lanes;
+        let q = &self.q[rows.start * self.packed_row..rows.end * self.packed_row];
+        let d = &self.d[rows.start * lanes..rows.end * lanes];
+        let m = self.m.get(rows.start * lanes..rows.end * lanes).unwrap_or_default();
+        let region = |p: *const u8, bytes: usize| {
+            let lines = bytes.div_ceil(64);
+            (p, lines, lines.div_ceil(tiles.max(1)))
+        };
+        Ahead {
+            regions: [
+                region(q.as_ptr(), q.len()),
+                region(d.as_ptr().cast(), 2 * d.len()),
+                region(m.as_ptr().cast(), 2 * m.len()),
+            ],
         }
     }
 
