@@ -347,9 +347,9 @@ fn true_deviation(a: &KvCache, b: &KvCache, check: usize) -> Vec<f32> {
     let d = a.kv_dim();
     (0..a.len())
         .map(|r| {
-            a.layers[check + 1..]
+            a.layers()[check + 1..]
                 .iter()
-                .zip(&b.layers[check + 1..])
+                .zip(&b.layers()[check + 1..])
                 .map(|(la, lb)| {
                     let sq = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum::<f32>();
                     sq(&la.k[r * d..(r + 1) * d], &lb.k[r * d..(r + 1) * d])
@@ -450,7 +450,7 @@ pub fn run(m: &LoadedModel, o: &DenoiseOptions, mut progress: impl FnMut(&str)) 
         // The floor: every prompt token's KV but the last rounded to f16, the last recomputed.
         let mut rounded = off.cache.clone();
         rounded.truncate(ids.len() - 1);
-        for l in &mut rounded.layers {
+        for l in rounded.rows_mut(0) {
             crate::store::KvDtype::F16.round(&mut l.k);
             crate::store::KvDtype::F16.round(&mut l.v);
         }

@@ -302,7 +302,7 @@ fn splice(model: &Model, cache: &mut KvCache, kv: &ChunkKv, from: usize, rows: R
     let positions = cache.positions[rows.clone()].to_vec();
     let stored_at: Option<Vec<u32>> = kv.rotated_at.map(|p| (p + from as u32..).take(rows.len()).collect());
     let src = from * d..(from + rows.len()) * d;
-    for (l, layer) in cache.layers.iter_mut().enumerate() {
+    for (l, layer) in cache.rows_mut(rows.start).iter_mut().enumerate() {
         let k = &mut layer.k[rows.start * d..rows.end * d];
         k.copy_from_slice(&kv.k[l][src.clone()]);
         match &stored_at {
@@ -326,7 +326,7 @@ fn extract(
 ) -> ChunkKv {
     let d = cache.kv_dim();
     let k = match rotated {
-        true => cache.layers.iter().map(|l| l.k[rows.start * d..rows.end * d].to_vec()).collect(),
+        true => cache.layers().iter().map(|l| l.k[rows.start * d..rows.end * d].to_vec()).collect(),
         false => cache.pre_rope_k(rows.clone(), model.rope()),
     };
     ChunkKv {
@@ -335,7 +335,7 @@ fn extract(
         parent: None,
         namespace: Default::default(),
         k,
-        v: cache.layers.iter().map(|l| l.v[rows.start * d..rows.end * d].to_vec()).collect(),
+        v: cache.layers().iter().map(|l| l.v[rows.start * d..rows.end * d].to_vec()).collect(),
         hidden: hidden.map(<[f32]>::to_vec).unwrap_or_default(),
     }
 }

@@ -442,7 +442,7 @@ impl Prefilling {
                     self.report.partial_spans = spans.iter().filter(|m| m.is_partial()).count();
                     self.report.chunks_hit = spans.iter().map(|m| m.key).collect::<HashSet<_>>().len();
                     let d = self.cache.kv_dim();
-                    let at = &self.cache.layers[check];
+                    let at = &self.cache.layers()[check];
                     let spliced = reused
                         .iter()
                         .map(|&r| (at.k[r * d..(r + 1) * d].to_vec(), at.v[r * d..(r + 1) * d].to_vec()))
@@ -512,7 +512,7 @@ impl Prefilling {
         let first_query = n.saturating_sub(ATTENTION_QUERIES);
         let query_positions: Vec<u32> = (first_query as u32..n as u32).collect();
         let mass = model.attention_mass(check, &c.queries, &query_positions, &self.cache)?;
-        let at = &self.cache.layers[check];
+        let at = &self.cache.layers()[check];
         let deviations: Vec<f32> = c
             .reused
             .iter()
@@ -586,7 +586,7 @@ impl Prefilling {
         let rows = &r.rows[slice.clone()];
         let spliced: Vec<(usize, Vec<f32>, Vec<f32>)> = match until < layers {
             true => {
-                let at = &self.cache.layers[measured];
+                let at = &self.cache.layers()[measured];
                 (slice.clone())
                     .filter(|&i| r.reused[i])
                     .map(|i| {
@@ -600,7 +600,7 @@ impl Prefilling {
         let positions: Vec<u32> = rows.iter().map(|&row| self.cache.positions[row]).collect();
         let xs = &mut r.xs[slice.start * hidden..slice.end * hidden];
         model.run_layers(l..until, xs, &positions, rows, &mut self.cache, model.prefill_weights())?;
-        let at = &self.cache.layers[measured];
+        let at = &self.cache.layers()[measured];
         for (i, k, v) in spliced {
             let row = r.rows[i];
             r.deviations[i] = sq_dist(&at.k[row * d..(row + 1) * d], &k) + sq_dist(&at.v[row * d..(row + 1) * d], &v);

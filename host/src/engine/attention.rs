@@ -140,13 +140,55 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// Keys and values one attention call reads: `t` rows of `kv_heads × head_dim` each.
-pub struct Keys<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+/// Keys and values one attention call reads: `t` rows of `kv_heads × head_dim` each, in f32
+/// or (decode's copy of a cache, [`KvCache`](super::model::KvCache)) f16.
+pub struct Keys<'a, T = f32> {
+    pub k: &'a [T],
+    pub v: &'a [T],
     pub positions: &'a [u32],
     /// Whether `positions` is non-decreasing: lets a query block stop at its last visible key.
     pub sorted: bool,
+}
+
+/// An element type attention reads K and V in.
+pub trait Elem: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+    /// Sixteen elements from `p`, as f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and sixteen elements are readable from `p`; inlined into a caller
+    /// compiled for AVX-512 (the intrinsics then inline too).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl Elem for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (16 f16 are 32 bytes).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
 }
 
 /// `dst = scale · lhs · rhs` for row-major `dst` (m × n, rows `dst_rs` apart) and `lhs`
@@ -334,7 +376,7 @@ pub fn attention(heads: Heads, q: &[f32], q_pos: &[u32], keys: &Keys<'_>, out: &
 /// One decode query per sequence, each against its own keys (`keys[i]` for row `i` of `q`,
 /// at `q_pos[i]`): the heads of every sequence in one dispatch to the pool. Each row's result
 /// is exactly what [`attention`] computes for it alone in decode.
-pub fn attention_decode_batch(heads: Heads, q: &[f32], q_pos: &[u32], keys: &[Keys<'_>], out: &mut [f32]) {
+pub fn attention_decode_batch<T: Elem>(heads: Heads, q: &[f32], q_pos: &[u32], keys: &[Keys<'_, T>], out: &mut [f32]) {
     let Heads { q_heads, head_dim: hd, .. } = heads;
     let q_stride = q_heads * hd;
     let n = q_pos.len();
@@ -369,7 +411,15 @@ const GROUPED_MIN_TASKS: usize = 8;
 
 /// Heads `h..h + o.len() / head_dim` (of one KV group) of one decode query row `q` (all
 /// heads) at `qp` against `keys`, into `o`.
-fn decode_heads(heads: Heads, q: &[f32], qp: u32, keys: &Keys<'_>, h: usize, scores: &mut Vec<f32>, o: &mut [f32]) {
+fn decode_heads<T: Elem>(
+    heads: Heads,
+    q: &[f32],
+    qp: u32,
+    keys: &Keys<'_, T>,
+    h: usize,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
     let Heads { q_heads, kv_heads, head_dim: hd } = heads;
     let count = o.len() / hd;
     let (kv_stride, g) = (kv_heads * hd, h / (q_heads / kv_heads));
@@ -386,13 +436,13 @@ fn decode_heads(heads: Heads, q: &[f32], qp: u32, keys: &Keys<'_>, h: usize, sco
         // rows of kv_stride, head g's 64 values at g · 64 inside each row).
         unsafe {
             match count {
-                1 => attend_avx512::<1>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
-                2 => attend_avx512::<2>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
-                3 => attend_avx512::<3>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
-                4 => attend_avx512::<4>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+                1 => attend_avx512::<1, T>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+                2 => attend_avx512::<2, T>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+                3 => attend_avx512::<3, T>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
+                4 => attend_avx512::<4, T>(qh, k, v, kv_stride, lim, scale, visible, scores, o),
                 _ => (0..count).for_each(|c| {
                     let (qc, oc) = (&qh[c * hd..][..hd], &mut o[c * hd..][..hd]);
-                    attend_avx512::<1>(qc, k, v, kv_stride, lim, scale, visible, scores, oc)
+                    attend_avx512::<1, T>(qc, k, v, kv_stride, lim, scale, visible, scores, oc)
                 }),
             }
         }
@@ -401,8 +451,8 @@ fn decode_heads(heads: Heads, q: &[f32], qp: u32, keys: &Keys<'_>, h: usize, sco
     for c in 0..count {
         let (qc, oc) = (&qh[c * hd..][..hd], &mut o[c * hd..][..hd]);
         match hd {
-            64 => attend_one::<64>(qc, k, v, kv_stride, lim, scale, visible, scores, oc),
-            128 => attend_one::<128>(qc, k, v, kv_stride, lim, scale, visible, scores, oc),
+            64 => attend_one::<64, T>(qc, k, v, kv_stride, lim, scale, visible, scores, oc),
+            128 => attend_one::<128, T>(qc, k, v, kv_stride, lim, scale, visible, scores, oc),
             _ => attend_one_dyn(qc, k, v, kv_stride, lim, scale, visible, scores, oc),
         }
     }
@@ -412,10 +462,10 @@ fn decode_heads(heads: Heads, q: &[f32], qp: u32, keys: &Keys<'_>, h: usize, sco
 /// known at compile time so that the dot products and the weighted sum stay in registers.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn attend_one<const HD: usize>(
+fn attend_one<const HD: usize, T: Elem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     stride: usize,
     lim: usize,
     scale: f32,
@@ -429,10 +479,10 @@ fn attend_one<const HD: usize>(
         if !visible(j) {
             return f32::NEG_INFINITY;
         }
-        let kr: &[f32; HD] = k[j * stride..][..HD].try_into().expect("head dim");
+        let kr: &[T; HD] = k[j * stride..][..HD].try_into().expect("head dim");
         let mut acc = [0f32; HD];
         for d in 0..HD {
-            acc[d] = q[d] * kr[d];
+            acc[d] = q[d] * kr[d].to_f32();
         }
         // Pairwise halving: a serial sum would be one long chain of dependent adds.
         let mut w = HD;
@@ -447,9 +497,9 @@ fn attend_one<const HD: usize>(
     softmax_prefix(scores, lim);
     let mut acc = [0f32; HD];
     for (j, &p) in scores.iter().enumerate() {
-        let vr: &[f32; HD] = v[j * stride..][..HD].try_into().expect("head dim");
+        let vr: &[T; HD] = v[j * stride..][..HD].try_into().expect("head dim");
         for d in 0..HD {
-            acc[d] += p * vr[d];
+            acc[d] += p * vr[d].to_f32();
         }
     }
     out.copy_from_slice(&acc);
@@ -463,10 +513,10 @@ fn attend_one<const HD: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx512<const G: usize>(
+unsafe fn attend_avx512<const G: usize, T: Elem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     stride: usize,
     lim: usize,
     scale: f32,
@@ -493,10 +543,10 @@ unsafe fn attend_avx512<const G: usize>(
                         return _mm512_setzero_ps();
                     }
                     let kr = k.as_ptr().add((j0 + e) * stride);
-                    let a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-                    let a = _mm512_fmadd_ps(qv[1], _mm512_loadu_ps(kr.add(16)), a);
-                    let a = _mm512_fmadd_ps(qv[2], _mm512_loadu_ps(kr.add(32)), a);
-                    _mm512_fmadd_ps(qv[3], _mm512_loadu_ps(kr.add(48)), a)
+                    let a = _mm512_mul_ps(qv[0], T::load16(kr));
+                    let a = _mm512_fmadd_ps(qv[1], T::load16(kr.add(16)), a);
+                    let a = _mm512_fmadd_ps(qv[2], T::load16(kr.add(32)), a);
+                    _mm512_fmadd_ps(qv[3], T::load16(kr.add(48)), a)
                 });
                 let s = _mm512_mul_ps(super::lane_sums(dots), _mm512_set1_ps(scale));
                 _mm512_storeu_ps(scores.as_mut_ptr().add(c * span + j0), s);
@@ -514,7 +564,7 @@ unsafe fn attend_avx512<const G: usize>(
         let mut acc = [[_mm512_setzero_ps(); 4]; G];
         for j in 0..lim {
             let vr = v.as_ptr().add(j * stride);
-            let vv = [0, 16, 32, 48].map(|d| _mm512_loadu_ps(vr.add(d)));
+            let vv = [0, 16, 32, 48].map(|d| T::load16(vr.add(d)));
             for (c, a) in acc.iter_mut().enumerate() {
                 let p = _mm512_set1_ps(*scores.get_unchecked(c * span + j));
                 for (a, v) in a.iter_mut().zip(vv) {
@@ -532,10 +582,10 @@ unsafe fn attend_avx512<const G: usize>(
 
 /// [`attend_one`] for head dims without a specialisation.
 #[allow(clippy::too_many_arguments)]
-fn attend_one_dyn(
+fn attend_one_dyn<T: Elem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     stride: usize,
     lim: usize,
     scale: f32,
@@ -549,13 +599,13 @@ fn attend_one_dyn(
         if !visible(j) {
             return f32::NEG_INFINITY;
         }
-        q.iter().zip(&k[j * stride..][..hd]).map(|(a, b)| a * b).sum::<f32>() * scale
+        q.iter().zip(&k[j * stride..][..hd]).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale
     }));
     softmax_prefix(scores, lim);
     out.fill(0.0);
     for (j, &p) in scores.iter().enumerate() {
         for (o, x) in out.iter_mut().zip(&v[j * stride..][..hd]) {
-            *o += p * x;
+            *o += p * x.to_f32();
         }
     }
 }
@@ -774,6 +824,47 @@ mod tests {
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "sorted={sorted}: {a} vs {b}");
             }
+        }
+    }
+
+    /// Decode attention over f16 K and V gives bit for bit what it gives over their values in
+    /// f32 (a load widens them exactly), in every kernel shape: grouped heads and one head
+    /// a task, sorted and scattered positions.
+    #[test]
+    fn f16_keys_give_what_their_f32_values_give() {
+        let heads = Heads { q_heads: 9, kv_heads: 3, head_dim: 64 };
+        for n in [1usize, 3, 8] {
+            let lens: Vec<usize> = (0..n).map(|i| 5 + 23 * i).collect();
+            let half: Vec<(Vec<half::f16>, Vec<half::f16>, Vec<u32>)> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| {
+                    let mut pos: Vec<u32> = (0..t as u32).collect();
+                    if i % 2 == 1 {
+                        pos.swap(0, t - 1);
+                    }
+                    let h = |seed| pseudo(t * 192, seed).into_iter().map(half::f16::from_f32).collect();
+                    (h(30 + i as u32), h(40 + i as u32), pos)
+                })
+                .collect();
+            let wide: Vec<(Vec<f32>, Vec<f32>)> = half
+                .iter()
+                .map(|(k, v, _)| (k.iter().map(|x| x.to_f32()).collect(), v.iter().map(|x| x.to_f32()).collect()))
+                .collect();
+            let sorted = |p: &[u32]| p.windows(2).all(|w| w[0] <= w[1]);
+            let hk: Vec<Keys<'_, half::f16>> =
+                half.iter().map(|(k, v, p)| Keys { k, v, positions: p, sorted: sorted(p) }).collect();
+            let fk: Vec<Keys<'_>> = wide
+                .iter()
+                .zip(&half)
+                .map(|((k, v), (_, _, p))| Keys { k, v, positions: p, sorted: sorted(p) })
+                .collect();
+            let q = pseudo(n * 576, 7);
+            let q_pos: Vec<u32> = lens.iter().map(|&t| t as u32 - 2).collect();
+            let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            attention_decode_batch(heads, &q, &q_pos, &hk, &mut a);
+            attention_decode_batch(heads, &q, &q_pos, &fk, &mut b);
+            assert!(a == b, "{n} rows: f16 vs f32 keys");
         }
     }
 

@@ -21,6 +21,8 @@ use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Storage, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use sha2::{Digest, Sha256};
 
 use super::amx::{self, Bf16Matrix};
@@ -256,17 +258,38 @@ pub struct LayerKv {
     pub v: Vec<f32>,
 }
 
+/// A sequence's K and V of one layer in f16: what decode attention reads (half the bytes of
+/// f32; the AVX-512 kernel widens them as it loads).
+#[derive(Clone, Default)]
+struct HalfKv {
+    k: Vec<f16>,
+    v: Vec<f16>,
+}
+
 /// A sequence's KV cache: per layer K (rotated) and V, and each row's position.
+///
+/// Decode keeps an f16 copy of the rows (on CPUs with AVX-512, where its attention reads it):
+/// rows `0..half_rows` of `half` are those of `layers` rounded, an invariant every change of
+/// a row keeps by going through [`KvCache::rows_mut`] (or `truncate`), which drops the copy
+/// from the first row that may change. A decode step brings the copy up to date first.
 #[derive(Clone)]
 pub struct KvCache {
-    pub layers: Vec<LayerKv>,
+    layers: Vec<LayerKv>,
     pub positions: Vec<u32>,
     kv_dim: usize,
+    half: Vec<HalfKv>,
+    half_rows: usize,
 }
 
 impl KvCache {
     pub fn new(cfg: &ModelConfig) -> Self {
-        Self { layers: vec![LayerKv::default(); cfg.layers], positions: Vec::new(), kv_dim: cfg.kv_dim() }
+        Self {
+            layers: vec![LayerKv::default(); cfg.layers],
+            positions: Vec::new(),
+            kv_dim: cfg.kv_dim(),
+            half: vec![HalfKv::default(); cfg.layers],
+            half_rows: 0,
+        }
     }
 
     /// Tokens held.
@@ -283,9 +306,21 @@ impl KvCache {
         self.kv_dim
     }
 
+    /// Per layer, K and V of every row.
+    pub fn layers(&self) -> &[LayerKv] {
+        &self.layers
+    }
+
+    /// Per layer, K and V to change in rows `from..` (earlier rows must stay as they are).
+    pub fn rows_mut(&mut self, from: usize) -> &mut [LayerKv] {
+        self.half_rows = self.half_rows.min(from);
+        &mut self.layers
+    }
+
     /// Drops every row from `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.positions.truncate(len);
+        self.half_rows = self.half_rows.min(len);
         for l in &mut self.layers {
             l.k.truncate(len * self.kv_dim);
             l.v.truncate(len * self.kv_dim);
@@ -302,6 +337,19 @@ impl KvCache {
             l.v.resize(len, 0.0);
         }
         start..self.len()
+    }
+
+    /// Brings the f16 copy up to the rows held (decode, before its step appends a row).
+    fn sync_half(&mut self) {
+        let (from, to) = (self.half_rows * self.kv_dim, self.len() * self.kv_dim);
+        for (h, l) in self.half.iter_mut().zip(&self.layers) {
+            for (h, f) in [(&mut h.k, &l.k), (&mut h.v, &l.v)] {
+                h.truncate(from);
+                h.resize(to, f16::ZERO);
+                h[from..].convert_from_f32_slice(&f[from..to]);
+            }
+        }
+        self.half_rows = self.len();
     }
 
     /// Per layer, K of rows `rows` turned back to before RoPE (position-independent).
@@ -438,6 +486,13 @@ impl Model {
 
     pub fn rope(&self) -> &Rope {
         &self.rope
+    }
+
+    /// Bytes of KV one token of a decoding sequence holds: its f32 rows, and the f16 copy
+    /// decode attends over where the CPU has AVX-512.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let elements = (self.cfg.layers * 2 * self.cfg.kv_dim()) as u64;
+        elements * if *super::HAS_AVX512 { 4 + 2 } else { 4 }
     }
 
     /// An empty cache shaped for this model.
@@ -727,34 +782,61 @@ impl Model {
             return Err(EngineError::Internal("decode_batch: tokens, positions and caches differ in number".into()));
         }
         let mut x = self.embed(tokens, positions)?;
+        // Attention reads the caches' f16 copies where the CPU widens them as it loads.
+        let half = *super::HAS_AVX512;
+        if half {
+            caches.iter_mut().for_each(|c| c.sync_half());
+        }
         let rows: Vec<usize> = caches.iter_mut().zip(positions).map(|(c, &p)| c.push_rows(&[p]).start).collect();
         let sorted: Vec<bool> = caches.iter().map(|c| c.sorted()).collect();
         let (mut h, mut q, mut k) = (vec![0f32; b * hidden], vec![0f32; b * hidden], vec![0f32; b * kv_dim]);
         let mut attn = vec![0f32; b * hidden];
         let mut act = vec![0f32; b * ffn];
         let row = hidden + 2 * kv_dim;
+        // A new row into a cache and (`half`) its f16 copy, which holds the rows before it.
+        let put = |f: &mut Vec<f32>, h: &mut Vec<f16>, at: usize, new: &[f32]| {
+            f[at * kv_dim..(at + 1) * kv_dim].copy_from_slice(new);
+            if half {
+                h.resize((at + 1) * kv_dim, f16::ZERO);
+                h[at * kv_dim..].convert_from_f32_slice(new);
+            }
+        };
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, cfg.rms_eps, &mut h);
             layer.qkv.forward(&h, b, Weights::Int8, |qkv| {
                 for (i, r) in qkv.chunks_exact(row).enumerate() {
                     q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
                     k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
-                    let v = &mut caches[i].layers[l].v;
-                    v[rows[i] * kv_dim..(rows[i] + 1) * kv_dim].copy_from_slice(&r[hidden + kv_dim..]);
+                    let c = &mut *caches[i];
+                    put(&mut c.layers[l].v, &mut c.half[l].v, rows[i], &r[hidden + kv_dim..]);
                 }
             })?;
             self.rope.rotate(&mut q, positions, 1.0);
             self.rope.rotate(&mut k, positions, 1.0);
             for i in 0..b {
-                caches[i].layers[l].k[rows[i] * kv_dim..(rows[i] + 1) * kv_dim]
-                    .copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
+                let c = &mut *caches[i];
+                put(&mut c.layers[l].k, &mut c.half[l].k, rows[i], &k[i * kv_dim..(i + 1) * kv_dim]);
             }
-            let keys: Vec<Keys> = caches
-                .iter()
-                .zip(&sorted)
-                .map(|(c, &sorted)| Keys { k: &c.layers[l].k, v: &c.layers[l].v, positions: &c.positions, sorted })
-                .collect();
-            attention::attention_decode_batch(cfg.heads(), &q, positions, &keys, &mut attn);
+            let at = caches.iter().zip(&sorted);
+            match half {
+                true => {
+                    let keys: Vec<Keys<f16>> = at
+                        .map(|(c, &sorted)| Keys { k: &c.half[l].k, v: &c.half[l].v, positions: &c.positions, sorted })
+                        .collect();
+                    attention::attention_decode_batch(cfg.heads(), &q, positions, &keys, &mut attn);
+                }
+                false => {
+                    let keys: Vec<Keys> = at
+                        .map(|(c, &sorted)| Keys {
+                            k: &c.layers[l].k,
+                            v: &c.layers[l].v,
+                            positions: &c.positions,
+                            sorted,
+                        })
+                        .collect();
+                    attention::attention_decode_batch(cfg.heads(), &q, positions, &keys, &mut attn);
+                }
+            }
             layer.out.forward(&attn, b, Weights::Int8, |o| add_assign(&mut x, o))?;
             rms_norm(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
             layer.gate_up.forward(&h, b, Weights::Int8, |gu| {
@@ -766,6 +848,9 @@ impl Model {
                 }
             })?;
             layer.down.forward(&act, b, Weights::Int8, |d| add_assign(&mut x, d))?;
+        }
+        if half {
+            caches.iter_mut().for_each(|c| c.half_rows = c.len());
         }
         let all: Vec<usize> = (0..b).collect();
         self.logits_with(&x, &all, Weights::Int8)
@@ -838,7 +923,7 @@ impl Model {
                 q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
                 k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
                 if let CacheAccess::Write { cache, rows } = access {
-                    let v = &mut cache.layers[l].v;
+                    let v = &mut cache.rows_mut(rows[i])[l].v;
                     v[rows[i] * kv_dim..(rows[i] + 1) * kv_dim].copy_from_slice(&r[hidden + kv_dim..]);
                 }
             }
@@ -846,7 +931,8 @@ impl Model {
         self.rope.rotate(q, positions, 1.0);
         self.rope.rotate(k, positions, 1.0);
         if let CacheAccess::Write { cache, rows } = access {
-            let kv = &mut cache.layers[l].k;
+            let first = rows.iter().copied().min().unwrap_or(cache.len());
+            let kv = &mut cache.rows_mut(first)[l].k;
             for (i, &r) in rows.iter().enumerate() {
                 kv[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
             }

@@ -423,7 +423,7 @@ impl Loop {
             prefill = prefill.keeping_hidden();
         }
         let n = request.n.max(1);
-        let per_token = (m.model.config().layers * 2 * m.model.config().kv_dim() * 4) as u64;
+        let per_token = m.model.kv_bytes_per_token();
         let reserved = (ids.len() + max_tokens.min(self.options.reserve_tokens)) as u64 * n as u64 * per_token;
         let decode = DecodeParams {
             n,

@@ -106,7 +106,7 @@ fn a_taper_narrows_the_recomputed_tokens_layer_by_layer() {
     let d = m.model.config().kv_dim();
     // Rows whose K/V at `layer` differ from those of a prefill recomputing nothing reused.
     let differ_at = |p: &Prefill, layer: usize| -> Vec<usize> {
-        let (a, b) = (&p.cache.layers[layer], &zero.cache.layers[layer]);
+        let (a, b) = (&p.cache.layers()[layer], &zero.cache.layers()[layer]);
         (0..ids.len()).filter(|&r| a.k[r * d..(r + 1) * d] != b.k[r * d..(r + 1) * d]).collect()
     };
     let check = BlendOptions::default().check_layer;

@@ -177,6 +177,27 @@ fn teacher_forced_decode_matches_llama_cpp() {
     });
 }
 
+/// The scheduler's decode step (`decode_batch`, here a batch of one: attention over the
+/// cache's f16 copy where the CPU has AVX-512, as llama.cpp's default f16 cache), teacher-
+/// forced with llama.cpp's tokens, within the decode path's bounds.
+#[test]
+fn teacher_forced_batched_decode_matches_llama_cpp() {
+    let m = model();
+    check_against_reference("batched decode", &DECODE, |case, steps| {
+        let prompt = ids(&case["prompt_ids"]);
+        let mut cache = m.model.new_cache();
+        let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+        let mut logits = m.model.forward(&prompt, &positions, &mut cache, &LogitsFor::Last, false).unwrap().logits;
+        let mut rows = Vec::new();
+        for (i, step) in steps.iter().enumerate() {
+            let pos = (prompt.len() + i) as u32;
+            let next = m.model.decode_batch(&[step.id], &[pos], &mut [&mut cache]).unwrap();
+            rows.push(std::mem::replace(&mut logits, next));
+        }
+        rows
+    });
+}
+
 fn chat_ids(text: &str) -> Vec<u32> {
     let m = model();
     let msgs = [ChatMessage { role: "user".into(), content: text.into() }];
@@ -265,7 +286,7 @@ fn prefill_in_pieces_equals_one_shot() {
     }
     // The kernels are batch-invariant: a row's result does not depend on the rows beside it.
     assert_eq!(one, last, "logits differ");
-    for (a, b) in whole.layers.iter().zip(&pieces.layers) {
+    for (a, b) in whole.layers().iter().zip(pieces.layers()) {
         assert!(a.k == b.k && a.v == b.v, "cached K/V differ");
     }
 }
@@ -306,7 +327,7 @@ fn chunk_k_rotated_to_a_new_position_equals_computing_it_there() {
             assert!(d < k_tol, "{w:?} layer {layer}: pre-RoPE K depends on position by {d} of its scale");
             let mut rotated = k0.clone();
             m.model.rope().rotate(&mut rotated, &atp, 1.0);
-            let d = rotated.iter().zip(&cp.layers[layer].k).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+            let d = rotated.iter().zip(&cp.layers()[layer].k).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
             assert!(d < k_tol, "{w:?} layer {layer}: rotated K differs from K computed at {p} by {d} of its scale");
             worst = worst.max(d);
         }
@@ -319,16 +340,17 @@ fn chunk_k_rotated_to_a_new_position_equals_computing_it_there() {
 
 /// The int8 paths against the f32 path on the same tokens (each reference prompt and
 /// llama.cpp's continuation, teacher-forced): prefill on the 4-bit blocks with int8 inputs,
-/// and decode one token at a time. Both round only the activations (the 4-bit weights are
-/// the GGUF's own, which the f32 path dequantizes), so they sit as close to f32 as llama.cpp
-/// does: full-vocabulary KL(f32 ‖ int8) below 0.02 on average and 0.25 at any step (measured
+/// and decode one token at a time (alone, and as the scheduler's batched step, whose attention
+/// reads K and V rounded to f16 where the CPU has AVX-512). They round the activations (the
+/// 4-bit weights are the GGUF's own, which the f32 path dequantizes), so they sit as close to
+/// f32 as llama.cpp does: full-vocabulary KL(f32 ‖ int8) below 0.02 on average and 0.25 at any step (measured
 /// on the 2-core machine: see the printed figures), where a wrong scale or layout gives nats.
 /// Where prefill runs on AMX tiles, its bf16 path is held to the same bounds.
 #[test]
 fn int8_paths_match_the_f32_path_teacher_forced() {
     let m = model();
     let v = m.model.config().vocab;
-    let (mut prefill, mut decode, mut bf16) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut prefill, mut decode, mut batched, mut bf16) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for case in reference()["generate"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         let steps = ref_steps(case);
@@ -350,6 +372,7 @@ fn int8_paths_match_the_f32_path_teacher_forced() {
         let n = prompt.len();
         let mut cache = m.model.new_cache();
         m.model.forward_on(Weights::Int8, &prompt, &positions[..n], &mut cache, &LogitsFor::Last, false).unwrap();
+        let mut steps_cache = cache.clone();
         for i in 0..steps.len() {
             let at = (n - 1 + i) * v;
             let reference = &f32s[at..at + v];
@@ -358,10 +381,18 @@ fn int8_paths_match_the_f32_path_teacher_forced() {
                 let step = &all[n + i - 1..n + i];
                 let row = m.model.forward(step, &positions[n + i - 1..n + i], &mut cache, &LogitsFor::Last, false);
                 decode.push(kl(reference, &row.unwrap().logits));
+                let row = m.model.decode_batch(step, &positions[n + i - 1..n + i], &mut [&mut steps_cache]);
+                batched.push(kl(reference, &row.unwrap()));
             }
         }
     }
-    for (what, kls) in [("int8 prefill", &prefill), ("int8 decode", &decode), ("bf16 (AMX) prefill", &bf16)] {
+    let paths = [
+        ("int8 prefill", &prefill),
+        ("int8 decode", &decode),
+        ("int8 batched decode (f16 K/V with AVX-512)", &batched),
+        ("bf16 (AMX) prefill", &bf16),
+    ];
+    for (what, kls) in paths {
         if kls.is_empty() {
             eprintln!("{what}: not on this CPU");
             continue;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use kvgate::blend::{self, BlendOptions, CacheMode, CutInput, Prefilling};
-use kvgate::engine::{ChatMessage, LogitsFor};
+use kvgate::engine::{ChatMessage, KvCache, LogitsFor};
 use kvgate::scheduler::{Event, Events, GenerateRequest, Prompt, Scheduler, SchedulerOptions, Usage};
 use kvgate::store::{Store, StoreOptions};
 
@@ -43,8 +43,8 @@ fn request(i: usize, max_tokens: usize) -> GenerateRequest {
     }
 }
 
-/// One decode step of several sequences gives each the logits it gets decoded alone, bit for
-/// bit (the Q8_0 matmul works row by row).
+/// One decode step of several sequences gives each the logits it gets decoded alone (a step of
+/// one), bit for bit (the int8 matmul works row by row, attention sequence by sequence).
 #[test]
 fn a_batched_decode_step_equals_decoding_alone() {
     let m = model();
@@ -63,8 +63,7 @@ fn a_batched_decode_step_equals_decoding_alone() {
     let mut alone = Vec::new();
     for p in &prompts {
         let mut c = prefill(p);
-        let out = m.model.forward(&[p[0]], &[p.len() as u32], &mut c, &LogitsFor::Last, false).unwrap();
-        alone.push(out.logits);
+        alone.push(m.model.decode_batch(&[p[0]], &[p.len() as u32], &mut [&mut c]).unwrap());
     }
     let mut caches: Vec<_> = prompts.iter().map(|p| prefill(p)).collect();
     let tokens: Vec<u32> = prompts.iter().map(|p| p[0]).collect();
@@ -75,6 +74,40 @@ fn a_batched_decode_step_equals_decoding_alone() {
     for (i, row) in batched.chunks_exact(vocab).enumerate() {
         assert!(row == alone[i].as_slice(), "sequence {i} decodes differently in a batch");
     }
+}
+
+/// Decode attends over a copy of the cache it keeps from step to step (f16, on AVX-512): rows
+/// changed after a step (compose writing recomputed rows, a splice, a truncation) are read
+/// anew, so the cache decodes bit for bit as a copy of it that never decoded.
+#[test]
+fn a_cache_changed_after_a_decode_step_decodes_as_a_fresh_copy() {
+    let m = model();
+    let Prompt::Chat(msgs) = question(0) else { unreachable!() };
+    let p = m.encode_chat(&msgs).unwrap().0;
+    let pos: Vec<u32> = (0..p.len() as u32).collect();
+    let mut cache = m.model.new_cache();
+    m.model.forward(&p, &pos, &mut cache, &LogitsFor::Last, false).unwrap();
+    let n = p.len() as u32;
+    m.model.decode_batch(&[p[1]], &[n], &mut [&mut cache]).unwrap();
+    let fresh = |c: &KvCache| {
+        let mut f = m.model.new_cache();
+        f.push_rows(&c.positions);
+        f.rows_mut(0).clone_from_slice(c.layers());
+        f
+    };
+    let step = |c: &mut KvCache| m.model.decode_batch(&[p[2]], &[c.len() as u32], &mut [c]).unwrap();
+    // Row 3's K and V changed in every layer.
+    let d = cache.kv_dim();
+    for l in cache.rows_mut(3) {
+        l.k[3 * d..4 * d].iter_mut().for_each(|x| *x = -*x);
+        l.v[3 * d..4 * d].iter_mut().for_each(|x| *x *= 2.0);
+    }
+    let mut copy = fresh(&cache);
+    assert!(step(&mut cache) == step(&mut copy), "after a change of row 3");
+    // The last two rows (decoded ones) dropped, a step taken at their place.
+    cache.truncate(cache.len() - 2);
+    let mut copy = fresh(&cache);
+    assert!(step(&mut cache) == step(&mut copy), "after a truncation");
 }
 
 /// Eight requests decoded together give each the tokens it gets alone (greedy), and they were
@@ -140,7 +173,7 @@ fn a_prefill_in_slices_equals_one_in_one_go() {
             assert_eq!(whole.report.reused_tokens, sliced.report.reused_tokens, "{mode:?}");
             assert!(whole.logits == sliced.logits, "{mode:?} {order:?}: logits differ");
             let d = m.model.config().kv_dim();
-            for (l, (a, b)) in whole.cache.layers.iter().zip(&sliced.cache.layers).enumerate() {
+            for (l, (a, b)) in whole.cache.layers().iter().zip(sliced.cache.layers()).enumerate() {
                 let rows: Vec<usize> = (0..ids.len())
                     .filter(|&r| {
                         a.k[r * d..(r + 1) * d] != b.k[r * d..(r + 1) * d]
