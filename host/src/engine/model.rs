@@ -917,13 +917,18 @@ impl Model {
         let (hidden, kv_dim) = (self.cfg.hidden, self.cfg.kv_dim());
         let layer = &self.layers[l];
         let row = hidden + 2 * kv_dim;
+        // The rows written change: decode's f16 copy goes from the first of them on.
+        if let CacheAccess::Write { cache, rows } = access {
+            let first = rows.iter().copied().min().unwrap_or(cache.len());
+            cache.rows_mut(first);
+        }
         rms_norm(x, &layer.attn_norm, self.cfg.rms_eps, h);
         layer.qkv.forward(h, positions.len(), w, |qkv| {
             for (i, r) in qkv.chunks_exact(row).enumerate() {
                 q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
                 k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
                 if let CacheAccess::Write { cache, rows } = access {
-                    let v = &mut cache.rows_mut(rows[i])[l].v;
+                    let v = &mut cache.layers[l].v;
                     v[rows[i] * kv_dim..(rows[i] + 1) * kv_dim].copy_from_slice(&r[hidden + kv_dim..]);
                 }
             }
@@ -931,8 +936,7 @@ impl Model {
         self.rope.rotate(q, positions, 1.0);
         self.rope.rotate(k, positions, 1.0);
         if let CacheAccess::Write { cache, rows } = access {
-            let first = rows.iter().copied().min().unwrap_or(cache.len());
-            let kv = &mut cache.rows_mut(first)[l].k;
+            let kv = &mut cache.layers[l].k;
             for (i, &r) in rows.iter().enumerate() {
                 kv[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&k[i * kv_dim..(i + 1) * kv_dim]);
             }

@@ -1,6 +1,6 @@
 //! The inference core against llama.cpp's reference outputs and against itself.
 
-use kvgate::engine::{ChatMessage, LogitsFor, Weights, sampling};
+use kvgate::engine::{ChatMessage, KvCache, LogitsFor, Weights, sampling};
 
 use crate::util::{ids, model, reference};
 
@@ -157,23 +157,32 @@ fn teacher_forced_prefill_matches_llama_cpp() {
     });
 }
 
-/// The decode path (one token per forward, int8 kernels, the cache carried from step to
-/// step), teacher-forced with llama.cpp's tokens.
-#[test]
-fn teacher_forced_decode_matches_llama_cpp() {
+/// Teacher-forces llama.cpp's tokens through a decode path of ours (`step` appends one token
+/// at a position to the cache carried from step to step, returning its logits) after a
+/// prefill of the prompt, and checks it within the decode bounds.
+fn check_decode_against_reference(what: &str, step: impl Fn(&mut KvCache, u32, u32) -> Vec<f32>) {
     let m = model();
-    check_against_reference("decode", &DECODE, |case, steps| {
+    check_against_reference(what, &DECODE, |case, steps| {
         let prompt = ids(&case["prompt_ids"]);
         let mut cache = m.model.new_cache();
         let positions: Vec<u32> = (0..prompt.len() as u32).collect();
         let mut logits = m.model.forward(&prompt, &positions, &mut cache, &LogitsFor::Last, false).unwrap().logits;
         let mut rows = Vec::new();
-        for (i, step) in steps.iter().enumerate() {
-            let pos = (prompt.len() + i) as u32;
-            let next = m.model.forward(&[step.id], &[pos], &mut cache, &LogitsFor::Last, false).unwrap().logits;
+        for (i, s) in steps.iter().enumerate() {
+            let next = step(&mut cache, s.id, (prompt.len() + i) as u32);
             rows.push(std::mem::replace(&mut logits, next));
         }
         rows
+    });
+}
+
+/// The decode path (one token per forward, int8 kernels, the cache carried from step to
+/// step), teacher-forced with llama.cpp's tokens.
+#[test]
+fn teacher_forced_decode_matches_llama_cpp() {
+    let m = model();
+    check_decode_against_reference("decode", |cache, id, pos| {
+        m.model.forward(&[id], &[pos], cache, &LogitsFor::Last, false).unwrap().logits
     });
 }
 
@@ -183,18 +192,8 @@ fn teacher_forced_decode_matches_llama_cpp() {
 #[test]
 fn teacher_forced_batched_decode_matches_llama_cpp() {
     let m = model();
-    check_against_reference("batched decode", &DECODE, |case, steps| {
-        let prompt = ids(&case["prompt_ids"]);
-        let mut cache = m.model.new_cache();
-        let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-        let mut logits = m.model.forward(&prompt, &positions, &mut cache, &LogitsFor::Last, false).unwrap().logits;
-        let mut rows = Vec::new();
-        for (i, step) in steps.iter().enumerate() {
-            let pos = (prompt.len() + i) as u32;
-            let next = m.model.decode_batch(&[step.id], &[pos], &mut [&mut cache]).unwrap();
-            rows.push(std::mem::replace(&mut logits, next));
-        }
-        rows
+    check_decode_against_reference("batched decode", |cache, id, pos| {
+        m.model.decode_batch(&[id], &[pos], &mut [cache]).unwrap()
     });
 }
 
