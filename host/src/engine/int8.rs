@@ -8,80 +8,46 @@
 //! Q8_0); a prefill runs the same kernels in larger register tiles, where the CPU's int8 dot
 //! products do 64 multiply-adds per instruction against f32's 16.
 //!
-//! Layout. A 4-bit weight's value `q` is 0..15 (`w = d·q + m`; Q4_0 is `m = −8d`); an 8-bit
-//! one is stored as `q + 128`, 0..255 (`w = d·q`). A row's blocks of 32 are taken sixteen at
-//! a time (a *group*) into sixteen 4-byte lanes: in a full group a lane is one block and
-//! holds its values in 8 *steps* of 4 bytes. The last group of a row whose block count is not
-//! a multiple of 16 spreads each block over several lanes (2, 4 or 8 steps each), so that a
-//! 576-wide row costs 9 steps' work, not 16; a last group of one or two blocks (two steps
-//! each, four lanes a block) is eight lanes wide, so that it is stored and read at 32 bytes a
-//! step, not 64. Unused lanes hold zero values and zero scales, so every load is a full
-//! step. Steps come in pairs: 4-bit weights share a step's bytes, one step in the low
-//! nibbles and one in the high (a load and two masks give two steps of the group's lanes);
-//! 8-bit weights take a byte a value. An input row is quantized per block (as Q8_0) into the
-//! same lanes, signed, unpacked.
+//! Layout. Outputs are taken sixteen at a time, a *panel* (the last one padded with zero
+//! weights and scales), one output a lane of a 512-bit register. A panel's blocks follow each
+//! other, and each holds, for its sixteen outputs, the block's values in 4-byte *steps* (step
+//! `s` of output `j` at bytes `64·s + 4·j`: values `4s..4s + 4`), then the sixteen scales
+//! `d` and (4-bit formats) the sixteen mins `m`, as f16. A 4-bit weight's value `q` is 0..15
+//! (`w = d·q + m`; Q4_0 is `m = −8d`) and steps come in pairs sharing 64 bytes, the even step
+//! in the low nibbles and the odd one in the high: 320 bytes a block (five cache lines). An
+//! 8-bit one is stored as `q + 128`, 0..255 (`w = d·q`): 544 bytes a block. A product walks
+//! a panel's bytes in order, and the panels follow each other: one stream through memory.
+//! An input row is quantized per block (as Q8_0), its values signed and in order.
 //!
-//! Per group, `vpdpbusd` adds 4 products of unsigned weight and signed input bytes into each
-//! lane (exact, in i32). For 4-bit weights the group's lanes are then scaled by the weight's
-//! `d` and the input's scale and the min term `m · d_x · Σx` added, in f32; for 8-bit ones
-//! the `128 · Σx` the stored offset adds is taken off each lane's integer sum exactly before
-//! scaling (the offset is made when the input is quantized). The sixteen lanes are summed
-//! once at the end, a tile's sums all in one tree of shuffles. A lane's integer sum does not
-//! depend on the order of its products, and the f32 steps run in the same order for every
-//! output whatever the tile, batch or thread split — so a row's result does not depend on the
-//! rows beside it (batch invariance), and a slice of a prompt gets the same result as the
-//! whole prompt.
+//! Per block, `vpdpbusd` adds 4 products of a step's unsigned weight bytes and the same four
+//! input bytes (broadcast to every lane) into each output's lane (exact, in i32). The lanes
+//! are then scaled by the outputs' `d` and the input block's scale, and for 4-bit weights the
+//! min term `m · d_x · Σx` added, in f32; for 8-bit ones the `128 · Σx` the stored offset
+//! adds is taken off each integer sum exactly before scaling. So an output's sum runs over
+//! its blocks in order, one f32 step per block, in the same order whatever the tile, batch or
+//! thread split — a row's result does not depend on the rows beside it (batch invariance),
+//! and a slice of a prompt gets the same result as the whole prompt — and no lanes are summed
+//! across: a tile's outputs are stored as they stand.
 
 use half::f16;
 
-use super::OutPtr;
+use super::{Aligned, OutPtr};
 
 const BLOCK: usize = 32;
-/// Lanes of a group: one 512-bit register of i32 sums.
-const LANES: usize = 16;
+/// Outputs of a panel: one 512-bit register of i32 sums.
+const PANEL: usize = 16;
 /// 4-byte steps of a block.
 const BLOCK_STEPS: usize = BLOCK / 4;
 /// Input rows of a tile at most.
-const MAX_ROWS: usize = 4;
-/// Outputs of a tile at most.
-const MAX_OUTS: usize = 8;
-/// Outputs handed to a thread at a time: a multiple of every tile width; 24 rows of 4-bit
-/// weights (≤ 20 KiB for rows 1536 wide) stay in L1 while every block of input rows passes.
-const STRIPE: usize = 24;
-/// Input rows of a work item: a multiple of MAX_ROWS; 64 rows of input (≤ 96 KiB unpacked)
-/// and of output stay in L2 while the item's stripe of weights passes over them.
+const MAX_ROWS: usize = 8;
+/// Panels handed to a thread at a time: a multiple of every tile's panels; four panels of
+/// 4-bit weights (≤ 60 KiB for rows 1536 wide) stay in L2 while a block of input rows passes.
+const STRIPE: usize = 4;
+/// Input rows of a work item: a multiple of MAX_ROWS; 64 rows of input (≤ 96 KiB) and of
+/// output stay in L2 while the item's panels pass over them.
 const ROW_BLOCK: usize = 64;
 /// Multiply-adds below which a product stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 256 << 10;
-
-/// Weight lines on their way into L2, a share at a time: a hint, which changes no result.
-struct Ahead {
-    /// Per region (values, scales, mins): its next line, the lines left and those of a share.
-    regions: [(*const u8, usize, usize); 3],
-}
-
-impl Ahead {
-    /// Asks for the next share of every region's lines (the rows come in order in each, as
-    /// the tiles need them).
-    fn share(&mut self) {
-        for (p, left, per_share) in &mut self.regions {
-            let n = (*per_share).min(*left);
-            for _ in 0..n {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: prefetching reads nothing; the addresses lie inside the matrix anyway.
-                unsafe {
-                    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-                    _mm_prefetch::<_MM_HINT_T1>(p.cast());
-                }
-                *p = p.wrapping_add(64);
-            }
-            *left -= n;
-        }
-    }
-}
-
-/// Results of a tile: `[output][input row]`.
-type Tile = [[f32; MAX_ROWS]; MAX_OUTS];
 
 /// The kernel this process runs, chosen once from the CPU's features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +80,16 @@ impl Kernel {
             Kernel::Portable => "portable int8 dot products",
         }
     }
+
+    /// Panels of a tile of `rows` input rows: as many as the registers hold sums for (every
+    /// kernel but VNNI's takes one at a time).
+    fn panels(self, rows: usize) -> usize {
+        match (self, rows) {
+            (Kernel::Vnni512, 1) => 4,
+            (Kernel::Vnni512, 2..=4) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// The GGUF block formats taken as shipped.
@@ -141,6 +117,16 @@ impl Format {
     fn wide(self) -> bool {
         self == Format::Q8_0
     }
+}
+
+/// Bytes of a panel's values of one block: 8 steps of 64 bytes, two steps a byte in 4-bit formats.
+const fn values_bytes(wide: bool) -> usize {
+    if wide { BLOCK_STEPS * 64 } else { BLOCK_STEPS / 2 * 64 }
+}
+
+/// Bytes of a panel's block: values, the sixteen `d`, and (4-bit) the sixteen `m`.
+const fn panel_block_bytes(wide: bool) -> usize {
+    values_bytes(wide) + if wide { 32 } else { 64 }
 }
 
 /// Quantizes one block to int8 (as Q8_0); returns its scale: `d = max|x| / 127`, each value
@@ -199,88 +185,21 @@ unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> f32 {
     }
 }
 
-/// Sixteen lanes (eight in a last group of one or two blocks) over `blocks` blocks of a row.
-#[derive(Debug, Clone, Copy)]
-struct Group {
-    first: usize,
-    blocks: usize,
-    /// Steps each lane holds: 8 (a lane per block), or 4 or 2 in a short last group.
-    steps: usize,
-    /// Lanes: 16, or 8.
-    width: usize,
-    /// The group's first lane in a row's scales.
-    lane0: usize,
-    /// Offset of the group in a weight row.
-    packed: usize,
-    /// Offset of the group in a quantized input row.
-    unpacked: usize,
-}
-
-impl Group {
-    /// Bytes of one step of the group's lanes (4 per lane).
-    fn step_bytes(&self) -> usize {
-        4 * self.width
-    }
-
-    /// Lanes one block spreads over.
-    fn lanes_per_block(&self) -> usize {
-        BLOCK_STEPS / self.steps
-    }
-
-    /// Where value `e` of local block `b` sits: (step, byte offset within the step).
-    fn slot(&self, b: usize, e: usize) -> (usize, usize) {
-        let s = e / 4;
-        let lane = b * self.lanes_per_block() + s / self.steps;
-        (s % self.steps, lane * 4 + e % 4)
-    }
-}
-
-/// The groups of a row of `blocks` blocks; `wide` values take a byte, others a nibble.
-fn groups(blocks: usize, wide: bool) -> Vec<Group> {
-    let mut out = Vec::new();
-    let (mut first, mut packed, mut unpacked, mut lane0) = (0, 0, 0, 0);
-    while first < blocks {
-        let n = (blocks - first).min(LANES);
-        // The fewest steps (an even number: steps are packed in pairs) whose lanes hold n blocks.
-        let steps = match n {
-            0..=4 => 2,
-            5..=8 => 4,
-            _ => 8,
-        };
-        let width = if n * BLOCK_STEPS / steps <= LANES / 2 { LANES / 2 } else { LANES };
-        let g = Group { first, blocks: n, steps, width, lane0, packed, unpacked };
-        packed += if wide { steps * g.step_bytes() } else { steps / 2 * g.step_bytes() };
-        unpacked += steps * g.step_bytes();
-        lane0 += width;
-        first += n;
-        out.push(g);
-    }
-    out
-}
-
-/// A weight matrix (`rows` outputs × `cols` inputs) of GGUF blocks, in the lane layout.
+/// A weight matrix (`rows` outputs × `cols` inputs) of GGUF blocks, in panels.
 pub struct Int8Matrix {
     format: Format,
     rows: usize,
     cols: usize,
-    groups: Vec<Group>,
-    /// Lanes of a row (the groups' widths summed).
-    lanes: usize,
-    /// Bytes of one weight row, of one quantized input row.
-    packed_row: usize,
-    unpacked_row: usize,
-    /// `rows × packed_row`: nibble pairs, or bytes (`q + 128`) of 8-bit formats.
-    q: Vec<u8>,
-    /// Per row and lane (`lanes` of them): the weight scale and (4-bit formats) the min
-    /// of the lane's block.
-    d: Vec<f16>,
-    m: Vec<f16>,
+    /// Blocks of a row: `cols / 32`.
+    blocks: usize,
+    /// `rows.div_ceil(16) × blocks` panel blocks, 64-byte aligned.
+    panels: Aligned<u8>,
     kernel: Kernel,
 }
 
-/// Input rows quantized per block, in the lane layout: signed values, and per row and lane
-/// the block's scale, `128 · Σ` of the lane's values (what 8-bit weights' stored `+ 128` adds
-/// to the lane's integer sum), and `scale · Σ` (for 4-bit weights' min term).
+/// Input rows quantized per block: signed values (`n × cols`, in order), and per row and
+/// block the scale, `128 · Σ` of the block's values (what 8-bit weights' stored `+ 128` adds
+/// to a block's integer sum), and `scale · Σ` (for 4-bit weights' min term).
 struct Quantized {
     q: Vec<i8>,
     d: Vec<f32>,
@@ -305,53 +224,41 @@ impl Int8Matrix {
         }
         let wide = format.wide();
         let blocks = cols / BLOCK;
-        let groups = groups(blocks, wide);
-        let empty = Group { first: 0, blocks: 0, steps: 2, width: 0, lane0: 0, packed: 0, unpacked: 0 };
-        let last = groups.last().copied().unwrap_or(empty);
-        let sb = last.step_bytes();
-        let packed_row = last.packed + if wide { last.steps * sb } else { last.steps / 2 * sb };
-        let unpacked_row = last.unpacked + last.steps * sb;
-        let lanes = last.lane0 + last.width;
-        let mut q = vec![0u8; rows * packed_row];
-        let mut d = vec![f16::ZERO; rows * lanes];
-        let mut m = vec![f16::ZERO; if wide { 0 } else { rows * lanes }];
+        let (vb, pb) = (values_bytes(wide), panel_block_bytes(wide));
+        let mut panels = Aligned::<u8>::zeroed(rows.div_ceil(PANEL) * blocks * pb);
         let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]);
         for r in 0..rows {
-            for g in &groups {
-                for lb in 0..g.blocks {
-                    let block = &raw[(r * blocks + g.first + lb) * bs..][..bs];
-                    let scale = half(block, 0);
-                    let min = match format {
-                        Format::Q4_0 => f16::from_f32(-8.0 * scale.to_f32()),
-                        Format::Q4_1 => half(block, 2),
-                        Format::Q8_0 => f16::ZERO,
-                    };
-                    if !min.is_finite() || !scale.is_finite() {
-                        return Err(format!("row {r}, block {}: a scale beyond f16", g.first + lb));
+            let (panel, lane) = (r / PANEL, r % PANEL);
+            for b in 0..blocks {
+                let block = &raw[(r * blocks + b) * bs..][..bs];
+                let scale = half(block, 0);
+                let min = match format {
+                    Format::Q4_0 => f16::from_f32(-8.0 * scale.to_f32()),
+                    Format::Q4_1 => half(block, 2),
+                    Format::Q8_0 => f16::ZERO,
+                };
+                if !min.is_finite() || !scale.is_finite() {
+                    return Err(format!("row {r}, block {b}: a scale beyond f16"));
+                }
+                let at = (panel * blocks + b) * pb;
+                let values = &block[bs - if wide { BLOCK } else { BLOCK / 2 }..];
+                for e in 0..BLOCK {
+                    let (step, byte) = (e / 4, lane * 4 + e % 4);
+                    if wide {
+                        // q + 128 as u8 flips the sign bit.
+                        panels[at + step * 64 + byte] = values[e] ^ 0x80;
+                    } else {
+                        let v = if e < 16 { values[e] & 0x0F } else { values[e - 16] >> 4 };
+                        panels[at + step / 2 * 64 + byte] |= v << (4 * (step % 2));
                     }
-                    let values = &block[bs - if wide { BLOCK } else { BLOCK / 2 }..];
-                    for e in 0..BLOCK {
-                        let (step, at) = g.slot(lb, e);
-                        let row = r * packed_row + g.packed + at;
-                        if wide {
-                            // q + 128 as u8 flips the sign bit.
-                            q[row + step * g.step_bytes()] = values[e] ^ 0x80;
-                        } else {
-                            let v = if e < 16 { values[e] & 0x0F } else { values[e - 16] >> 4 };
-                            q[row + step / 2 * g.step_bytes()] |= v << (4 * (step % 2));
-                        }
-                    }
-                    for l in 0..g.lanes_per_block() {
-                        let lane = g.lane0 + lb * g.lanes_per_block() + l;
-                        d[r * lanes + lane] = scale;
-                        if !wide {
-                            m[r * lanes + lane] = min;
-                        }
-                    }
+                }
+                panels[at + vb + 2 * lane..][..2].copy_from_slice(&scale.to_le_bytes());
+                if !wide {
+                    panels[at + vb + 32 + 2 * lane..][..2].copy_from_slice(&min.to_le_bytes());
                 }
             }
         }
-        Ok(Self { format, rows, cols, groups, lanes, packed_row, unpacked_row, q, d, m, kernel: Kernel::detect() })
+        Ok(Self { format, rows, cols, blocks, panels, kernel: Kernel::detect() })
     }
 
     /// Quantizes `w` (`rows × cols`, row-major; `cols` a multiple of 32) to Q8_0, as GGUF's
@@ -382,7 +289,7 @@ impl Int8Matrix {
 
     /// Bytes a product reads from this matrix (values and scales).
     pub fn bytes(&self) -> usize {
-        self.q.len() + 2 * 2 * self.d.len()
+        self.panels.len()
     }
 
     /// `x · Wᵀ` for the `n` rows of `x` (`n × cols`): `out` is `n × rows`.
@@ -398,37 +305,26 @@ impl Int8Matrix {
             self.quantize_input(x, n, xq);
             let xq = &*xq;
             let dst = OutPtr(out.as_mut_ptr());
-            // Work items are (block of input rows, stripe of outputs), row blocks outermost: the
+            // Work items are (block of input rows, stripe of panels), row blocks outermost: the
             // threads share a block's input and write one band of the output at a time, which
             // stays in cache instead of every stripe sweeping a prefill's whole output.
-            let stripes = self.rows.div_ceil(STRIPE);
+            let panels = self.rows.div_ceil(PANEL);
+            let stripes = panels.div_ceil(STRIPE);
             let run = |range: std::ops::Range<usize>| {
                 for item in range {
                     let (block, s) = (item / stripes, item % stripes);
-                    let end = ((s + 1) * STRIPE).min(self.rows);
+                    let stripe = s * STRIPE..((s + 1) * STRIPE).min(panels);
                     let block_rows = block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(n);
-                    // The next stripe's weights on their way into L2 while this one is worked,
-                    // a share before each tile: a decode step streams every weight from memory
-                    // once, and a stripe's rows are too short for the hardware to see the
-                    // stream; asked for all at once, they would stall the core until most came.
-                    let next = end..(end + STRIPE).min(self.rows);
-                    let tiles: usize = block_rows
-                        .clone()
-                        .step_by(MAX_ROWS)
-                        .map(|r0| (end - s * STRIPE).div_ceil(self.outs((block_rows.end - r0).min(MAX_ROWS))))
-                        .sum();
-                    let mut ahead = self.ahead(next, tiles);
-                    for r0 in block_rows.clone().step_by(MAX_ROWS) {
-                        let rows = (block_rows.end - r0).min(MAX_ROWS);
-                        let width = self.outs(rows);
-                        let mut o0 = s * STRIPE;
-                        while o0 < end {
-                            let outs = (end - o0).min(width);
-                            ahead.share();
-                            // SAFETY: rows r0.. and outputs o0.. of the tile are inside `out`
-                            // (n × rows, checked above); stripes are disjoint in outputs.
-                            unsafe { self.tile(o0, outs, xq, r0, rows, dst) };
-                            o0 += outs;
+                    // A tile's panels outermost: their weights stay in L1 while the block's
+                    // rows pass over them.
+                    let width = self.kernel.panels((block_rows.end - block_rows.start).min(MAX_ROWS));
+                    for p0 in stripe.clone().step_by(width) {
+                        let tile_panels = (stripe.end - p0).min(width);
+                        for r0 in block_rows.clone().step_by(MAX_ROWS) {
+                            let rows = (block_rows.end - r0).min(MAX_ROWS);
+                            // SAFETY: rows r0.. and panels p0.. of the tile are inside the
+                            // input and `out` (n × rows, checked above); items are disjoint.
+                            unsafe { self.tile(p0, tile_panels, xq, r0, rows, dst) };
                         }
                     }
                 }
@@ -442,48 +338,18 @@ impl Int8Matrix {
         });
     }
 
-    /// The lines of weight rows `rows` (their values and scales), to be asked into L2 over
-    /// `tiles` tiles.
-    fn ahead(&self, rows: std::ops::Range<usize>, tiles: usize) -> Ahead {
-        let lanes = self.lanes;
-        let q = &self.q[rows.start * self.packed_row..rows.end * self.packed_row];
-        let d = &self.d[rows.start * lanes..rows.end * lanes];
-        let m = self.m.get(rows.start * lanes..rows.end * lanes).unwrap_or_default();
-        let region = |p: *const u8, bytes: usize| {
-            let lines = bytes.div_ceil(64);
-            (p, lines, lines.div_ceil(tiles.max(1)))
-        };
-        Ahead {
-            regions: [
-                region(q.as_ptr(), q.len()),
-                region(d.as_ptr().cast(), 2 * d.len()),
-                region(m.as_ptr().cast(), 2 * m.len()),
-            ],
-        }
-    }
-
-    /// Outputs per tile for `rows` input rows: as many as the registers hold sums for.
-    fn outs(&self, rows: usize) -> usize {
-        match (self.kernel, rows) {
-            (Kernel::Vnni512, 1) => 8,
-            (Kernel::Vnni512, 2) => 6,
-            (Kernel::Vnni512, _) => 4,
-            _ => 1,
-        }
-    }
-
-    /// Quantizes the `n` rows of `x` into `xq`, in the lane layout; a prefill's rows spread
-    /// over the pool (each row is written by one task, the same way whatever the split).
+    /// Quantizes the `n` rows of `x` into `xq`; a prefill's rows spread over the pool (each
+    /// row is written by one task, the same way whatever the split).
     fn quantize_input(&self, x: &[f32], n: usize, xq: &mut Quantized) {
-        let lanes = self.lanes;
+        let blocks = self.blocks;
         xq.q.clear();
-        xq.q.resize(n * self.unpacked_row, 0);
+        xq.q.resize(n * self.cols, 0);
         xq.d.clear();
-        xq.d.resize(n * lanes, 0.0);
+        xq.d.resize(n * blocks, 0.0);
         xq.offset.clear();
-        xq.offset.resize(n * lanes, 0);
+        xq.offset.resize(n * blocks, 0);
         xq.dm.clear();
-        xq.dm.resize(n * lanes, 0.0);
+        xq.dm.resize(n * blocks, 0.0);
         let (q, d) = (OutPtr(xq.q.as_mut_ptr()), OutPtr(xq.d.as_mut_ptr()));
         let (offset, dm) = (OutPtr(xq.offset.as_mut_ptr()), OutPtr(xq.dm.as_mut_ptr()));
         let run = |rows: std::ops::Range<usize>| {
@@ -492,13 +358,13 @@ impl Int8Matrix {
                 // this task alone.
                 let row = unsafe {
                     Row {
-                        q: std::slice::from_raw_parts_mut(q.at(r * self.unpacked_row), self.unpacked_row),
-                        d: std::slice::from_raw_parts_mut(d.at(r * lanes), lanes),
-                        offset: std::slice::from_raw_parts_mut(offset.at(r * lanes), lanes),
-                        dm: std::slice::from_raw_parts_mut(dm.at(r * lanes), lanes),
+                        q: std::slice::from_raw_parts_mut(q.at(r * self.cols), self.cols),
+                        d: std::slice::from_raw_parts_mut(d.at(r * blocks), blocks),
+                        offset: std::slice::from_raw_parts_mut(offset.at(r * blocks), blocks),
+                        dm: std::slice::from_raw_parts_mut(dm.at(r * blocks), blocks),
                     }
                 };
-                self.quantize_row(&x[r * self.cols..][..self.cols], row);
+                Self::quantize_row(&x[r * self.cols..][..self.cols], row);
             }
         };
         if n * self.cols < PARALLEL_MIN_WORK / 8 {
@@ -508,61 +374,90 @@ impl Int8Matrix {
         }
     }
 
-    /// One input row into its lane layout.
-    fn quantize_row(&self, x: &[f32], Row { q, d, offset, dm }: Row) {
-        let mut tmp = [0i8; BLOCK];
-        for g in &self.groups {
-            let lpb = g.lanes_per_block();
-            for lb in 0..g.blocks {
-                let scale = quantize_block(&x[(g.first + lb) * BLOCK..][..BLOCK], &mut tmp);
-                for s in 0..BLOCK_STEPS {
-                    let (k, lane) = (s % g.steps, lb * lpb + s / g.steps);
-                    q[g.unpacked + k * g.step_bytes() + lane * 4..][..4].copy_from_slice(&tmp[4 * s..4 * s + 4]);
-                }
-                let span = 4 * g.steps;
-                for l in 0..lpb {
-                    let sum: i32 = tmp[l * span..(l + 1) * span].iter().map(|&v| v as i32).sum();
-                    let lane = g.lane0 + lb * lpb + l;
-                    d[lane] = scale;
-                    offset[lane] = 128 * sum;
-                    dm[lane] = scale * sum as f32;
-                }
-            }
+    /// One input row, block by block.
+    fn quantize_row(x: &[f32], Row { q, d, offset, dm }: Row) {
+        for (b, (x, q)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+            let scale = quantize_block(x, q);
+            let sum: i32 = q.iter().map(|&v| v as i32).sum();
+            d[b] = scale;
+            offset[b] = 128 * sum;
+            dm[b] = scale * sum as f32;
         }
     }
 
-    /// Outputs `o0..o0 + outs` of input rows `r0..r0 + rows`, written into `dst` (the product's
-    /// `n × self.rows` output).
+    /// Panels `p0..p0 + panels` of input rows `r0..r0 + rows`, written into `dst` (the
+    /// product's `n × self.rows` output; outputs past `self.rows` are not written).
     ///
     /// # Safety
     /// The tile must be inside the matrix, the input and `dst`, in a region only this task writes.
-    unsafe fn tile(&self, o0: usize, outs: usize, x: &Quantized, r0: usize, rows: usize, dst: OutPtr<f32>) {
-        let mut res: Tile = [[0.0; MAX_ROWS]; MAX_OUTS];
+    unsafe fn tile(&self, p0: usize, panels: usize, x: &Quantized, r0: usize, rows: usize, dst: OutPtr<f32>) {
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: chosen only when the CPU has these features (Kernel::detect); the tile is
             // inside the matrix, the input and `dst` (the caller's contract).
             Kernel::Vnni512 => unsafe {
-                return match self.format.wide() {
-                    false => self.tile_vnni512_shaped::<false>(o0, outs, x, r0, rows, dst),
-                    true => self.tile_vnni512_shaped::<true>(o0, outs, x, r0, rows, dst),
-                };
+                match self.format.wide() {
+                    false => self.tile_vnni512_shaped::<false>(p0, panels, x, r0, rows, dst),
+                    true => self.tile_vnni512_shaped::<true>(p0, panels, x, r0, rows, dst),
+                }
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Kernel::Avx2 => (0..outs).for_each(|j| unsafe {
-                match self.format.wide() {
-                    false => self.dot_avx2::<false>(o0 + j, x, r0, rows, &mut res[j]),
-                    true => self.dot_avx2::<true>(o0 + j, x, r0, rows, &mut res[j]),
+            Kernel::Avx2 => unsafe {
+                for p in p0..p0 + panels {
+                    for r in (r0..r0 + rows).step_by(AVX2_ROWS) {
+                        let rows = (r0 + rows - r).min(AVX2_ROWS);
+                        match self.format.wide() {
+                            false => self.tile_avx2::<false>(p, x, r, rows, dst),
+                            true => self.tile_avx2::<true>(p, x, r, rows, dst),
+                        }
+                    }
                 }
-            }),
-            _ => (0..outs).for_each(|j| self.dot_portable(o0 + j, x, r0, rows, &mut res[j])),
+            },
+            _ => {
+                let mut res = [0f32; PANEL];
+                for (p, r) in (p0..p0 + panels).flat_map(|p| (r0..r0 + rows).map(move |r| (p, r))) {
+                    self.panel_portable(p, x, r, &mut res);
+                    for (j, v) in res.iter().enumerate().take(self.rows.saturating_sub(p * PANEL)) {
+                        // SAFETY: (r, p·16 + j) is inside `dst`, written by this task alone
+                        // (the caller's contract).
+                        unsafe { *dst.at(r * self.rows + p * PANEL + j) = *v };
+                    }
+                }
+            }
         }
-        for (j, col) in res[..outs].iter().enumerate() {
-            for (i, v) in col[..rows].iter().enumerate() {
-                // SAFETY: (r0 + i, o0 + j) is inside `dst`, written by this task alone (the
-                // caller's contract).
-                unsafe { *dst.at((r0 + i) * self.rows + o0 + j) = *v };
+    }
+
+    /// Weight value `e` (0..32) of lane `lane` in the panel block at `at`, as stored (`q`, or
+    /// `q + 128` for 8-bit formats).
+    fn stored(&self, at: usize, lane: usize, e: usize) -> u8 {
+        let (step, byte) = (e / 4, lane * 4 + e % 4);
+        match self.format.wide() {
+            true => self.panels[at + step * 64 + byte],
+            false => self.panels[at + step / 2 * 64 + byte] >> (4 * (step % 2)) & 0x0F,
+        }
+    }
+
+    /// The reference: the sixteen outputs of panel `p` for input row `r`, block by block the
+    /// integer dot product, offset- or min-corrected and scaled, added in order.
+    fn panel_portable(&self, p: usize, x: &Quantized, r: usize, res: &mut [f32; PANEL]) {
+        let wide = self.format.wide();
+        let (vb, pb) = (values_bytes(wide), panel_block_bytes(wide));
+        let scale = |at: usize| f16::from_le_bytes([self.panels[at], self.panels[at + 1]]).to_f32();
+        *res = [0.0; PANEL];
+        for b in 0..self.blocks {
+            let at = (p * self.blocks + b) * pb;
+            let xl = r * self.blocks + b;
+            let xv = &x.q[r * self.cols + b * BLOCK..][..BLOCK];
+            for (lane, acc) in res.iter_mut().enumerate() {
+                let dot: i32 = (0..BLOCK).map(|e| self.stored(at, lane, e) as i32 * xv[e] as i32).sum();
+                let d = scale(at + vb + 2 * lane);
+                if wide {
+                    *acc += (dot - x.offset[xl]) as f32 * d * x.d[xl];
+                } else {
+                    *acc += dot as f32 * d * x.d[xl];
+                    *acc += scale(at + vb + 32 + 2 * lane) * x.dm[xl];
+                }
             }
         }
     }
@@ -572,8 +467,8 @@ impl Int8Matrix {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     unsafe fn tile_vnni512_shaped<const WIDE: bool>(
         &self,
-        o0: usize,
-        outs: usize,
+        p0: usize,
+        panels: usize,
         x: &Quantized,
         r0: usize,
         rows: usize,
@@ -581,19 +476,23 @@ impl Int8Matrix {
     ) {
         // SAFETY: as in `tile`.
         unsafe {
-            match (outs, rows) {
-                (8, 1) => self.tile_vnni512::<8, 1, WIDE>(o0, x, r0, dst),
-                (6, 2) => self.tile_vnni512::<6, 2, WIDE>(o0, x, r0, dst),
-                (4, 3) => self.tile_vnni512::<4, 3, WIDE>(o0, x, r0, dst),
-                (4, 4) => self.tile_vnni512::<4, 4, WIDE>(o0, x, r0, dst),
-                // A stripe's last, narrower tile: one output at a time.
+            match (panels, rows) {
+                (4, 1) => self.tile_vnni512::<4, 1, WIDE>(p0, x, r0, dst),
+                (2, 2) => self.tile_vnni512::<2, 2, WIDE>(p0, x, r0, dst),
+                (2, 3) => self.tile_vnni512::<2, 3, WIDE>(p0, x, r0, dst),
+                (2, 4) => self.tile_vnni512::<2, 4, WIDE>(p0, x, r0, dst),
+                // Rows 5..8, and a stripe's last, narrower tiles: a panel at a time.
                 _ => {
-                    for j in 0..outs {
+                    for p in p0..p0 + panels {
                         match rows {
-                            1 => self.tile_vnni512::<1, 1, WIDE>(o0 + j, x, r0, dst),
-                            2 => self.tile_vnni512::<1, 2, WIDE>(o0 + j, x, r0, dst),
-                            3 => self.tile_vnni512::<1, 3, WIDE>(o0 + j, x, r0, dst),
-                            _ => self.tile_vnni512::<1, 4, WIDE>(o0 + j, x, r0, dst),
+                            1 => self.tile_vnni512::<1, 1, WIDE>(p, x, r0, dst),
+                            2 => self.tile_vnni512::<1, 2, WIDE>(p, x, r0, dst),
+                            3 => self.tile_vnni512::<1, 3, WIDE>(p, x, r0, dst),
+                            4 => self.tile_vnni512::<1, 4, WIDE>(p, x, r0, dst),
+                            5 => self.tile_vnni512::<1, 5, WIDE>(p, x, r0, dst),
+                            6 => self.tile_vnni512::<1, 6, WIDE>(p, x, r0, dst),
+                            7 => self.tile_vnni512::<1, 7, WIDE>(p, x, r0, dst),
+                            _ => self.tile_vnni512::<1, 8, WIDE>(p, x, r0, dst),
                         }
                     }
                 }
@@ -601,234 +500,130 @@ impl Int8Matrix {
         }
     }
 
-    /// The reference: per lane the integer dot product, offset- or min-corrected and scaled,
-    /// lanes summed.
-    fn dot_portable(&self, o: usize, x: &Quantized, r0: usize, rows: usize, res: &mut [f32; MAX_ROWS]) {
-        let lanes = self.lanes;
-        for (i, out) in res.iter_mut().enumerate().take(rows) {
-            let r = r0 + i;
-            let mut acc = [0f32; LANES];
-            for g in &self.groups {
-                let sb = g.step_bytes();
-                for (lane, a) in acc.iter_mut().enumerate().take(g.width) {
-                    let mut dot = 0i32;
-                    let wide = self.format.wide();
-                    for step in 0..g.steps {
-                        for byte in 0..4 {
-                            let at = o * self.packed_row + g.packed + lane * 4 + byte;
-                            let w = match wide {
-                                true => self.q[at + step * sb],
-                                false => self.q[at + step / 2 * sb] >> (4 * (step % 2)) & 0x0F,
-                            };
-                            let v = x.q[r * self.unpacked_row + g.unpacked + step * sb + lane * 4 + byte];
-                            dot += w as i32 * v as i32;
-                        }
-                    }
-                    let (wl, xl) = (o * lanes + g.lane0 + lane, r * lanes + g.lane0 + lane);
-                    if wide {
-                        *a += (dot - x.offset[xl]) as f32 * self.d[wl].to_f32() * x.d[xl];
-                    } else {
-                        *a += dot as f32 * self.d[wl].to_f32() * x.d[xl];
-                        *a += self.m[wl].to_f32() * x.dm[xl];
-                    }
-                }
-            }
-            *out = acc.iter().sum();
-        }
-    }
-
-    /// Outputs `o0..o0 + O` for input rows `r0..r0 + R`: per pair of steps, each output's
-    /// weights loaded and unpacked once for all `R` rows, each row's input once for all `O`.
+    /// Panels `p0..p0 + P` for input rows `r0..r0 + R`: per step, each panel's weights loaded
+    /// (and unpacked) once for all `R` rows, each row's four input bytes broadcast once for
+    /// all `P` panels.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    unsafe fn tile_vnni512<const O: usize, const R: usize, const WIDE: bool>(
+    unsafe fn tile_vnni512<const P: usize, const R: usize, const WIDE: bool>(
         &self,
-        o0: usize,
+        p0: usize,
         x: &Quantized,
         r0: usize,
         dst: OutPtr<f32>,
     ) {
-        // SAFETY: the caller checked the CPU features; every row holds its groups' full steps
-        // (64 bytes and 16 lanes, or 32 and 8 in `half_group_vnni`) (`o0 + O ≤ self.rows`,
-        // `r0 + R ≤ n`); the tile's outputs in `dst` are this task's.
+        // SAFETY: the caller checked the CPU features; panels p0..p0 + P are inside the matrix
+        // and rows r0..r0 + R inside the input (every panel block is whole, padding
+        // included); the tile's outputs in `dst` are this task's, those past `self.rows` masked.
         unsafe {
             use std::arch::x86_64::*;
-            let lanes = self.lanes;
+            let (blocks, vb, pb) = (self.blocks, values_bytes(WIDE), panel_block_bytes(WIDE));
             let nibble = _mm512_set1_epi8(0x0F);
-            let mut acc = [[_mm512_setzero_ps(); R]; O];
-            // An eight-lane group's sums, in 256-bit registers (on CPUs that split 512-bit
-            // operations in two, half the work), added to the sixteen lanes' at the end.
-            let mut low = [[_mm256_setzero_ps(); R]; O];
-            for g in &self.groups {
-                if g.width < LANES {
-                    self.half_group_vnni::<O, R, WIDE>(g, o0, x, r0, &mut low);
-                    continue;
-                }
-                let mut sums = [[_mm512_setzero_si512(); R]; O];
-                for t in 0..g.steps / 2 {
-                    let off = g.packed + if WIDE { t * 128 } else { t * 64 };
-                    let w: [(__m512i, __m512i); O] = std::array::from_fn(|j| {
-                        let p = self.q.as_ptr().add((o0 + j) * self.packed_row + off);
-                        if WIDE {
-                            (_mm512_loadu_si512(p as *const _), _mm512_loadu_si512(p.add(64) as *const _))
-                        } else {
-                            let p = _mm512_loadu_si512(p as *const _);
-                            (_mm512_and_si512(p, nibble), _mm512_and_si512(_mm512_srli_epi16::<4>(p), nibble))
-                        }
-                    });
-                    // The next tile's weights, on their way while this one runs (a hint: past
-                    // the matrix's end it is dropped, never dereferenced).
-                    for j in 0..O {
-                        let ahead = self.q.as_ptr().wrapping_add((o0 + O + j) * self.packed_row + off);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                        if WIDE {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
-                        }
-                    }
-                    for i in 0..R {
-                        let xp = x.q.as_ptr().add((r0 + i) * self.unpacked_row + g.unpacked + 2 * t * 64);
-                        let lo = _mm512_loadu_si512(xp as *const _);
-                        let hi = _mm512_loadu_si512(xp.add(64) as *const _);
-                        for j in 0..O {
-                            sums[j][i] = _mm512_dpbusd_epi32(sums[j][i], w[j].0, lo);
-                            sums[j][i] = _mm512_dpbusd_epi32(sums[j][i], w[j].1, hi);
-                        }
-                    }
-                }
-                for j in 0..O {
-                    let at = (o0 + j) * lanes + g.lane0;
-                    let wd = _mm512_cvtph_ps(_mm256_loadu_si256(self.d.as_ptr().add(at) as *const _));
-                    for i in 0..R {
-                        let xl = (r0 + i) * lanes + g.lane0;
-                        let xd = _mm512_loadu_ps(x.d.as_ptr().add(xl));
-                        if WIDE {
-                            let offset = _mm512_loadu_si512(x.offset.as_ptr().add(xl) as *const _);
-                            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums[j][i], offset)), wd);
-                            acc[j][i] = _mm512_fmadd_ps(t, xd, acc[j][i]);
-                        } else {
-                            let wm = _mm512_cvtph_ps(_mm256_loadu_si256(self.m.as_ptr().add(at) as *const _));
-                            let xm = _mm512_loadu_ps(x.dm.as_ptr().add(xl));
-                            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[j][i]), wd);
-                            acc[j][i] = _mm512_fmadd_ps(t, xd, acc[j][i]);
-                            acc[j][i] = _mm512_fmadd_ps(wm, xm, acc[j][i]);
-                        }
-                    }
-                }
-            }
-            const { assert!(O * R <= 16, "a tile's sums fit one lane_sums") };
-            // Row-major sums: a row's O outputs are adjacent lanes, moved down and stored in one.
-            let mut all = [_mm512_setzero_ps(); 16];
-            for j in 0..O {
-                for i in 0..R {
-                    all[i * O + j] = _mm512_add_ps(acc[j][i], _mm512_zextps256_ps512(low[j][i]));
-                }
-            }
-            let sums = super::lane_sums(all);
-            let row = ((1u32 << O) - 1) as u16;
-            for i in 0..R {
-                let v = _mm512_maskz_compress_ps(row << (i * O), sums);
-                _mm512_mask_storeu_ps(dst.at((r0 + i) * self.rows + o0), row, v);
-            }
-        }
-    }
-
-    /// An eight-lane group (one pair of steps, 32 bytes each) of outputs `o0..o0 + O` for
-    /// input rows `r0..r0 + R`, its scaled lanes added into `low`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    unsafe fn half_group_vnni<const O: usize, const R: usize, const WIDE: bool>(
-        &self,
-        g: &Group,
-        o0: usize,
-        x: &Quantized,
-        r0: usize,
-        low: &mut [[std::arch::x86_64::__m256; R]; O],
-    ) {
-        // SAFETY: as in `tile_vnni512`: the group's 32-byte steps and eight lanes lie inside
-        // every row read.
-        unsafe {
-            use std::arch::x86_64::*;
-            let nibble = _mm256_set1_epi8(0x0F);
-            let w: [(__m256i, __m256i); O] = std::array::from_fn(|j| {
-                let p = self.q.as_ptr().add((o0 + j) * self.packed_row + g.packed);
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(O * self.packed_row) as *const i8);
-                if WIDE {
-                    (_mm256_loadu_si256(p as *const _), _mm256_loadu_si256(p.add(32) as *const _))
-                } else {
-                    let p = _mm256_loadu_si256(p as *const _);
-                    (_mm256_and_si256(p, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(p), nibble))
-                }
-            });
-            for (j, low) in low.iter_mut().enumerate() {
-                let at = (o0 + j) * self.lanes + g.lane0;
-                let wd = _mm256_cvtph_ps(_mm_loadu_si128(self.d.as_ptr().add(at) as *const _));
-                let wm = match WIDE {
-                    true => _mm256_setzero_ps(),
-                    false => _mm256_cvtph_ps(_mm_loadu_si128(self.m.as_ptr().add(at) as *const _)),
+            // An input row as 4-byte steps.
+            let xq = x.q.as_ptr() as *const i32;
+            let row_steps = self.cols / 4;
+            let mut acc = [[_mm512_setzero_ps(); R]; P];
+            for b in 0..blocks {
+                let at: [*const u8; P] =
+                    std::array::from_fn(|p| self.panels.as_ptr().add(((p0 + p) * blocks + b) * pb));
+                let mut sums = [[_mm512_setzero_si512(); R]; P];
+                let step = |i: usize, s: usize| {
+                    _mm512_set1_epi32(xq.add((r0 + i) * row_steps + b * BLOCK_STEPS + s).read_unaligned())
                 };
-                for (i, low) in low.iter_mut().enumerate() {
-                    let xp = x.q.as_ptr().add((r0 + i) * self.unpacked_row + g.unpacked);
-                    let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[j].0, _mm256_loadu_si256(xp as *const _));
-                    let sum = _mm256_dpbusd_epi32(sum, w[j].1, _mm256_loadu_si256(xp.add(32) as *const _));
-                    let xl = (r0 + i) * self.lanes + g.lane0;
-                    let xd = _mm256_loadu_ps(x.d.as_ptr().add(xl));
-                    if WIDE {
-                        let offset = _mm256_loadu_si256(x.offset.as_ptr().add(xl) as *const _);
-                        let t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum, offset)), wd);
-                        *low = _mm256_fmadd_ps(t, xd, *low);
-                    } else {
-                        let xm = _mm256_loadu_ps(x.dm.as_ptr().add(xl));
-                        let t = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), wd);
-                        *low = _mm256_fmadd_ps(t, xd, *low);
-                        *low = _mm256_fmadd_ps(wm, xm, *low);
+                if WIDE {
+                    for s in 0..BLOCK_STEPS {
+                        let w: [__m512i; P] =
+                            std::array::from_fn(|p| _mm512_loadu_si512(at[p].add(64 * s) as *const _));
+                        for i in 0..R {
+                            let v = step(i, s);
+                            for p in 0..P {
+                                sums[p][i] = _mm512_dpbusd_epi32(sums[p][i], w[p], v);
+                            }
+                        }
                     }
+                } else {
+                    for t in 0..BLOCK_STEPS / 2 {
+                        let w: [(__m512i, __m512i); P] = std::array::from_fn(|p| {
+                            let v = _mm512_loadu_si512(at[p].add(64 * t) as *const _);
+                            (_mm512_and_si512(v, nibble), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble))
+                        });
+                        for i in 0..R {
+                            let (lo, hi) = (step(i, 2 * t), step(i, 2 * t + 1));
+                            for p in 0..P {
+                                sums[p][i] = _mm512_dpbusd_epi32(sums[p][i], w[p].0, lo);
+                                sums[p][i] = _mm512_dpbusd_epi32(sums[p][i], w[p].1, hi);
+                            }
+                        }
+                    }
+                }
+                for p in 0..P {
+                    let wd = _mm512_cvtph_ps(_mm256_loadu_si256(at[p].add(vb) as *const _));
+                    for i in 0..R {
+                        let xl = (r0 + i) * blocks + b;
+                        let xd = _mm512_set1_ps(*x.d.get_unchecked(xl));
+                        if WIDE {
+                            let offset = _mm512_set1_epi32(*x.offset.get_unchecked(xl));
+                            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums[p][i], offset)), wd);
+                            acc[p][i] = _mm512_fmadd_ps(t, xd, acc[p][i]);
+                        } else {
+                            let wm = _mm512_cvtph_ps(_mm256_loadu_si256(at[p].add(vb + 32) as *const _));
+                            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[p][i]), wd);
+                            acc[p][i] = _mm512_fmadd_ps(t, xd, acc[p][i]);
+                            acc[p][i] = _mm512_fmadd_ps(wm, _mm512_set1_ps(*x.dm.get_unchecked(xl)), acc[p][i]);
+                        }
+                    }
+                }
+            }
+            for p in 0..P {
+                let o = (p0 + p) * PANEL;
+                let mask = match self.rows - o {
+                    left if left < PANEL => ((1u32 << left) - 1) as u16,
+                    _ => u16::MAX,
+                };
+                for i in 0..R {
+                    _mm512_mask_storeu_ps(dst.at((r0 + i) * self.rows + o), mask, acc[p][i]);
                 }
             }
         }
     }
 
-    /// One output for input rows `r0..r0 + rows`: the VNNI kernel's lanes in two halves of
-    /// eight, with `vpmaddubsw` for `vpdpbusd`. Pairs of 4-bit × int8 products fit in its i16;
-    /// 8-bit weights are taken back to signed and multiplied by sign (`|w| · ±x`, as llama.cpp
-    /// does), which gives the offset-corrected integer sum directly.
+    /// Half a panel (eight outputs, `h` the half) at a time for input rows `r0..r0 + rows`
+    /// (`rows ≤ AVX2_ROWS`): the VNNI kernel's steps with `vpmaddubsw` for `vpdpbusd`. Pairs
+    /// of 4-bit × int8 products fit in its i16; 8-bit weights are taken back to signed and
+    /// multiplied by sign (`|w| · ±x`, as llama.cpp does), which gives the offset-corrected
+    /// integer sum directly.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_avx2<const WIDE: bool>(
-        &self,
-        o: usize,
-        x: &Quantized,
-        r0: usize,
-        rows: usize,
-        res: &mut [f32; MAX_ROWS],
-    ) {
-        // SAFETY: the caller checked the CPU features; loads stay inside the rows' groups.
+    unsafe fn tile_avx2<const WIDE: bool>(&self, p: usize, x: &Quantized, r0: usize, rows: usize, dst: OutPtr<f32>) {
+        // SAFETY: the caller checked the CPU features; loads stay inside panel p's blocks and
+        // rows r0..r0 + rows of the input; outputs past `self.rows` are not written.
         unsafe {
             use std::arch::x86_64::*;
-            let lanes = self.lanes;
+            let (blocks, vb, pb) = (self.blocks, values_bytes(WIDE), panel_block_bytes(WIDE));
             let nibble = _mm256_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
             let sign_bit = _mm256_set1_epi8(-128);
-            let mut acc = [[_mm256_setzero_ps(); 2]; MAX_ROWS];
-            for g in &self.groups {
-                let sb = g.step_bytes();
-                for h in 0..g.width / 8 {
-                    let mut sums = [_mm256_setzero_si256(); MAX_ROWS];
-                    for t in 0..g.steps / 2 {
-                        let p = self.q.as_ptr().add(o * self.packed_row + g.packed + h * 32);
+            let xq = x.q.as_ptr() as *const i32;
+            let row_steps = self.cols / 4;
+            for h in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); AVX2_ROWS];
+                for b in 0..blocks {
+                    let at = self.panels.as_ptr().add((p * blocks + b) * pb);
+                    let mut sums = [_mm256_setzero_si256(); AVX2_ROWS];
+                    let step = |i: usize, s: usize| {
+                        _mm256_set1_epi32(xq.add((r0 + i) * row_steps + b * BLOCK_STEPS + s).read_unaligned())
+                    };
+                    for s in (0..BLOCK_STEPS).step_by(2) {
                         let (wlo, whi) = if WIDE {
-                            let p = p.add(t * 2 * sb);
-                            let lo = _mm256_xor_si256(_mm256_loadu_si256(p as *const _), sign_bit);
-                            let hi = _mm256_xor_si256(_mm256_loadu_si256(p.add(sb) as *const _), sign_bit);
-                            (lo, hi)
+                            let lo = _mm256_loadu_si256(at.add(64 * s + 32 * h) as *const _);
+                            let hi = _mm256_loadu_si256(at.add(64 * (s + 1) + 32 * h) as *const _);
+                            (_mm256_xor_si256(lo, sign_bit), _mm256_xor_si256(hi, sign_bit))
                         } else {
-                            let p = _mm256_loadu_si256(p.add(t * sb) as *const _);
-                            (_mm256_and_si256(p, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(p), nibble))
+                            let v = _mm256_loadu_si256(at.add(32 * s + 32 * h) as *const _);
+                            (_mm256_and_si256(v, nibble), _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble))
                         };
                         for (i, sum) in sums.iter_mut().enumerate().take(rows) {
-                            let xp = x.q.as_ptr().add((r0 + i) * self.unpacked_row + g.unpacked + 2 * t * sb + h * 32);
-                            let lo = _mm256_loadu_si256(xp as *const _);
-                            let hi = _mm256_loadu_si256(xp.add(sb) as *const _);
-                            for (w, v) in [(wlo, lo), (whi, hi)] {
+                            for (w, v) in [(wlo, step(i, s)), (whi, step(i, s + 1))] {
                                 // |w| ≤ 128 and |v| ≤ 127: a pair of products fits in i16.
                                 let (w, v) =
                                     if WIDE { (_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w)) } else { (w, v) };
@@ -836,31 +631,32 @@ impl Int8Matrix {
                             }
                         }
                     }
-                    let at = o * lanes + g.lane0 + h * 8;
-                    let wd = _mm256_cvtph_ps(_mm_loadu_si128(self.d.as_ptr().add(at) as *const _));
+                    let wd = _mm256_cvtph_ps(_mm_loadu_si128(at.add(vb + 16 * h) as *const _));
                     for i in 0..rows {
-                        let xl = (r0 + i) * lanes + g.lane0 + h * 8;
-                        let xd = _mm256_loadu_ps(x.d.as_ptr().add(xl));
+                        let xl = (r0 + i) * blocks + b;
                         let t = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[i]), wd);
-                        acc[i][h] = _mm256_fmadd_ps(t, xd, acc[i][h]);
+                        acc[i] = _mm256_fmadd_ps(t, _mm256_set1_ps(*x.d.get_unchecked(xl)), acc[i]);
                         if !WIDE {
-                            let wm = _mm256_cvtph_ps(_mm_loadu_si128(self.m.as_ptr().add(at) as *const _));
-                            let xm = _mm256_loadu_ps(x.dm.as_ptr().add(xl));
-                            acc[i][h] = _mm256_fmadd_ps(wm, xm, acc[i][h]);
+                            let wm = _mm256_cvtph_ps(_mm_loadu_si128(at.add(vb + 32 + 16 * h) as *const _));
+                            acc[i] = _mm256_fmadd_ps(wm, _mm256_set1_ps(*x.dm.get_unchecked(xl)), acc[i]);
                         }
                     }
                 }
-            }
-            for i in 0..rows {
-                let v = _mm256_add_ps(acc[i][0], acc[i][1]);
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-                res[i] = _mm_cvtss_f32(s);
+                let o = p * PANEL + 8 * h;
+                let mut out = [0f32; 8];
+                for (i, acc) in acc.iter().enumerate().take(rows) {
+                    _mm256_storeu_ps(out.as_mut_ptr(), *acc);
+                    for (j, v) in out.iter().enumerate().take(self.rows.saturating_sub(o)) {
+                        *dst.at((r0 + i) * self.rows + o + j) = *v;
+                    }
+                }
             }
         }
     }
 }
+
+/// Input rows of an AVX2 tile: its sixteen registers hold eight outputs' sums of four rows.
+const AVX2_ROWS: usize = 4;
 
 /// The machine's int8 dot-product peak, GOP/s (2 per multiply-add) on `threads` threads: a
 /// loop of independent `vpdpbusd` on registers, best of five (as the other peaks are), or

@@ -58,6 +58,8 @@ struct CacheLine([u8; 64]);
 /// Implemented only for types whose every bit pattern of their size is valid, without padding.
 unsafe trait Zeroed: Copy {}
 // SAFETY: plain numbers, every bit pattern valid.
+unsafe impl Zeroed for u8 {}
+// SAFETY: as above.
 unsafe impl Zeroed for u16 {}
 // SAFETY: as above.
 unsafe impl Zeroed for f32 {}
@@ -250,8 +252,8 @@ impl LoadedModel {
 
 /// The sums of the sixteen lanes of each of sixteen vectors, in one vector (lane `k`: vector
 /// `k`'s), by a tree of in-lane shuffles and adds: 45 instructions where one reduction per
-/// vector takes 8 each (the int8 tiles' sums, decode attention's scores). Every vector's
-/// lanes are added in the same order whatever its place.
+/// vector takes 8 each (decode attention's scores). Every vector's lanes are added in the
+/// same order whatever its place.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
