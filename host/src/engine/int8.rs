@@ -48,6 +48,10 @@ const STRIPE: usize = 4;
 const ROW_BLOCK: usize = 64;
 /// Multiply-adds below which a product stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 256 << 10;
+/// Bytes ahead of a tile in each panel's stream that it asks into L2: the hardware's own
+/// prefetch leaves a decode step's stream of weights short of what the products take (paired
+/// against none: one stream 5–7% faster, eight batched 11–13%; 8 KiB did as well, into L1 worse).
+const PREFETCH_AHEAD: usize = 4096;
 
 /// The kernel this process runs, chosen once from the CPU's features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -524,6 +528,14 @@ impl Int8Matrix {
             let row_steps = self.cols / 4;
             let mut acc = [[_mm512_setzero_ps(); R]; P];
             for b in 0..blocks {
+                // The bytes PREFETCH_AHEAD on in each panel's stream, on their way into L2 (a
+                // hint: past the matrix's end it is dropped, never dereferenced).
+                for p in 0..P {
+                    let ahead = self.panels.as_ptr().wrapping_add(((p0 + p) * blocks + b) * pb + PREFETCH_AHEAD);
+                    for line in 0..pb.div_ceil(64) {
+                        _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * line) as *const i8);
+                    }
+                }
                 let at: [*const u8; P] =
                     std::array::from_fn(|p| self.panels.as_ptr().add(((p0 + p) * blocks + b) * pb));
                 let mut sums = [[_mm512_setzero_si512(); R]; P];
