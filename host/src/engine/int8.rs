@@ -346,16 +346,11 @@ impl Int8Matrix {
     /// row is written by one task, the same way whatever the split).
     fn quantize_input(&self, x: &[f32], n: usize, xq: &mut Quantized) {
         let blocks = self.blocks;
-        xq.q.clear();
-        xq.q.resize(n * self.cols, 0);
-        xq.d.clear();
-        xq.d.resize(n * blocks, 0.0);
-        xq.offset.clear();
-        xq.offset.resize(n * blocks, 0);
-        xq.dm.clear();
-        xq.dm.resize(n * blocks, 0.0);
-        let (q, d) = (OutPtr(xq.q.as_mut_ptr()), OutPtr(xq.d.as_mut_ptr()));
-        let (offset, dm) = (OutPtr(xq.offset.as_mut_ptr()), OutPtr(xq.dm.as_mut_ptr()));
+        // Every value a product reads is written below (the buffers are the thread's, reused).
+        let (q, d) = (super::grown(&mut xq.q, n * self.cols), super::grown(&mut xq.d, n * blocks));
+        let (q, d) = (OutPtr(q.as_mut_ptr()), OutPtr(d.as_mut_ptr()));
+        let offset = OutPtr(super::grown(&mut xq.offset, n * blocks).as_mut_ptr());
+        let dm = OutPtr(super::grown(&mut xq.dm, n * blocks).as_mut_ptr());
         let run = |rows: std::ops::Range<usize>| {
             for r in rows {
                 // SAFETY: row r's regions of the four buffers (sized above) are written by

@@ -100,6 +100,16 @@ impl<T: Zeroed> std::ops::DerefMut for Aligned<T> {
     }
 }
 
+/// The first `len` values of `buf`, grown (with default values) to hold them if it is
+/// shorter: a buffer reused across calls whose every value each call writes before reading,
+/// so that neither is it zeroed every call nor its pages faulted in afresh.
+fn grown<T: Clone + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buf.len() < len {
+        buf.resize(len, T::default());
+    }
+    &mut buf[..len]
+}
+
 /// An output buffer shared by the parallel tasks of one kernel (attention blocks, matrix
 /// product stripes, quantized input rows), each of which writes only its own disjoint elements.
 struct OutPtr<T>(*mut T);

@@ -176,7 +176,9 @@ impl Linear {
     /// `x · Wᵀ` for `rows` rows of `x`; `f` sees the result (rows × out) in place.
     ///
     /// Both paths write into `THREAD_OUT`, a buffer reused across calls: prefill-sized outputs
-    /// are tens of MB, and fresh ones cost page faults every layer.
+    /// are tens of MB, and fresh ones cost page faults every layer. It only grows: every path
+    /// writes each value of the output, so values an earlier call left are never read, and a
+    /// decode step's outputs (its LM head's megabytes among them) are not zeroed every call.
     fn forward<R>(&self, x: &[f32], rows: usize, w: Weights, f: impl FnOnce(&[f32]) -> R) -> Result<R, EngineError> {
         thread_local! {
             static THREAD_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -194,12 +196,12 @@ impl Linear {
             };
             return Ok(THREAD_OUT.with(|cell| {
                 let mut out = cell.borrow_mut();
-                out.resize(rows * out_dim, 0.0);
+                let out = super::grown(&mut out, rows * out_dim);
                 match bf16 {
-                    Some(m) => m.matmul(x, rows, &mut out),
-                    None => self.int8.matmul(x, rows, &mut out),
+                    Some(m) => m.matmul(x, rows, out),
+                    None => self.int8.matmul(x, rows, out),
                 }
-                f(&out)
+                f(out)
             }));
         }
         // gemm takes a matrix-vector path for a single row, which sums in another order: a lone
@@ -217,7 +219,7 @@ impl Linear {
         with_slice(&self.f32, |w| {
             THREAD_OUT.with(|cell| {
                 let mut out = cell.borrow_mut();
-                out.resize(m * out_dim, 0.0);
+                let out = super::grown(&mut out, m * out_dim);
                 // SAFETY: x is rows × in_dim, w is out_dim × in_dim (read as its transpose),
                 // out is rows × out_dim, all row-major and checked above.
                 unsafe {
@@ -1068,7 +1070,17 @@ fn rms_norm(x: &[f32], w: &Tensor, eps: f32, out: &mut [f32]) {
     let _ = with_slice(w, |w| {
         let d = w.len();
         for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            // Sixteen running sums (one register's lanes), added in a fixed order: the same
+            // mean square for a row wherever it is, at a sixteenth of a serial sum's latency.
+            let mut lanes = [0f32; 16];
+            let whole = xr.chunks_exact(16);
+            let rest = whole.remainder().iter().map(|v| v * v).sum::<f32>();
+            for c in whole {
+                for (s, v) in lanes.iter_mut().zip(c) {
+                    *s += v * v;
+                }
+            }
+            let ms = (lanes.iter().sum::<f32>() + rest) / d as f32;
             let scale = 1.0 / (ms + eps).sqrt();
             for ((o, &v), &wi) in or.iter_mut().zip(xr).zip(w) {
                 *o = v * scale * wi;
