@@ -141,7 +141,7 @@ pub(super) fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if *super::HAS_AVX512 {
         // SAFETY: the CPU has AVX-512F; both slices hold a block (asserted).
-        return unsafe { quantize_block_avx512(x, q) };
+        return unsafe { quantize_block_avx512(x.as_ptr(), q.as_mut_ptr()).0 };
     }
     quantize_block_portable(x, q)
 }
@@ -169,23 +169,47 @@ fn block_scale(amax: f32) -> (f32, f32) {
     (d, if d > 0.0 { 1.0 / d } else { 0.0 })
 }
 
-/// [`quantize_block`] in two registers: the CPU's conversion rounds half to even.
+/// [`quantize_block`] in two registers (the CPU's conversion rounds half to even), and the
+/// sum of the block's values.
+///
+/// # Safety
+/// The CPU has AVX-512F; `x` points at 32 values, `q` at room for 32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> f32 {
+unsafe fn quantize_block_avx512(x: *const f32, q: *mut i8) -> (f32, i32) {
     use std::arch::x86_64::*;
-    // SAFETY: the caller checked the CPU and that x and q hold 32 values.
+    // SAFETY: the caller's contract.
     unsafe {
-        let (a, b) = (_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16)));
+        let (a, b) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
         let (d, inv) = block_scale(amax);
         let inv = _mm512_set1_ps(inv);
         let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
-        for (half, v) in [a, b].into_iter().enumerate() {
-            let r = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
-            _mm_storeu_si128(q.as_mut_ptr().add(16 * half) as *mut __m128i, _mm512_cvtepi32_epi8(r));
-        }
-        d
+        let round = |v| _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
+        let (ra, rb) = (round(a), round(b));
+        _mm_storeu_si128(q as *mut __m128i, _mm512_cvtepi32_epi8(ra));
+        _mm_storeu_si128(q.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(rb));
+        (d, _mm512_reduce_add_epi32(_mm512_add_epi32(ra, rb)))
+    }
+}
+
+/// [`Int8Matrix::quantize_row`] on AVX-512: every block in one call, their sums taken from the
+/// registers the values were rounded in.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row_avx512(x: &[f32], Row { q, d, offset, dm }: Row) {
+    let blocks = x.len() / BLOCK;
+    assert!(q.len() == x.len() && d.len() == blocks && offset.len() == blocks && dm.len() == blocks);
+    for b in 0..blocks {
+        // SAFETY: the CPU has AVX-512F (the caller's contract); block b of x and q is inside
+        // them (asserted).
+        let (scale, sum) = unsafe { quantize_block_avx512(x.as_ptr().add(b * BLOCK), q.as_mut_ptr().add(b * BLOCK)) };
+        d[b] = scale;
+        offset[b] = 128 * sum;
+        dm[b] = scale * sum as f32;
     }
 }
 
@@ -373,8 +397,15 @@ impl Int8Matrix {
         }
     }
 
-    /// One input row, block by block.
-    fn quantize_row(x: &[f32], Row { q, d, offset, dm }: Row) {
+    /// One input row, block by block: its values, and per block the scale, `128 · Σ` and
+    /// `scale · Σ`.
+    fn quantize_row(x: &[f32], row: Row) {
+        #[cfg(target_arch = "x86_64")]
+        if *super::HAS_AVX512 {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { quantize_row_avx512(x, row) };
+        }
+        let Row { q, d, offset, dm } = row;
         for (b, (x, q)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
             let scale = quantize_block(x, q);
             let sum: i32 = q.iter().map(|&v| v as i32).sum();
