@@ -791,34 +791,42 @@ impl Model {
         }
         let rows: Vec<usize> = caches.iter_mut().zip(positions).map(|(c, &p)| c.push_rows(&[p]).start).collect();
         let sorted: Vec<bool> = caches.iter().map(|c| c.sorted()).collect();
-        let (mut h, mut q, mut k) = (vec![0f32; b * hidden], vec![0f32; b * hidden], vec![0f32; b * kv_dim]);
+        let (mut h, mut q) = (vec![0f32; b * hidden], vec![0f32; b * hidden]);
         let mut attn = vec![0f32; b * hidden];
         let mut act = vec![0f32; b * ffn];
         let row = hidden + 2 * kv_dim;
-        // A new row into a cache and (`half`) its f16 copy, which holds the rows before it.
-        let put = |f: &mut Vec<f32>, h: &mut Vec<f16>, at: usize, new: &[f32]| {
-            f[at * kv_dim..(at + 1) * kv_dim].copy_from_slice(new);
+        // A new row into a cache (rotated to `rotate` for K) and (`half`) its f16 copy, which
+        // holds the rows before it.
+        let put = |f: &mut Vec<f32>, h: &mut Vec<f16>, at: usize, new: &[f32], rotate: Option<u32>| {
+            let slot = &mut f[at * kv_dim..(at + 1) * kv_dim];
+            slot.copy_from_slice(new);
+            if let Some(p) = rotate {
+                self.rope.rotate(slot, &[p], 1.0);
+            }
             if half {
                 h.resize((at + 1) * kv_dim, f16::ZERO);
-                h[at * kv_dim..].convert_from_f32_slice(new);
+                h[at * kv_dim..].convert_from_f32_slice(slot);
             }
         };
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, cfg.rms_eps, &mut h);
             layer.qkv.forward(&h, b, Weights::Int8, |qkv| {
-                for (i, r) in qkv.chunks_exact(row).enumerate() {
-                    q[i * hidden..(i + 1) * hidden].copy_from_slice(&r[..hidden]);
-                    k[i * kv_dim..(i + 1) * kv_dim].copy_from_slice(&r[hidden..hidden + kv_dim]);
-                    let c = &mut *caches[i];
-                    put(&mut c.layers[l].v, &mut c.half[l].v, rows[i], &r[hidden + kv_dim..]);
-                }
+                // A sequence's share on a task of its own: its query row rotated, its K
+                // rotated and its V put into its cache (and the copy).
+                let (qp, cp) = (OutPtr(q.as_mut_ptr()), OutPtr(caches.as_mut_ptr()));
+                let one = |i: usize| {
+                    let r = &qkv[i * row..(i + 1) * row];
+                    // SAFETY: row i of q and caches[i] are this task's alone (one task a row).
+                    let (qi, c) =
+                        unsafe { (std::slice::from_raw_parts_mut(qp.at(i * hidden), hidden), &mut **cp.at(i)) };
+                    qi.copy_from_slice(&r[..hidden]);
+                    self.rope.rotate(qi, &positions[i..=i], 1.0);
+                    let (kv, half) = (&mut c.layers[l], &mut c.half[l]);
+                    put(&mut kv.k, &mut half.k, rows[i], &r[hidden..hidden + kv_dim], Some(positions[i]));
+                    put(&mut kv.v, &mut half.v, rows[i], &r[hidden + kv_dim..], None);
+                };
+                per_row(b, one);
             })?;
-            self.rope.rotate(&mut q, positions, 1.0);
-            self.rope.rotate(&mut k, positions, 1.0);
-            for i in 0..b {
-                let c = &mut *caches[i];
-                put(&mut c.layers[l].k, &mut c.half[l].k, rows[i], &k[i * kv_dim..(i + 1) * kv_dim]);
-            }
             let at = caches.iter().zip(&sorted);
             match half {
                 true => {
@@ -841,14 +849,7 @@ impl Model {
             }
             layer.out.forward(&attn, b, Weights::Int8, |o| add_assign(&mut x, o))?;
             rms_norm(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
-            layer.gate_up.forward(&h, b, Weights::Int8, |gu| {
-                for (r, a) in gu.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
-                    let (gate, up) = r.split_at(ffn);
-                    for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-                        *a = g / (1.0 + attention::fast_exp(-g)) * u;
-                    }
-                }
-            })?;
+            layer.gate_up.forward(&h, b, Weights::Int8, |gu| silu_rows(gu, &mut act, ffn))?;
             layer.down.forward(&act, b, Weights::Int8, |d| add_assign(&mut x, d))?;
         }
         if half {
@@ -978,14 +979,7 @@ impl Model {
             attention::attention(cfg.heads(), &q, positions, &keys, &mut attn, decode);
             layer.out.forward(&attn, n, w, |o| add_assign(x, o))?;
             rms_norm(x, &layer.ffn_norm, cfg.rms_eps, &mut h);
-            layer.gate_up.forward(&h, n, w, |gu| {
-                for (r, a) in gu.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
-                    let (gate, up) = r.split_at(ffn);
-                    for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-                        *a = g / (1.0 + attention::fast_exp(-g)) * u;
-                    }
-                }
-            })?;
+            layer.gate_up.forward(&h, n, w, |gu| silu_rows(gu, &mut act, ffn))?;
             layer.down.forward(&act, n, w, |d| add_assign(x, d))?;
         }
         Ok(())
@@ -1087,6 +1081,28 @@ fn rms_norm(x: &[f32], w: &Tensor, eps: f32, out: &mut [f32]) {
             }
         }
     });
+}
+
+/// `act` (rows × `ffn`) = SiLU(gate) · up of each row of `gu` (rows × 2·`ffn`: gate, then up),
+/// the rows on the engine's threads (each row the same arithmetic wherever it runs).
+fn silu_rows(gu: &[f32], act: &mut [f32], ffn: usize) {
+    let out = OutPtr(act.as_mut_ptr());
+    per_row(gu.len() / (2 * ffn), |i| {
+        // SAFETY: row i of `act` is this task's alone (one task a row).
+        let a = unsafe { std::slice::from_raw_parts_mut(out.at(i * ffn), ffn) };
+        let (gate, up) = gu[i * 2 * ffn..(i + 1) * 2 * ffn].split_at(ffn);
+        for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+            *a = g / (1.0 + attention::fast_exp(-g)) * u;
+        }
+    });
+}
+
+/// Runs `f` for rows `0..n`, on the engine's threads when there are two rows or more.
+fn per_row(n: usize, f: impl Fn(usize) + Sync) {
+    match n {
+        0 | 1 => (0..n).for_each(f),
+        _ => candle_core::utils::barrier_pool().execute_chunked(n, |rows| rows.for_each(&f)),
+    }
 }
 
 fn add_assign(x: &mut [f32], y: &[f32]) {
