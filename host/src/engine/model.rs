@@ -786,10 +786,17 @@ impl Model {
         let mut x = self.embed(tokens, positions)?;
         // Attention reads the caches' f16 copies where the CPU widens them as it loads.
         let half = *super::HAS_AVX512;
-        if half {
-            caches.iter_mut().for_each(|c| c.sync_half());
-        }
-        let rows: Vec<usize> = caches.iter_mut().zip(positions).map(|(c, &p)| c.push_rows(&[p]).start).collect();
+        // Each cache brought up to date and given its new row on a task of its own.
+        let mut rows = vec![0usize; b];
+        let (cp, rp) = (OutPtr(caches.as_mut_ptr()), OutPtr(rows.as_mut_ptr()));
+        per_row(b, |i| {
+            // SAFETY: caches[i] and rows[i] are this task's alone (one task a row).
+            let (c, row) = unsafe { (&mut **cp.at(i), &mut *rp.at(i)) };
+            if half {
+                c.sync_half();
+            }
+            *row = c.push_rows(&positions[i..=i]).start;
+        });
         let sorted: Vec<bool> = caches.iter().map(|c| c.sorted()).collect();
         let (mut h, mut q) = (vec![0f32; b * hidden], vec![0f32; b * hidden]);
         let mut attn = vec![0f32; b * hidden];
